@@ -1,0 +1,137 @@
+"""Stage 4: what every backend does. Export a PyTorch model to an artifact, check it against PyTorch, time it.
+
+Backends talk to the rest through plain data (Artifact, Measurement, Validation). Their SDKs are imported lazily
+inside each backend module, so a missing extra fails with a message naming it, not at import time.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeprune.device import LocalDevice
+from edgeprune.errors import BadInput
+from edgeprune.target import Target
+
+# Relative tolerance of an artifact's outputs against PyTorch, by precision: fp32 differs only by kernel order and
+# fusions; fp16 by rounding of every activation; int8 by quantisation.
+RELATIVE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8": 1e-1}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Files a backend produced: ``model`` is the file the runtime loads; ``files`` maps roles to paths."""
+
+    backend: str
+    model: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in {self.model, *self.files.values()} if p.exists())
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Latency percentiles of one artifact on one device, with where and how it was measured."""
+
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    iterations: int
+    measured_on: str
+    runtime: str
+    threads: int
+    peak_memory_mb: float | None = None
+
+    def latency(self) -> dict:
+        return {"p50": self.p50, "p90": self.p90, "p99": self.p99, "mean": self.mean, "iterations": self.iterations}
+
+
+@dataclass(frozen=True)
+class Validation:
+    """How far the artifact's outputs are from PyTorch's on the same inputs."""
+
+    max_abs_err: float
+    atol: float
+    samples: int
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.max_abs_err <= self.atol)
+
+    def to_dict(self) -> dict:
+        return {"max_abs_err": self.max_abs_err, "atol": self.atol, "samples": self.samples, "ok": self.ok}
+
+
+class Backend(ABC):
+    """A runtime edgeprune exports to. Subclasses set ``name``, ``runtime`` (the runner's) and ``extra``."""
+
+    name: str
+    runtime: str
+    extra: str
+
+    @abstractmethod
+    def available(self) -> bool:
+        """Whether this backend's SDK is importable here."""
+
+    @abstractmethod
+    def export(self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target) -> Artifact:
+        """Write the artifact for ``model`` into ``out_dir``."""
+
+    def require(self) -> None:
+        """Raise a one-line BadInput naming the extra to install when the SDK is missing."""
+        if not self.available():
+            raise BadInput(f"the {self.name} backend needs its package: pip install 'edgeprune[{self.extra}]'")
+
+    def _runner_args(self, artifact: Artifact, shape: tuple[int, ...], target: Target) -> list[str]:
+        return [
+            "--runtime", self.runtime, "--model", str(artifact.model), "--shape", ",".join(map(str, shape)),
+            "--threads", str(target.threads), "--precision", target.precision,
+        ]  # fmt: skip
+
+    def benchmark(
+        self, artifact: Artifact, shape: tuple[int, ...], target: Target, device: LocalDevice | None = None
+    ) -> Measurement:
+        """Time the artifact on ``device`` after the target's warm-up, over its iterations, with its threads."""
+        device = device or LocalDevice()
+        args = self._runner_args(artifact, shape, target)
+        args += ["--warmup", str(target.benchmark.warmup), "--iterations", str(target.benchmark.iterations)]
+        result = device.run_runner(args)
+        lat = result["latency_ms"]
+        return Measurement(
+            p50=lat["p50"], p90=lat["p90"], p99=lat["p99"], mean=lat["mean"], iterations=lat["iterations"],
+            measured_on=device.label, runtime=result["runtime"], threads=result["threads"],
+            peak_memory_mb=result.get("peak_memory_mb"),
+        )  # fmt: skip
+
+    def validate(
+        self,
+        artifact: Artifact,
+        inputs: torch.Tensor,
+        reference: torch.Tensor,
+        target: Target,
+        device: LocalDevice | None = None,
+    ) -> Validation:
+        """Run the artifact on ``inputs`` and compare with PyTorch's ``reference`` outputs.
+
+        The tolerance is relative to the largest reference value and set by the target's precision.
+        """
+        device = device or LocalDevice()
+        shape = (1, *inputs.shape[1:])
+        with tempfile.TemporaryDirectory(prefix="edgeprune-validate-") as tmp:
+            in_path, out_path = Path(tmp) / "inputs.npy", Path(tmp) / "outputs.npy"
+            np.save(in_path, inputs.detach().cpu().numpy().astype(np.float32))
+            args = self._runner_args(artifact, shape, target) + ["--inputs", str(in_path), "--outputs", str(out_path)]
+            device.run_runner(args)
+            outputs = np.load(out_path)
+        expected = reference.detach().cpu().numpy().reshape(outputs.shape)
+        error = float(np.max(np.abs(outputs - expected)))
+        atol = RELATIVE_TOLERANCE[target.precision] * max(1.0, float(np.max(np.abs(expected))))
+        return Validation(max_abs_err=error, atol=atol, samples=len(inputs))

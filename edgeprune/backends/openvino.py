@@ -1,0 +1,43 @@
+"""OpenVINO IR for x86 (and Intel GPU/NPU) targets: converted from the simplified ONNX with OpenVINO's converter."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeprune.backends.base import Artifact, Backend
+from edgeprune.backends.onnx import export_onnx
+from edgeprune.errors import BadInput
+from edgeprune.target import Target
+
+
+class OpenVinoBackend(Backend):
+    """ONNX → OpenVINO IR (model.xml + model.bin), run on the CPU plugin with the target's threads and precision."""
+
+    name = "openvino"
+    runtime = "openvino"
+    extra = "openvino"
+
+    def available(self) -> bool:
+        return importlib.util.find_spec("openvino") is not None
+
+    def export(self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target) -> Artifact:
+        self.require()
+        if target.precision == "int8":
+            raise BadInput(
+                f"target '{target.name}' asks for int8, which the openvino backend does not build yet; use fp32 or fp16"
+            )
+        import openvino as ov
+
+        out_dir = Path(out_dir)
+        onnx_path = export_onnx(model, example, out_dir / "model.onnx")
+        xml = out_dir / "model.xml"
+        converted = ov.convert_model(str(onnx_path))
+        # save_model compresses weights to fp16 by default; an fp32 target must keep fp32 weights.
+        ov.save_model(converted, str(xml), compress_to_fp16=target.precision == "fp16")
+        return Artifact(
+            backend=self.name, model=xml, files={"model": xml, "weights": xml.with_suffix(".bin"), "onnx": onnx_path}
+        )

@@ -1,0 +1,123 @@
+"""Run an exported model with its runtime: outputs for validation, and latency for the benchmark.
+
+A standalone script on purpose: it imports only numpy and the runtime (OpenVINO, ONNX Runtime, LiteRT), never torch
+or edgeprune, so the same file runs here in a subprocess and on a device that has only the runtime. It prints one
+JSON object on stdout.
+
+    python runner.py --runtime openvino --model model.xml --shape 1,3,224,224 --threads 2 --precision fp32 \
+        --warmup 30 --iterations 200 [--inputs in.npy --outputs out.npy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+# Run as a script, Python puts this file's folder first on sys.path, where edgeprune's own openvino.py and onnx.py
+# would shadow the real packages; drop it before importing any runtime.
+if sys.path and sys.path[0] and __file__.startswith(sys.path[0]):
+    sys.path.pop(0)
+
+import numpy as np  # noqa: E402
+
+
+def _rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _openvino(model: str, threads: int, precision: str):
+    import openvino as ov
+
+    core = ov.Core()
+    config = {
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
+        # Without an explicit hint the CPU plugin may run bf16 on CPUs that have it, which is not what fp32 means.
+        "INFERENCE_PRECISION_HINT": {"fp32": "f32", "fp16": "f16"}.get(precision, "f32"),
+    }
+    compiled = core.compile_model(core.read_model(model), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return np.array(request.infer([x])[compiled.output(0)])
+
+    return run, f"openvino {ov.get_version()}", core.get_property("CPU", "FULL_DEVICE_NAME")
+
+
+def _onnxruntime(model: str, threads: int, precision: str):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return run, f"onnxruntime {ort.__version__}", "CPU"
+
+
+RUNTIMES = {"openvino": _openvino, "onnxruntime": _onnxruntime}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", required=True, choices=sorted(RUNTIMES))
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--shape", required=True, help="input shape, e.g. 1,3,224,224")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--iterations", type=int, default=0, help="0: no benchmark")
+    parser.add_argument("--inputs", help=".npy of N samples to run, batch by batch")
+    parser.add_argument("--outputs", help="where to save the outputs for --inputs, as .npy")
+    args = parser.parse_args(argv)
+    shape = tuple(int(d) for d in args.shape.split(","))
+
+    rss_before = _rss_peak_mb()
+    try:
+        run, runtime, device = RUNTIMES[args.runtime](args.model, args.threads, args.precision)
+    except Exception as exc:  # the runtime's message, on one line, for the caller to report
+        print(json.dumps({"error": f"{args.runtime} could not load {args.model}: {' '.join(str(exc).split())}"}))
+        return 3
+    result: dict = {"runtime": runtime, "device": device, "threads": args.threads}
+
+    if args.inputs:
+        inputs = np.load(args.inputs).astype(np.float32)
+        batch = shape[0]
+        outputs = [run(np.ascontiguousarray(inputs[i : i + batch])) for i in range(0, len(inputs), batch)]
+        np.save(args.outputs, np.concatenate(outputs, axis=0))
+        result["outputs"] = args.outputs
+
+    if args.iterations > 0:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        for _ in range(args.warmup):
+            run(x)
+        times = []
+        for _ in range(args.iterations):
+            start = time.perf_counter()
+            run(x)
+            times.append((time.perf_counter() - start) * 1000.0)
+        result["latency_ms"] = {
+            "p50": float(np.percentile(times, 50)),
+            "p90": float(np.percentile(times, 90)),
+            "p99": float(np.percentile(times, 99)),
+            "mean": float(np.mean(times)),
+            "iterations": len(times),
+            "warmup": args.warmup,
+        }
+    # Growth of the process's peak resident memory from before the model was loaded: the runtime's own footprint
+    # for this model (weights, compiled kernels, activations), measured, not estimated.
+    result["peak_memory_mb"] = max(0.0, _rss_peak_mb() - rss_before)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""One build, through the four stages: target → score → (measure-and-adjust: rewrite → export → measure) → recover,
+export, validate → out/.
+
+Everything is checked before the first slow step (target, backend, device, model, data, output folder), so bad
+input fails in a second with one line, and the output folder only ever appears complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgeprune.backends import get_backend
+from edgeprune.data import Dataset, load_dataset
+from edgeprune.device import open_device
+from edgeprune.errors import BadInput, BudgetNotMet
+from edgeprune.loop import SearchContext, budget_latency_ms, search, timed, unreachable_message
+from edgeprune.model import DEFAULT_MODEL, load_model
+from edgeprune.report import check_output_dir, new_workdir, publish, versions, write_json
+from edgeprune.rewrite.plan import Plan
+from edgeprune.rewrite.prune import apply_plan, count_macs_params
+from edgeprune.rewrite.recover import distill, quality, recalibrate_batchnorm
+from edgeprune.score.importance import score_groups
+from edgeprune.target import Budget, load_target
+
+METHODS = ("auto", "magnitude", "taylor")
+BATCH = 16
+VALIDATION_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything a build takes; the CLI and the Python API both fill this in."""
+
+    target: str = "x86-openvino"
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    budget: Budget | None = None
+    input_shape: tuple[int, ...] | None = None
+    calib: str | None = None
+    method: str = "auto"
+    device: str | None = None
+    out: Path = Path("out")
+    force: bool = False
+    max_rounds: int = 4
+    recover_steps: int = 20
+    calib_limit: int = 256
+    seed: int = 0
+    trust_pickle: bool = False
+
+
+def build(options: BuildOptions, say=print) -> dict:
+    """Run one build and return its report; the output folder holds the artifact, plan.json and report.json.
+
+    Raises BadInput (exit 2) for unusable input, BudgetNotMet (exit 1) when no candidate meets the budget or the
+    artifact's outputs do not match PyTorch; in both cases nothing is left in the output folder.
+    """
+    started = time.perf_counter()
+    torch.manual_seed(options.seed)
+    target = load_target(options.target)
+    budget = options.budget or target.budget
+    if budget.kind == "memory_mb":
+        raise BadInput("memory budgets are not built yet; use --latency-ms or --speedup")
+    if options.method not in METHODS:
+        raise BadInput(f"unknown --method '{options.method}'; known: {', '.join(METHODS)}")
+    if options.max_rounds < 1:
+        raise BadInput(f"--max-rounds must be at least 1, got {options.max_rounds}")
+    backend = get_backend(target.backend)
+    backend.require()
+    device = open_device(options.device or target.device)
+    out = Path(options.out)
+    check_output_dir(out, options.force)
+    loaded = load_model(options.model, options.weights, options.input_shape, options.trust_pickle)
+    data = load_dataset(options.calib, loaded.input.shape, loaded.input.mean, loaded.input.std, options.calib_limit)
+    method = options.method if options.method != "auto" else ("magnitude" if data.synthetic else "taylor")
+    if data.synthetic:
+        say(
+            "no --calib data: using 64 synthetic random inputs. Importance falls back to magnitude, batch-norm"
+            " recalibration and fine-tuning are skipped, and fidelity is measured on random inputs, which says"
+            " little about accuracy on real images; pass --calib DATA (see calibration/README.md)"
+        )
+    score_set, eval_set = _split(data)
+    model, example = loaded.module, torch.zeros(loaded.input.shape)
+
+    workdir = new_workdir(out)
+    try:
+        ctx = SearchContext(model, example, [], options.model, method, target, backend, device, workdir / "rounds", say)
+        with timed(say, "measuring the unpruned model"):
+            baseline, _ = ctx.measure(model, "baseline")
+        base_macs, base_params = count_macs_params(model, example)
+        base_size = sum(p.stat().st_size for p in (workdir / "rounds" / "baseline").iterdir())
+        budget_ms = budget_latency_ms(budget.kind, budget.value, baseline)
+        say(f"baseline p50 {baseline.p50:.3f} ms on {device.label}; budget {budget_ms:.3f} ms p50")
+        with timed(say, f"scoring channel groups ({method})"):
+            ctx.scored = score_groups(model, example, method, list(score_set.batches(BATCH))[:4])
+        chosen, candidates, unreachable = search(ctx, baseline, base_macs, budget_ms, options.max_rounds)
+        if chosen is None:
+            raise BudgetNotMet(unreachable_message(candidates, budget_ms, device.label))
+
+        with timed(say, "recovering accuracy on the chosen structure"):
+            pruned, recovery = _recover(model, chosen.plan, example, score_set, eval_set, options.recover_steps)
+        with timed(say, "exporting and validating the final artifact"):
+            artifact = backend.export(pruned, example, workdir, target)
+            inputs = eval_set.x[:VALIDATION_SAMPLES]
+            with torch.no_grad():
+                reference = torch.cat([pruned(inputs[i : i + 1]) for i in range(len(inputs))])
+            validation = backend.validate(artifact, inputs, reference, target, device)
+        if not validation.ok:
+            raise BudgetNotMet(
+                f"the {backend.name} artifact's outputs differ from PyTorch by {validation.max_abs_err:.3g}, beyond"
+                f" the tolerance {validation.atol:.3g} for {target.precision}; nothing was written"
+            )
+        with timed(say, "measuring the final artifact"):
+            result = backend.benchmark(artifact, tuple(example.shape), target, device)
+        chosen.plan.save(workdir / "plan.json")
+        torch.save(pruned.state_dict(), workdir / "pruned_state_dict.pt")
+        shutil.rmtree(workdir / "rounds")
+        report = {
+            "target": target.name, "backend": backend.name, "precision": target.precision,
+            "budget": {"kind": budget.kind, "value": budget.value, "latency_ms": budget_ms},
+            "measured_on": device.label,
+            "baseline": {
+                "latency_ms": baseline.latency(), "macs": base_macs, "params": base_params, "size_bytes": base_size,
+                "peak_memory_mb": baseline.peak_memory_mb,
+            },
+            "result": {
+                "latency_ms": result.latency(), "macs": chosen.macs, "params": chosen.params,
+                "size_bytes": artifact.size_bytes(), "peak_memory_mb": result.peak_memory_mb,
+                "speedup": baseline.p50 / result.p50, "ratio": chosen.plan.ratio,
+            },
+            "met_budget": result.p50 <= budget_ms,
+            "iterations": [c.to_dict() for c in candidates],
+            "accepted_step": chosen.step,
+            "validation": validation.to_dict(),
+            "quality": recovery,
+            "method": method,
+            "model": {"spec": options.model, "weights": options.weights, "input_shape": list(example.shape)},
+            "data": {"calib": data.source, "synthetic": data.synthetic, "samples": len(data)},
+            "runtime": result.runtime, "threads": result.threads,
+            "artifacts": {role: path.name for role, path in artifact.files.items()}
+            | {"plan": "plan.json", "pytorch_state_dict": "pruned_state_dict.pt", "report": "report.json"},
+            "versions": versions(),
+            "build_seconds": round(time.perf_counter() - started, 1),
+        }  # fmt: skip
+        if not report["met_budget"]:
+            raise BudgetNotMet(
+                f"the final artifact measured {result.p50:.3f} ms p50, over the budget of {budget_ms:.3f} ms (the"
+                f" accepted round measured {chosen.measurement.p50:.3f} ms); the device is noisy or the budget tight",
+                report,
+            )
+        write_json(workdir / "report.json", report)
+        publish(workdir, out)
+        return report
+    finally:
+        if workdir.exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _split(data: Dataset) -> tuple[Dataset, Dataset]:
+    """A scoring/recovery part and a held-out evaluation part (a quarter, at least 8 samples when possible)."""
+    held = min(len(data) // 2, max(8, len(data) // 4)) if len(data) >= 2 else 0
+    if held == 0:
+        return data, data
+    cut = len(data) - held
+
+    def part(sl: slice) -> Dataset:
+        y = None if data.y is None else data.y[sl]
+        return Dataset(x=data.x[sl], y=y, source=data.source, synthetic=data.synthetic, class_names=data.class_names)
+
+    return part(slice(0, cut)), part(slice(cut, None))
+
+
+def _recover(model, plan: Plan, example, score_set: Dataset, eval_set: Dataset, steps: int):
+    """Prune by ``plan``; with real data, recalibrate BN and distil. Keep whichever weights score better held out."""
+    pruned = apply_plan(model, plan, example)
+    metric, before = quality(pruned, model, eval_set.batches(BATCH))
+    info = {"metric": metric, "baseline": quality(model, model, eval_set.batches(BATCH))[1], "pruned": before}
+    info["evaluated_on"] = "synthetic inputs" if eval_set.synthetic else f"{len(eval_set)} held-out samples"
+    if score_set.synthetic:
+        info.update(result=before, recovery="skipped: no real data")
+        return pruned, info
+    recovered = apply_plan(model, plan, example)
+    recalibrate_batchnorm(recovered, score_set.batches(BATCH))
+    losses = distill(recovered, model, list(score_set.batches(BATCH)), steps)
+    after = quality(recovered, model, eval_set.batches(BATCH))[1]
+    kept = after >= before
+    info.update(
+        result=max(before, after), recovered=after, distill_steps=len(losses),
+        recovery="batch-norm recalibration" + (f" + {len(losses)} distillation steps" if losses else "")
+        + ("" if kept else " (not kept: it scored lower held out)"),
+    )  # fmt: skip
+    return (recovered if kept else pruned), info

@@ -1,0 +1,154 @@
+"""The command line (DESIGN.md): ``edgeprune targets``, ``edgeprune build``.
+
+Exit codes: 0 success, 1 budget or validation not met, 2 bad input. Errors are one line on stderr, never a
+traceback. Progress goes to stderr, so ``--json`` leaves stdout to the report alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgeprune.errors import BadInput, EdgepruneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune a PyTorch model to a budget on a target.")
+targets_app = typer.Typer(help="List the target profiles, or show one.", invoke_without_command=True)
+app.add_typer(targets_app, name="targets")
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _fail(exc: EdgepruneError) -> None:
+    err.print(f"edgeprune: error: {exc}", markup=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@targets_app.callback()
+def targets_list(ctx: typer.Context) -> None:
+    """List the bundled target profiles."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgeprune.target import list_targets
+
+    table = Table("name", "backend", "precision", "multiple", "threads", "default budget")
+    for t in list_targets():
+        budget = f"{t.budget.kind} = {t.budget.value:g}"
+        table.add_row(t.name, t.backend, t.precision, str(t.channel_multiple), str(t.threads), budget)
+    out.print(table)
+    out.print("'edgeprune targets show NAME' prints one profile with its description.")
+
+
+@targets_app.command("show")
+def targets_show(name: str, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Print one target profile."""
+    from edgeprune.target import load_target
+
+    try:
+        target = load_target(name)
+    except EdgepruneError as exc:
+        _fail(exc)
+    data = target.to_dict()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    out.print(f"[bold]{target.name}[/bold]  ({target.path})")
+    for key, value in data.items():
+        out.print(f"  {key}: {value}", markup=False)
+
+
+@app.command()
+def build(
+    target: Annotated[str, typer.Option(help="Target profile name (see 'edgeprune targets') or a .toml path.")] = (
+        "x86-openvino"
+    ),
+    model: Annotated[str, typer.Option(help="timm:NAME, package.module:factory or file.py:factory.")] = (
+        "edgeprune.zoo:efficientnet_lite0"
+    ),
+    weights: Annotated[str | None, typer.Option(help="State dict (.pt/.pth/.safetensors) to load.")] = None,
+    latency_ms: Annotated[float | None, typer.Option(help="Budget: p50 latency in ms on the target.")] = None,
+    speedup: Annotated[float | None, typer.Option(help="Budget: p50 speedup over the unpruned model.")] = None,
+    memory_mb: Annotated[float | None, typer.Option(help="Budget: peak memory in MB (not built yet).")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
+    calib: Annotated[str | None, typer.Option(help="Calibration data: ImageFolder dir or .npz.")] = None,
+    method: Annotated[str, typer.Option(help="Importance: auto, magnitude, taylor.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="Where to measure; 'local' (default).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out"),
+    force: Annotated[bool, typer.Option(help="Replace an output folder that already holds files.")] = False,
+    max_rounds: Annotated[int, typer.Option(help="Most measured rounds of the search.")] = 4,
+    recover_steps: Annotated[int, typer.Option(help="Distillation steps at the end (needs --calib).")] = 20,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow weights files that need unpickling.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print report.json on stdout.")] = False,
+) -> None:
+    """Prune, export and measure until the budget holds; write the artifact, plan.json and report.json."""
+    from edgeprune.build import BuildOptions
+    from edgeprune.build import build as run_build
+    from edgeprune.errors import BudgetNotMet
+    from edgeprune.model import parse_input_shape
+    from edgeprune.target import Budget
+
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        err.print(f"[dim]{time.perf_counter() - start:6.1f}s[/dim] {message}", soft_wrap=True)
+
+    try:
+        given = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb}
+        given = {k: v for k, v in given.items() if v is not None}
+        if len(given) > 1:
+            raise BadInput(f"give one budget, not {' and '.join('--' + k.replace('_', '-') for k in given)}")
+        for kind, value in given.items():
+            if not value > 0 or (kind == "speedup" and value < 1):
+                need = "at least 1" if kind == "speedup" else "positive"
+                raise BadInput(f"--{kind.replace('_', '-')} must be {need}, got {value}")
+        options = BuildOptions(
+            target=target, model=model, weights=weights, budget=Budget(**given) if given else None,
+            input_shape=parse_input_shape(input_shape) if input_shape else None, calib=calib, method=method,
+            device=device, out=out_dir, force=force, max_rounds=max_rounds, recover_steps=recover_steps,
+            trust_pickle=trust_pickle,
+        )  # fmt: skip
+        report = run_build(options, say=say)
+    except BudgetNotMet as exc:
+        if as_json and exc.report is not None:
+            print(json.dumps(exc.report, indent=2))
+        _fail(exc)
+    except EdgepruneError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    _print_summary(report, out_dir)
+
+
+def _print_summary(report: dict, out_dir: Path) -> None:
+    from edgeprune.report import summary_rows
+
+    table = Table("", "baseline", "pruned", title=f"edgeprune build → {report['target']} ({report['measured_on']})")
+    for row in summary_rows(report):
+        table.add_row(*row)
+    out.print(table)
+    verdict = "met" if report["met_budget"] else "NOT met"
+    out.print(
+        f"budget {report['budget']['latency_ms']:.3f} ms p50 {verdict}: {report['result']['speedup']:.2f}x faster"
+        f" in {len(report['iterations'])} measured round(s); outputs match PyTorch within"
+        f" {report['validation']['atol']:.2g} (max error {report['validation']['max_abs_err']:.2g}); wrote {out_dir}/"
+    )
+
+
+def main() -> None:
+    """Entry point of the ``edgeprune`` script: turn any unexpected error into one line and exit code 2 as well."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("edgeprune: interrupted; no output was written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

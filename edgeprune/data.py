@@ -1,0 +1,258 @@
+"""Calibration and task data: ImageFolder directories and .npz files, or synthetic inputs when none is given.
+
+Every problem with the user's data is a one-line DataError (exit code 2) that names the file; the formats are
+documented in calibration/README.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from edgeprune.errors import BadInput
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SYNTHETIC_SAMPLES = 64
+Floats = tuple[float, ...]
+_FORMATS = "pass an ImageFolder directory (root/<class>/<image>) or an .npz file with arrays x and optional y"
+
+
+class DataError(BadInput):
+    """The calibration or task data is unusable; the message names the file, what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Samples ready for the model: x float32 N×C×H×W already normalised, y int64 labels (N,) or None."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    source: str
+    synthetic: bool
+    class_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        """The number of samples."""
+        return int(self.x.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Yield (x, y) batches of at most ``batch_size`` samples, in order; y is None when there are no labels."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            yield self.x[start : start + batch_size], None if self.y is None else self.y[start : start + batch_size]
+
+
+def load_dataset(
+    path: str | None,
+    input_shape: tuple[int, ...],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    limit: int | None = 256,
+    seed: int = 0,
+) -> Dataset:
+    """Load calibration or task data for a model whose input (batch included) is ``input_shape``. ``path`` is an
+    ImageFolder directory (images resized, centre-cropped, scaled to [0, 1], normalised with mean/std; labels by
+    sorted class name), an .npz file (float x used as is, uint8 x scaled and normalised, optional integer y), or None
+    for ``limit`` (default 64) seeded standard-normal samples. At most ``limit`` samples are kept (None keeps all),
+    chosen with ``seed`` and balanced over classes when there are labels. Raises DataError for any bad data."""
+    if len(input_shape) < 2 or any(int(d) < 1 for d in input_shape):
+        raise DataError(f"input shape {tuple(input_shape)} is not a batch shape; pass --input-shape like 1,3,224,224")
+    if limit is not None and limit < 1:
+        raise DataError(f"the sample limit must be at least 1, got {limit}")
+    sample = tuple(int(d) for d in input_shape[1:])
+    if path is None:
+        # A torch.Generator of its own keeps the set reproducible without touching the global RNG.
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn((limit or SYNTHETIC_SAMPLES, *sample), generator=gen, dtype=torch.float32)
+        return Dataset(x=x, y=None, source="synthetic", synthetic=True)
+    p = Path(path)
+    if p.is_dir():
+        return _load_image_folder(p, path, sample, mean, std, limit, seed)
+    if not p.exists():
+        raise DataError(f"{path}: no such file or directory; {_FORMATS}")
+    if p.suffix.lower() == ".npz":
+        return _load_npz(p, path, sample, mean, std, limit, seed)
+    raise DataError(f"{path}: unsupported data format '{p.suffix or p.name}'; {_FORMATS}")
+
+
+def _norm_arrays(name: str, channels: int, mean: Floats, std: Floats) -> tuple[np.ndarray, np.ndarray]:
+    # One value per channel, or one value for all of them; a zero std would turn every sample into inf.
+    m, s = np.asarray(mean, dtype=np.float32).reshape(-1), np.asarray(std, dtype=np.float32).reshape(-1)
+    if m.size not in (1, channels) or s.size not in (1, channels) or not np.isfinite(np.r_[m, s]).all():
+        raise DataError(f"{name}: mean {mean} / std {std} do not fit {channels} channels; give 1 or {channels} values")
+    if (s == 0).any():
+        raise DataError(f"{name}: std {std} has a zero; give non-zero standard deviations")
+    shape = (channels, 1, 1)
+    return np.broadcast_to(m, (channels,)).reshape(shape), np.broadcast_to(s, (channels,)).reshape(shape)
+
+
+def _subset(n: int, labels: np.ndarray | None, limit: int | None, seed: int) -> np.ndarray:
+    # Indices of the samples kept, ascending so the set keeps the file's (or the sorted folder's) order.
+    if limit is None or limit >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return np.sort(rng.choice(n, size=limit, replace=False))
+    # Round-robin over classes: each class is shuffled, then the r-th pick of every class comes before any
+    # (r+1)-th pick, so a small limit still covers every class. Class order within a round is shuffled too, so the
+    # leftover picks do not always favour the lowest labels.
+    classes = np.unique(labels)
+    class_rank = dict(zip(classes.tolist(), rng.permutation(len(classes)).tolist(), strict=True))
+    idx, rank, cls = [], [], []
+    for c in classes.tolist():
+        members = rng.permutation(np.flatnonzero(labels == c))
+        idx.append(members)
+        rank.append(np.arange(members.size))
+        cls.append(np.full(members.size, class_rank[c]))
+    order = np.lexsort((np.concatenate(cls), np.concatenate(rank)))[:limit]
+    return np.sort(np.concatenate(idx)[order])
+
+
+def _image_mode(name: str, sample: tuple[int, ...]) -> str:
+    if len(sample) != 3 or sample[0] not in (1, 3):
+        shape = ",".join(map(str, sample))
+        raise DataError(f"{name}: images need an input shape 1,3,H,W or 1,1,H,W, not 1,{shape}; use an .npz file")
+    return "L" if sample[0] == 1 else "RGB"
+
+
+def _load_image_folder(
+    root: Path, name: str, sample: tuple[int, ...], mean: Floats, std: Floats, limit: int | None, seed: int
+) -> Dataset:
+    mode = _image_mode(name, sample)
+    m, s = _norm_arrays(name, sample[0], mean, std)
+    try:
+        dirs, files, labels = _scan_folder(root, name)
+    except OSError as exc:  # an unreadable folder or a broken link is the user's data too
+        raise DataError(f"{name}: cannot list the folder ({_one_line(exc)}); check its permissions") from None
+    keep = _subset(len(files), np.asarray(labels), limit, seed)
+    height, width = sample[1], sample[2]
+    x = np.empty((len(keep), *sample), dtype=np.float32)
+    for row, i in enumerate(keep.tolist()):
+        x[row] = _read_image(files[i], mode, height, width)
+    x = (x - m) / s
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64)[keep])
+    return Dataset(torch.from_numpy(x), y, name, False, tuple(d.name for d in dirs))
+
+
+def _scan_folder(root: Path, name: str) -> tuple[list[Path], list[Path], list[int]]:
+    # Hidden entries (.git, .ipynb_checkpoints, macOS "._x.jpg" forks) are never data.
+    dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    if not dirs:
+        loose = any(f.suffix.lower() in IMAGE_SUFFIXES for f in root.iterdir() if f.is_file())
+        what = "has images but no class folders" if loose else "is empty"
+        raise DataError(f"{name}: the folder {what}; put images in one folder per class: {name}/<class>/<image>")
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, d in enumerate(dirs):
+        found = [f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+        found = sorted((f for f in found if f.is_file()), key=lambda f: f.relative_to(d).as_posix())
+        if not found:
+            suffixes = ", ".join(IMAGE_SUFFIXES)
+            raise DataError(f"{name}: class folder '{d.name}' has no images ({suffixes}); add some or remove it")
+        files += found
+        labels += [label] * len(found)
+    return dirs, files, labels
+
+
+def _read_image(file: Path, mode: str, height: int, width: int) -> np.ndarray:
+    # Resize the shorter side to max(H, W), then centre-crop: the usual evaluation preprocessing of image models.
+    try:
+        with Image.open(file) as im:
+            img = im.convert(mode)
+            w, h = img.size
+            target = max(height, width)
+            scale = target / min(w, h)
+            nw, nh = max(target, round(w * scale)), max(target, round(h * scale))
+            img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+            left, top = (nw - width) // 2, (nh - height) // 2
+            arr = np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) on bad files
+        raise DataError(f"{file}: cannot read the image ({_one_line(exc)}); replace or remove the file") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _load_npz(
+    p: Path, name: str, sample: tuple[int, ...], mean: Floats, std: Floats, limit: int | None, seed: int
+) -> Dataset:
+    try:
+        # allow_pickle=False: a pickled object array in a data file could run code when loaded.
+        npz = np.load(p, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise DataError(
+                f"{name}: is a .npy array, not an .npz archive; save with np.savez(path, x=inputs, y=labels)"
+            )
+        with npz:
+            keys = list(npz.keys())
+            if "x" not in keys:
+                found = ", ".join(keys) or "none"
+                raise DataError(f"{name}: no array 'x' (found: {found}); save with np.savez(path, x=inputs, y=labels)")
+            x, y = npz["x"], npz["y"] if "y" in keys else None
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile, zlib and numpy raise many exception types on a corrupt archive
+        why = "it holds pickled object arrays, which are refused" if "pickle" in str(exc) else _one_line(exc)
+        raise DataError(f"{name}: cannot read the .npz file ({why}); write it again with np.savez") from None
+    n = _check_x(name, x, sample)
+    labels = _check_y(name, y, n)
+    keep = _subset(n, labels, limit, seed)
+    if x.dtype == np.uint8:
+        m, s = _norm_arrays(name, sample[0], mean, std)
+        xs = x[keep]
+        xs = xs if xs.shape[1:] == sample else xs[:, None] if xs.ndim == 3 else xs.transpose(0, 3, 1, 2)
+        data = (xs.astype(np.float32) / 255.0 - m) / s
+    else:
+        with np.errstate(over="ignore"):
+            data = x[keep].astype(np.float32)
+        if not np.isfinite(data).all():
+            raise DataError(f"{name}: 'x' has values beyond the float32 range; rescale the data")
+    y_t = None if labels is None else torch.from_numpy(labels[keep].copy())
+    return Dataset(torch.from_numpy(np.ascontiguousarray(data)), y_t, name, False)
+
+
+def _check_x(name: str, x: np.ndarray, sample: tuple[int, ...]) -> int:
+    # Returns the number of samples; the layout of uint8 images is resolved again by the caller from the shape.
+    if x.dtype.kind != "f" and x.dtype != np.uint8:
+        raise DataError(f"{name}: 'x' has dtype {x.dtype}; use float32 (preprocessed) or uint8 (images 0-255)")
+    layouts = [sample]
+    if x.dtype == np.uint8 and len(sample) == 3:
+        # N×H×W×C is how images usually come; N×H×W is how single-channel images usually come.
+        layouts += [(sample[1], sample[2], sample[0])] + ([sample[1:]] if sample[0] == 1 else [])
+    if x.shape[1:] not in layouts:
+        got = x.shape[1:]
+        if x.dtype == np.uint8 and len(got) == 3 and got[2] <= 4 < got[0]:
+            got = (got[2], got[0], got[1])
+        hint = f"pass --input-shape 1,{','.join(map(str, got))}" if got and all(got) else "save x as N samples"
+        if x.dtype.kind == "f" and len(sample) == 3 and got == (sample[1], sample[2], sample[0]):
+            hint = "float x must be N×C×H×W: save x.transpose(0, 3, 1, 2)"
+        raise DataError(f"{name}: 'x' has shape {x.shape} but the model takes {sample}; resize the data or {hint}")
+    if x.shape[0] == 0:
+        raise DataError(f"{name}: 'x' has no samples; save at least one")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = int(x.size - np.isfinite(x).sum())
+        raise DataError(f"{name}: 'x' has {bad} NaN or infinite values; clean or drop those samples")
+    return int(x.shape[0])
+
+
+def _check_y(name: str, y: np.ndarray | None, n: int) -> np.ndarray | None:
+    if y is None:
+        return None
+    if y.dtype.kind not in "iu":
+        raise DataError(f"{name}: 'y' has dtype {y.dtype}; labels must be integers: save y.astype(np.int64)")
+    if y.shape != (n,):
+        raise DataError(f"{name}: 'y' has shape {y.shape} but 'x' has {n} samples; save one label per sample")
+    if n and int(y.min()) < 0:
+        raise DataError(f"{name}: 'y' has negative labels (min {int(y.min())}); labels are class indices 0, 1, ...")
+    if n and int(y.max()) > np.iinfo(np.int64).max:
+        raise DataError(f"{name}: 'y' has labels too large for int64 (max {int(y.max())}); use class indices 0, 1, ...")
+    return y.astype(np.int64)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."

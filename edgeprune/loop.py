@@ -1,0 +1,177 @@
+"""The measure-and-adjust loop: score once, then prune → export → measure until the measured latency fits.
+
+Latency depends on the structure, not on the weight values, so the search runs cheap rounds on the pruned
+structure and recovers accuracy once, at the end, on the structure that was chosen.
+
+The search is over one number, the fraction of every group removed. Its first guess and its corrections come from a
+small model of the target: latency ratio = (MACs ratio)^alpha, where MACs are counted exactly for any candidate
+without exporting it, and alpha (how much of the MAC saving the runtime turns into time) is re-fitted on every
+measurement. Measured rounds bracket the answer, so the search cannot oscillate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeprune.backends import Backend, Measurement
+from edgeprune.device import LocalDevice
+from edgeprune.errors import BudgetNotMet
+from edgeprune.rewrite.plan import Plan
+from edgeprune.rewrite.prune import apply_plan, count_macs_params
+from edgeprune.score.allocate import MAX_RATIO, uniform_plan
+from edgeprune.score.importance import ScoredGroup
+from edgeprune.target import Target
+
+BAND_LOW = 0.9  # a round is accepted when its p50 is within [0.9·budget, budget]
+AIM = 0.95  # rounds aim at the middle of that band, so measurement noise has room on both sides
+INITIAL_ALPHA = 0.8  # CPU runtimes turn a MAC saving into somewhat less time saved (memory, fixed overheads)
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A measured round: its plan, the artifact directory, MACs, params and the measurement."""
+
+    step: int
+    plan: Plan
+    macs: int
+    params: int
+    measurement: Measurement
+    directory: Path
+
+    def to_dict(self) -> dict:
+        return {
+            "step": self.step, "ratio": round(self.plan.ratio, 4), "latency_ms": self.measurement.latency(),
+            "macs": self.macs, "params": self.params,
+        }  # fmt: skip
+
+
+@dataclass
+class SearchContext:
+    """What the search needs: the model, its scores, the target, the backend and where to put round artifacts."""
+
+    model: nn.Module
+    example: torch.Tensor
+    scored: list[ScoredGroup]
+    spec: str
+    method: str
+    target: Target
+    backend: Backend
+    device: LocalDevice
+    workdir: Path
+    say: Say = print
+    _macs_cache: dict[float, tuple[Plan, int, int]] = field(default_factory=dict)
+
+    def plan_at(self, ratio: float) -> tuple[Plan, int, int]:
+        """The plan for ``ratio`` with its MACs and params, computed once per ratio."""
+        ratio = round(ratio, 4)
+        if ratio not in self._macs_cache:
+            plan = uniform_plan(
+                self.scored, ratio, self.target.channel_multiple, self.spec, tuple(self.example.shape), self.method
+            )
+            pruned = apply_plan(self.model, plan, self.example)
+            self._macs_cache[ratio] = (plan, *count_macs_params(pruned, self.example))
+        return self._macs_cache[ratio]
+
+    def measure(self, model: nn.Module, name: str) -> tuple[Measurement, Path]:
+        """Export ``model`` into its own folder of the work dir and benchmark it on the device."""
+        directory = self.workdir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        artifact = self.backend.export(model, self.example, directory, self.target)
+        return self.backend.benchmark(artifact, tuple(self.example.shape), self.target, self.device), directory
+
+
+def ratio_for_macs(ctx: SearchContext, macs_goal: float, low: float, high: float) -> float:
+    """The ratio within [low, high] whose MACs are closest to ``macs_goal`` (MACs fall as the ratio grows).
+
+    Bisection on exact MAC counts: each step prunes a copy and counts, which costs a fraction of a second and no
+    export. Rounding to the channel multiple makes MACs a step function of the ratio, so 12 steps are plenty.
+    """
+    for _ in range(12):
+        middle = (low + high) / 2
+        if ctx.plan_at(middle)[1] > macs_goal:
+            low = middle
+        else:
+            high = middle
+    return round(high, 4)
+
+
+def search(ctx: SearchContext, baseline: Measurement, baseline_macs: int, budget_ms: float, max_rounds: int):
+    """Run up to ``max_rounds`` measured rounds; return (accepted candidate or None, all candidates, unreachable)."""
+    candidates: list[Candidate] = []
+    if baseline.p50 <= budget_ms:  # the unpruned model already fits: ship it as is
+        plan, macs, params = ctx.plan_at(0.0)
+        candidate = Candidate(0, plan, macs, params, baseline, ctx.workdir / "baseline")
+        return candidate, [candidate], False
+    alpha = INITIAL_ALPHA
+    too_slow, too_fast = 0.0, MAX_RATIO  # ratio bracket: below too_slow is over budget, above too_fast over-pruned
+    for step in range(1, max_rounds + 1):
+        goal = min(1.0, AIM * budget_ms / baseline.p50) ** (1.0 / alpha)
+        ratio = ratio_for_macs(ctx, goal * baseline_macs, too_slow, too_fast)
+        if any(abs(c.plan.ratio - ratio) < 1e-4 for c in candidates):  # the model points at a measured ratio
+            ratio = round((too_slow + too_fast) / 2, 4)
+        plan, macs, params = ctx.plan_at(ratio)
+        ctx.say(f"round {step}: ratio {ratio:.3f}, {macs / baseline_macs:.0%} of the MACs; exporting and measuring")
+        measurement, directory = ctx.measure(apply_plan(ctx.model, plan, ctx.example), f"round-{step}")
+        candidate = Candidate(step, plan, macs, params, measurement, directory)
+        candidates.append(candidate)
+        ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms (budget {budget_ms:.3f} ms)")
+        if BAND_LOW * budget_ms <= measurement.p50 <= budget_ms:
+            return candidate, candidates, False
+        if measurement.p50 > budget_ms:
+            if ratio >= MAX_RATIO - 1e-4:
+                return None, candidates, True  # the smallest model we make is still too slow
+            too_slow = max(too_slow, ratio)
+        else:
+            too_fast = min(too_fast, ratio)
+        macs_ratio = macs / baseline_macs
+        if 0 < macs_ratio < 1 and 0 < measurement.p50 < baseline.p50:
+            alpha = min(3.0, max(0.2, math.log(measurement.p50 / baseline.p50) / math.log(macs_ratio)))
+    under = [c for c in candidates if c.measurement.p50 <= budget_ms]
+    # Out of rounds: the least-pruned candidate under the budget still meets it, only with more pruning than needed.
+    return (max(under, key=lambda c: c.measurement.p50) if under else None), candidates, False
+
+
+def budget_latency_ms(budget_kind: str, budget_value: float, baseline: Measurement) -> float:
+    """The latency the build must reach: the budget itself, or the measured baseline divided by the speedup."""
+    if budget_kind == "latency_ms":
+        return budget_value
+    if budget_kind == "speedup":
+        return baseline.p50 / budget_value
+    raise ValueError(f"budget kind {budget_kind} is not a latency")
+
+
+def unreachable_message(candidates: list[Candidate], budget_ms: float, device: str) -> str:
+    """One line saying what was reached, for a budget no round met."""
+    best = min(candidates, key=lambda c: c.measurement.p50)
+    return (
+        f"budget of {budget_ms:.3f} ms p50 not reached: the fastest candidate (ratio {best.plan.ratio:.2f}) ran at"
+        f" {best.measurement.p50:.3f} ms on {device} after {len(candidates)} round(s); relax the budget or use a"
+        " smaller model"
+    )
+
+
+def timed(say: Say, what: str):
+    """Context manager that says how long ``what`` took."""
+
+    class _Timer:
+        def __enter__(self) -> None:
+            self.start = time.perf_counter()
+            say(f"{what} ...")
+
+        def __exit__(self, *exc: object) -> None:
+            if exc[0] is None:
+                say(f"{what}: done in {time.perf_counter() - self.start:.1f} s")
+
+    return _Timer()
+
+
+__all__ = ["BudgetNotMet", "Candidate", "SearchContext", "budget_latency_ms", "search", "unreachable_message"]

@@ -1,0 +1,188 @@
+"""Model input: resolve a model spec to an nn.Module, load weights safely, and work out the input the model takes.
+
+Specs (DESIGN.md): ``timm:NAME``, ``package.module:factory``, ``path/to/file.py:factory``. A factory is called with
+no arguments. Weights are a state dict (``.pt``/``.pth`` loaded with ``weights_only=True``, or ``.safetensors``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeprune.errors import BadInput
+
+DEFAULT_MODEL = "edgeprune.zoo:efficientnet_lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The shape of one input batch and the normalisation the model's training data had."""
+
+    shape: tuple[int, ...]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A resolved model: the module in eval mode, its spec string, and its input."""
+
+    module: nn.Module
+    spec: str
+    input: InputSpec
+    weights: str | None = None
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """Parse ``1,3,224,224`` into a tuple of positive ints; a bad shape is a BadInput naming the flag."""
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise BadInput(f"--input-shape '{text}' is not a list of integers; write it like 1,3,224,224") from None
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise BadInput(f"--input-shape '{text}' needs at least two positive dimensions, e.g. 1,3,224,224")
+    return shape
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    weights: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """Build the model a spec names, load ``weights`` into it, and check that it runs on the input shape.
+
+    The input shape comes from ``input_shape``, else from what the model declares (timm's pretrained config, or an
+    ``edgeprune_input`` attribute a factory sets), else 1×3×224×224. Every failure is a one-line BadInput.
+    """
+    module, declared = _build(spec)
+    if weights:
+        load_weights(module, weights, trust_pickle=trust_pickle)
+    module.eval()
+    spec_input = InputSpec(
+        shape=tuple(input_shape or declared.get("shape") or (1, 3, 224, 224)),
+        mean=tuple(declared.get("mean", IMAGENET_MEAN)),
+        std=tuple(declared.get("std", IMAGENET_STD)),
+    )
+    _check_runs(module, spec, spec_input.shape)
+    return LoadedModel(module=module, spec=spec, input=spec_input, weights=weights)
+
+
+def _build(spec: str) -> tuple[nn.Module, dict]:
+    if ":" not in spec:
+        raise BadInput(f"model spec '{spec}' has no ':'; use timm:NAME, package.module:factory or file.py:factory")
+    source, _, name = spec.rpartition(":")
+    if source == "timm":
+        return _build_timm(name)
+    factory = _load_factory(spec, source, name)
+    try:
+        module = factory()
+    except Exception as exc:  # user code: any failure is reported, never a traceback
+        raise BadInput(f"model factory '{spec}' failed: {type(exc).__name__}: {_one_line(exc)}") from None
+    if not isinstance(module, nn.Module):
+        raise BadInput(f"model factory '{spec}' returned {type(module).__name__}, not a torch.nn.Module")
+    return module, dict(getattr(module, "edgeprune_input", {}) or {})
+
+
+def _build_timm(name: str) -> tuple[nn.Module, dict]:
+    from edgeprune._torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else "; timm.list_models() lists the names"
+        raise BadInput(f"timm has no model '{name}'{hint}")
+    # pretrained=False: nothing is downloaded at run time; pass --weights for trained weights.
+    module = timm.create_model(name, pretrained=False)
+    cfg = getattr(module, "pretrained_cfg", {}) or {}
+    declared: dict = {}
+    if "input_size" in cfg:
+        declared["shape"] = (1, *cfg["input_size"])
+    if "mean" in cfg and "std" in cfg:
+        declared["mean"], declared["std"] = tuple(cfg["mean"]), tuple(cfg["std"])
+    return module, declared
+
+
+def _load_factory(spec: str, source: str, name: str):
+    if source.endswith(".py"):
+        path = Path(source)
+        if not path.is_file():
+            raise BadInput(f"model file '{source}' does not exist")
+        module_name = f"edgeprune_user_model_{abs(hash(path.resolve()))}"
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise BadInput(f"model file '{source}' cannot be imported as Python")
+        py_module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = py_module
+        try:
+            loader_spec.loader.exec_module(py_module)
+        except Exception as exc:
+            raise BadInput(f"model file '{source}' failed to import: {type(exc).__name__}: {_one_line(exc)}") from None
+    else:
+        try:
+            py_module = importlib.import_module(source)
+        except Exception as exc:
+            raise BadInput(f"model spec '{spec}': cannot import '{source}': {_one_line(exc)}") from None
+    factory = getattr(py_module, name, None)
+    if not callable(factory):
+        raise BadInput(f"model spec '{spec}': '{source}' has no callable '{name}'")
+    return factory
+
+
+def load_weights(module: nn.Module, path: str, trust_pickle: bool = False) -> None:
+    """Load a state dict from ``path`` into ``module``, refusing pickled objects unless ``trust_pickle``.
+
+    ``.safetensors`` files hold tensors only. Other files go through ``torch.load(weights_only=True)``, which
+    refuses arbitrary pickled objects; ``trust_pickle`` lifts that for files the user vouches for.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise BadInput(f"weights file '{path}' does not exist")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(str(file), map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError:
+        raise BadInput(
+            f"weights file '{path}' holds pickled objects that weights_only loading refuses, since unpickling can run"
+            " code; save a plain state dict, or pass --trust-pickle if you trust the file"
+        ) from None
+    except Exception as exc:
+        raise BadInput(f"weights file '{path}' cannot be read: {_one_line(exc)}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # the common checkpoint layout {"state_dict": ..., "epoch": ...}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInput(f"weights file '{path}' is not a state dict (a mapping of names to tensors)")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BadInput(f"weights file '{path}' does not fit the model: {_one_line(exc)[:300]}") from None
+
+
+def _check_runs(module: nn.Module, spec: str, shape: tuple[int, ...]) -> None:
+    try:
+        with torch.no_grad():
+            module(torch.zeros(shape))
+    except Exception as exc:
+        raise BadInput(
+            f"model '{spec}' does not run on input shape {','.join(map(str, shape))}: {_one_line(exc)[:200]};"
+            " pass the right --input-shape"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,89 @@
+"""The build's outputs: report.json (the contract CI scripts read, DESIGN.md) and an output folder that appears
+whole or not at all.
+
+A build writes into a temporary folder beside the output and renames it into place when everything is written, so
+an interrupted or failed build leaves no partial output, and an existing output is replaced only with --force.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from edgeprune.errors import BadInput
+
+VERSIONED = ("edgeprune", "torch", "torch-pruning", "timm", "onnx", "onnxruntime", "onnxsim", "openvino", "numpy")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages that shape an artifact (those installed)."""
+    found = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse an output folder that exists and is not empty unless ``force``; done before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out '{out}' exists and is not a folder; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise BadInput(f"--out '{out}' already holds files; pass --force to replace them, or choose another folder")
+
+
+def new_workdir(out: Path) -> Path:
+    """A fresh temporary folder beside ``out`` (same filesystem, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def publish(workdir: Path, out: Path) -> None:
+    """Move the finished ``workdir`` to ``out``; an old ``out`` is set aside first and removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    workdir.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def summary_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(what, baseline, result) rows for the terminal's closing table."""
+    base, result = report["baseline"], report["result"]
+    estimate = " (estimate)" if report["measured_on"] == "estimate" else ""
+
+    def ms(part: dict) -> str:
+        return f"{part['latency_ms']['p50']:.3f} ms{estimate}"
+
+    rows = [
+        ("latency p50", ms(base), ms(result)),
+        ("latency p99", f"{base['latency_ms']['p99']:.3f} ms", f"{result['latency_ms']['p99']:.3f} ms"),
+        ("MACs", f"{base['macs'] / 1e6:.1f} M", f"{result['macs'] / 1e6:.1f} M"),
+        ("params", f"{base['params'] / 1e6:.2f} M", f"{result['params'] / 1e6:.2f} M"),
+        ("artifact size", f"{base['size_bytes'] / 1e6:.2f} MB", f"{result['size_bytes'] / 1e6:.2f} MB"),
+    ]
+    quality = report.get("quality")
+    if quality:
+        rows.append((quality["metric"], f"{quality['baseline']:.3f}", f"{quality['result']:.3f}"))
+    return rows

@@ -1,0 +1,73 @@
+"""Stage 3: rewrite a model into a physically smaller one by applying a Plan with torch-pruning's dependency graph.
+
+No masks: weights are sliced, so the exported graph really is smaller. The same function builds the model during a
+build and replays plan.json afterwards, so a build and its replay cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from edgeprune.errors import BadInput
+from edgeprune.rewrite.plan import Plan
+from edgeprune.score.importance import build_graph
+
+
+def apply_plan(model: nn.Module, plan: Plan, example: torch.Tensor, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with every group of ``plan`` pruned to its kept channels (a copy unless ``inplace``).
+
+    Each group is pruned through its root module; torch-pruning carries the cut to every coupled layer (BN, next
+    layer's inputs, residual partners). Indices refer to the unpruned model: a group's root output channels are not
+    touched by pruning other groups, so applying groups one after another is exact.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    graph = build_graph(target, example)
+    modules = dict(target.named_modules())
+    for group_plan in plan.groups:
+        module = modules.get(group_plan.module)
+        if module is None:
+            raise BadInput(f"plan names module '{group_plan.module}', which the model does not have")
+        pruner = graph.get_pruner_of_module(module)
+        current = pruner.get_out_channels(module) if pruner else None
+        if current != group_plan.channels:
+            raise BadInput(
+                f"plan expects {group_plan.channels} channels in '{group_plan.module}', the model has {current};"
+                " the plan was made for another model"
+            )
+        kept = set(group_plan.kept)
+        removed = [i for i in range(group_plan.channels) if i not in kept]
+        if removed:
+            graph.get_pruning_group(module, pruner.prune_out_channels, removed).prune()
+    return target
+
+
+def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """Multiply-accumulates of conv and linear layers in one forward pass on ``example``, and the parameter count.
+
+    Counted with forward hooks matched by isinstance, so subclasses (timm's and EfficientNet's same-padding convs)
+    count too; torch-pruning's counter matches exact types and misses them. Norms and activations are left out.
+    """
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.modules.conv._ConvNd):
+            kernel = math.prod(module.kernel_size) * (module.in_channels // module.groups)
+            total += output.numel() * kernel
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    counted = (nn.modules.conv._ConvNd, nn.Linear)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    params = sum(p.numel() for p in model.parameters())
+    return int(total // example.shape[0]), int(params)

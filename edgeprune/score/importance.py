@@ -1,0 +1,122 @@
+"""Stage 2: how much each removable structure is worth, per torch-pruning dependency group.
+
+A group is a set of coupled channels (a conv's outputs, its BN, the next layers' inputs, residual partners) that
+must be removed together; torch-pruning's DependencyGraph finds them. Each group gets one score per channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn import functional as F
+
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+METHODS = ("magnitude", "taylor")
+
+
+@dataclass(frozen=True)
+class ScoredGroup:
+    """One dependency group: its root module's name, its channel count, and a score per channel (higher = keep)."""
+
+    module: str
+    channels: int
+    scores: torch.Tensor
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Trace ``model`` on ``example`` into torch-pruning's dependency graph."""
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+
+
+def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
+    """The layers whose output channels reach the model's output without another conv or linear layer between.
+
+    Their widths are the model's output (class logits, embedding size), so they are never pruned. Found by walking
+    the graph forward through norms, activations and reshapes until a layer that consumes channels is met.
+    """
+    found = []
+    for module, node in graph.module2node.items():
+        if isinstance(module, ROOT_TYPES) and _reaches_output(node):
+            found.append(module)
+    return found
+
+
+def _reaches_output(node) -> bool:
+    stack, seen = list(node.outputs), set()
+    if not stack:
+        return True
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current.module, ROOT_TYPES):
+            continue  # a layer that consumes the channels: the width is internal on this path
+        if not current.outputs:
+            return True
+        stack.extend(current.outputs)
+    return False
+
+
+def prunable_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[str, tp.Group]]:
+    """All groups rooted at a conv or linear layer, output layers excluded, each with its root module's name."""
+    names = {module: name for name, module in model.named_modules()}
+    ignored = output_layers(graph)
+    groups = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
+        root = group[0].dep.target.module
+        if root in names:
+            groups.append((names[root], group))
+    return groups
+
+
+def score_groups(
+    model: nn.Module,
+    example: torch.Tensor,
+    method: str,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]] = (),
+) -> list[ScoredGroup]:
+    """Score every prunable group of ``model`` with ``method`` ("magnitude" or "taylor").
+
+    ``magnitude`` is data-free group L1 of the pretrained weights. ``taylor`` is first-order Taylor (|w·∂L/∂w|)
+    accumulated over ``batches``; the loss is cross-entropy with the labels when a batch has them, else with the
+    unpruned model's own predictions as pseudo-labels (a self-distillation target whose gradient is not zero).
+    The model is left unchanged apart from cleared gradients.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown importance method {method!r}; known: {', '.join(METHODS)}")
+    graph = build_graph(model, example)
+    if method == "taylor":
+        importance = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
+        _accumulate_gradients(model, batches)
+    else:
+        importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+    scored = []
+    for name, group in prunable_groups(model, graph):
+        with torch.no_grad():
+            scores = importance(group)
+        if scores is None:  # a group with no weights torch-pruning can score: keep it whole
+            continue
+        scored.append(ScoredGroup(module=name, channels=len(group[0].idxs), scores=scores.detach().float().cpu()))
+    model.zero_grad(set_to_none=True)
+    return scored
+
+
+def _accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    model.zero_grad(set_to_none=True)
+    count = 0
+    for x, y in batches:
+        output = model(x)
+        if output.dim() == 2:
+            target = y if y is not None else output.detach().argmax(dim=1)
+            loss = F.cross_entropy(output, target)
+        else:  # not a classifier: keep the output's energy, a label-free objective with a useful gradient
+            loss = output.pow(2).mean()
+        loss.backward()
+        count += 1
+    if count == 0:
+        raise ValueError("taylor importance needs at least one batch of data")
