@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from edgeprune.errors import BadInput, EdgepruneError
 
@@ -37,9 +37,11 @@ def targets_list(ctx: typer.Context) -> None:
         return
     from edgeprune.target import list_targets
 
-    table = Table("name", "backend", "precision", "multiple", "threads", "default budget")
+    table = Table("backend", "precision", "multiple", "threads", "default budget")
+    table.columns.insert(0, Column("name", no_wrap=True))  # a name is typed back in: never truncate it
+    units = {"latency_ms": "{:g} ms", "speedup": "{:g}x faster", "memory_mb": "{:g} MB"}
     for t in list_targets():
-        budget = f"{t.budget.kind} = {t.budget.value:g}"
+        budget = units[t.budget.kind].format(t.budget.value)
         table.add_row(t.name, t.backend, t.precision, str(t.channel_multiple), str(t.threads), budget)
     out.print(table)
     out.print("'edgeprune targets show NAME' prints one profile with its description.")

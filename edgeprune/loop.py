@@ -153,7 +153,7 @@ def unreachable_message(candidates: list[Candidate], budget_ms: float, device: s
     """One line saying what was reached, for a budget no round met."""
     best = min(candidates, key=lambda c: c.measurement.p50)
     return (
-        f"budget of {budget_ms:.3f} ms p50 not reached: the fastest candidate (ratio {best.plan.ratio:.2f}) ran at"
+        f"budget of {budget_ms:.3g} ms p50 not reached: the fastest candidate (ratio {best.plan.ratio:.2f}) ran at"
         f" {best.measurement.p50:.3f} ms on {device} after {len(candidates)} round(s); relax the budget or use a"
         " smaller model"
     )

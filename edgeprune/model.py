@@ -156,7 +156,11 @@ def load_weights(module: nn.Module, path: str, trust_pickle: bool = False) -> No
             state = load_file(str(file))
         else:
             state = torch.load(str(file), map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        # torch reports both refused pickled classes and bytes that are no pickle at all as UnpicklingError;
+        # only the first is worth the --trust-pickle advice.
+        if "Unsupported global" not in str(exc):
+            raise BadInput(f"weights file '{path}' is not a PyTorch (.pt/.pth) or .safetensors file") from None
         raise BadInput(
             f"weights file '{path}' holds pickled objects that weights_only loading refuses, since unpickling can run"
             " code; save a plain state dict, or pass --trust-pickle if you trust the file"
