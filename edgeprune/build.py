@@ -91,16 +91,17 @@ def build(options: BuildOptions, say=print) -> dict:
     try:
         ctx = SearchContext(model, example, [], options.model, method, target, backend, device, workdir / "rounds", say)
         with timed(say, "measuring the unpruned model"):
-            baseline, _ = ctx.measure(model, "baseline")
+            baseline, baseline_artifact = ctx.measure(model, "baseline")
         base_macs, base_params = count_macs_params(model, example)
-        base_size = sum(p.stat().st_size for p in (workdir / "rounds" / "baseline").iterdir())
+        base_size = baseline_artifact.size_bytes()
         budget_ms = budget_latency_ms(budget.kind, budget.value, baseline)
         say(f"baseline p50 {baseline.p50:.3f} ms on {device.label}; budget {budget_ms:.3f} ms p50")
         with timed(say, f"scoring channel groups ({method})"):
             ctx.scored = score_groups(model, example, method, list(score_set.batches(BATCH))[:4])
-        chosen, candidates, unreachable = search(ctx, baseline, base_macs, budget_ms, options.max_rounds)
+        measured_baseline = (baseline, baseline_artifact)
+        chosen, candidates, unreachable = search(ctx, measured_baseline, base_macs, budget_ms, options.max_rounds)
         if chosen is None:
-            raise BudgetNotMet(unreachable_message(candidates, budget_ms, device.label))
+            raise BudgetNotMet(unreachable_message(candidates, budget_ms, device.label, unreachable))
 
         with timed(say, "recovering accuracy on the chosen structure"):
             pruned, recovery = _recover(model, chosen.plan, example, score_set, eval_set, options.recover_steps)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgeprune.backends import Backend, Measurement
+from edgeprune.backends import Artifact, Backend, Measurement
 from edgeprune.device import LocalDevice
 from edgeprune.errors import BudgetNotMet
 from edgeprune.rewrite.plan import Plan
@@ -38,14 +38,14 @@ Say = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Candidate:
-    """A measured round: its plan, the artifact directory, MACs, params and the measurement."""
+    """A measured round: its plan, MACs, params, the measurement and the artifact measured."""
 
     step: int
     plan: Plan
     macs: int
     params: int
     measurement: Measurement
-    directory: Path
+    artifact: Artifact
 
     def to_dict(self) -> dict:
         return {
@@ -81,12 +81,12 @@ class SearchContext:
             self._macs_cache[ratio] = (plan, *count_macs_params(pruned, self.example))
         return self._macs_cache[ratio]
 
-    def measure(self, model: nn.Module, name: str) -> tuple[Measurement, Path]:
+    def measure(self, model: nn.Module, name: str) -> tuple[Measurement, Artifact]:
         """Export ``model`` into its own folder of the work dir and benchmark it on the device."""
         directory = self.workdir / name
         directory.mkdir(parents=True, exist_ok=True)
         artifact = self.backend.export(model, self.example, directory, self.target)
-        return self.backend.benchmark(artifact, tuple(self.example.shape), self.target, self.device), directory
+        return self.backend.benchmark(artifact, tuple(self.example.shape), self.target, self.device), artifact
 
 
 def ratio_for_macs(ctx: SearchContext, macs_goal: float, low: float, high: float) -> float:
@@ -104,12 +104,14 @@ def ratio_for_macs(ctx: SearchContext, macs_goal: float, low: float, high: float
     return round(high, 4)
 
 
-def search(ctx: SearchContext, baseline: Measurement, baseline_macs: int, budget_ms: float, max_rounds: int):
+def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], baseline_macs: int, budget_ms: float,
+           max_rounds: int):  # fmt: skip
     """Run up to ``max_rounds`` measured rounds; return (accepted candidate or None, all candidates, unreachable)."""
     candidates: list[Candidate] = []
+    baseline, baseline_artifact = baseline
     if baseline.p50 <= budget_ms:  # the unpruned model already fits: ship it as is
         plan, macs, params = ctx.plan_at(0.0)
-        candidate = Candidate(0, plan, macs, params, baseline, ctx.workdir / "baseline")
+        candidate = Candidate(0, plan, macs, params, baseline, baseline_artifact)
         return candidate, [candidate], False
     alpha = INITIAL_ALPHA
     too_slow, too_fast = 0.0, MAX_RATIO  # ratio bracket: below too_slow is over budget, above too_fast over-pruned
@@ -120,8 +122,8 @@ def search(ctx: SearchContext, baseline: Measurement, baseline_macs: int, budget
             ratio = round((too_slow + too_fast) / 2, 4)
         plan, macs, params = ctx.plan_at(ratio)
         ctx.say(f"round {step}: ratio {ratio:.3f}, {macs / baseline_macs:.0%} of the MACs; exporting and measuring")
-        measurement, directory = ctx.measure(apply_plan(ctx.model, plan, ctx.example), f"round-{step}")
-        candidate = Candidate(step, plan, macs, params, measurement, directory)
+        measurement, artifact = ctx.measure(apply_plan(ctx.model, plan, ctx.example), f"round-{step}")
+        candidate = Candidate(step, plan, macs, params, measurement, artifact)
         candidates.append(candidate)
         ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms (budget {budget_ms:.3f} ms)")
         if BAND_LOW * budget_ms <= measurement.p50 <= budget_ms:
@@ -149,13 +151,13 @@ def budget_latency_ms(budget_kind: str, budget_value: float, baseline: Measureme
     raise ValueError(f"budget kind {budget_kind} is not a latency")
 
 
-def unreachable_message(candidates: list[Candidate], budget_ms: float, device: str) -> str:
-    """One line saying what was reached, for a budget no round met."""
+def unreachable_message(candidates: list[Candidate], budget_ms: float, device: str, unreachable: bool) -> str:
+    """One line saying what was reached, for a budget no round met, and what to change."""
     best = min(candidates, key=lambda c: c.measurement.p50)
+    advice = "relax the budget or use a smaller model" if unreachable else "allow more --max-rounds or relax the budget"
     return (
         f"budget of {budget_ms:.3g} ms p50 not reached: the fastest candidate (ratio {best.plan.ratio:.2f}) ran at"
-        f" {best.measurement.p50:.3f} ms on {device} after {len(candidates)} round(s); relax the budget or use a"
-        " smaller model"
+        f" {best.measurement.p50:.3f} ms on {device} after {len(candidates)} round(s); {advice}"
     )
 
 

@@ -33,7 +33,9 @@ class Artifact:
     files: dict[str, Path] = field(default_factory=dict)
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in {self.model, *self.files.values()} if p.exists())
+        """Bytes of what ships: the model file and its weights file, not intermediates such as the ONNX."""
+        shipped = {self.model} | ({self.files["weights"]} if "weights" in self.files else set())
+        return sum(p.stat().st_size for p in shipped if p.exists())
 
 
 @dataclass(frozen=True)

@@ -12,20 +12,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
 
 # Run as a script, Python puts this file's folder first on sys.path, where edgeprune's own openvino.py and onnx.py
 # would shadow the real packages; drop it before importing any runtime.
-if sys.path and sys.path[0] and __file__.startswith(sys.path[0]):
+# Compared after resolving links: Python resolves sys.path[0], __file__ keeps the path as the caller gave it.
+if sys.path and sys.path[0] and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
     sys.path.pop(0)
 
 import numpy as np  # noqa: E402
 
 
-def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+def _memory_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MB, from /proc; ru_maxrss where there is no /proc.
+
+    ru_maxrss is no good on Linux here: it carries the parent's peak across fork and exec, so a runner started by a
+    large process (the build, holding torch and the model) would report no growth at all. VmHWM starts at exec.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _openvino(model: str, threads: int, precision: str):
@@ -80,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shape = tuple(int(d) for d in args.shape.split(","))
 
-    rss_before = _rss_peak_mb()
+    rss_before = _memory_mb("VmRSS")
     try:
         run, runtime, device = RUNTIMES[args.runtime](args.model, args.threads, args.precision)
     except Exception as exc:  # the runtime's message, on one line, for the caller to report
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     # Growth of the process's peak resident memory from before the model was loaded: the runtime's own footprint
     # for this model (weights, compiled kernels, activations), measured, not estimated.
-    result["peak_memory_mb"] = max(0.0, _rss_peak_mb() - rss_before)
+    result["peak_memory_mb"] = max(0.0, _memory_mb("VmHWM") - rss_before)
     print(json.dumps(result))
     return 0
 

@@ -60,6 +60,8 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
         """Read a plan written by ``to_dict``; a malformed one is a BadInput."""
+        if not isinstance(data, dict):
+            raise BadInput(f"plan is malformed: expected a JSON object, got {type(data).__name__}")
         try:
             if data.get("version") != PLAN_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {PLAN_VERSION}")

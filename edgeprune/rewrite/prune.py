@@ -14,7 +14,7 @@ from torch import nn
 
 from edgeprune.errors import BadInput
 from edgeprune.rewrite.plan import Plan
-from edgeprune.score.importance import build_graph
+from edgeprune.score.importance import build_graph, prunable_groups
 
 
 def apply_plan(model: nn.Module, plan: Plan, example: torch.Tensor, inplace: bool = False) -> nn.Module:
@@ -27,6 +27,16 @@ def apply_plan(model: nn.Module, plan: Plan, example: torch.Tensor, inplace: boo
     target = model if inplace else copy.deepcopy(model)
     graph = build_graph(target, example)
     modules = dict(target.named_modules())
+    # A plan names every prunable group of the model it was made for; another model with the same module names
+    # (resnet18's plan on resnet34) would otherwise be pruned in part, silently.
+    expected = {name for name, _ in prunable_groups(target, graph)}
+    named = {g.module for g in plan.groups}
+    if named != expected:
+        missing, extra = sorted(expected - named)[:3], sorted(named - expected)[:3]
+        raise BadInput(
+            f"plan does not fit this model: the model's prunable groups {missing} are not in the plan, the plan's"
+            f" {extra} are not in the model; the plan was made for another model"
+        )
     for group_plan in plan.groups:
         module = modules.get(group_plan.module)
         if module is None:

@@ -23,8 +23,8 @@ def kept_width(channels: int, ratio: float, multiple: int, min_keep_fraction: fl
     Rounds to the nearest multiple, never below one multiple or ``min_keep_fraction`` of the group, never above the
     original width. A group narrower than one multiple is kept whole: cutting it cannot give an aligned width.
     """
-    if channels <= multiple:
-        return channels
+    if ratio <= 0 or channels <= multiple:
+        return channels  # nothing to remove, or nothing aligned to remove: rounding alone must not cut channels
     wanted = channels * (1.0 - ratio)
     floor = max(multiple, math.ceil(channels * min_keep_fraction / multiple) * multiple)
     rounded = int(round(wanted / multiple)) * multiple
@@ -39,6 +39,9 @@ def uniform_plan(
         raise ValueError(f"ratio must be within [0, {MAX_RATIO}], got {ratio}")
     groups = []
     for group in scored:
+        if group.scores is None:
+            groups.append(GroupPlan(module=group.module, channels=group.channels, kept=tuple(range(group.channels))))
+            continue
         width = kept_width(group.channels, ratio, multiple)
         # topk then sort: the kept channels in their original order, ties broken by index for reproducibility
         order = torch.argsort(group.scores, descending=True, stable=True)[:width]

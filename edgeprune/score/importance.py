@@ -20,11 +20,14 @@ METHODS = ("magnitude", "taylor")
 
 @dataclass(frozen=True)
 class ScoredGroup:
-    """One dependency group: its root module's name, its channel count, and a score per channel (higher = keep)."""
+    """One dependency group: its root module's name, its channel count, and a score per channel (higher = keep).
+
+    ``scores`` is None for a group the importance cannot score (no weights of a scored kind); it is kept whole.
+    """
 
     module: str
     channels: int
-    scores: torch.Tensor
+    scores: torch.Tensor | None
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
@@ -99,9 +102,9 @@ def score_groups(
     for name, group in prunable_groups(model, graph):
         with torch.no_grad():
             scores = importance(group)
-        if scores is None:  # a group with no weights torch-pruning can score: keep it whole
-            continue
-        scored.append(ScoredGroup(module=name, channels=len(group[0].idxs), scores=scores.detach().float().cpu()))
+        # A group with no weights the importance can score stays in the list (a plan names every group), unscored.
+        scores = None if scores is None else scores.detach().float().cpu()
+        scored.append(ScoredGroup(module=name, channels=len(group[0].idxs), scores=scores))
     model.zero_grad(set_to_none=True)
     return scored
 
