@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -84,8 +84,9 @@ def build(options: BuildOptions, say=print) -> dict:
             " recalibration and fine-tuning are skipped, and fidelity is measured on random inputs, which says"
             " little about accuracy on real images; pass --calib DATA (see calibration/README.md)"
         )
-    score_set, eval_set = _split(data)
     model, example = loaded.module, torch.zeros(loaded.input.shape)
+    data = _labels_in_label_space(data, model, example, say)
+    score_set, eval_set = _split(data)
 
     workdir = new_workdir(out)
     try:
@@ -169,6 +170,26 @@ def build(options: BuildOptions, say=print) -> dict:
     finally:
         if workdir.exists():
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> Dataset:
+    """Drop labels that cannot be the model's classes, saying so: they would make Taylor's loss and accuracy noise.
+
+    ImageFolder labels count when there are as many classes as the model has outputs (folders in the model's class
+    order); .npz labels count when every label is a valid output index.
+    """
+    if data.y is None:
+        return data
+    with torch.no_grad():
+        output = model(example)
+    outputs = output.shape[-1] if output.dim() == 2 else 0
+    fits = len(data.class_names) == outputs if data.class_names else int(data.y.max()) < outputs
+    if fits:
+        return data
+    classes = len(data.class_names) or int(data.y.max()) + 1
+    say(f"the data's {classes} classes are not the model's {outputs} outputs, so its labels are not used:"
+        " importance uses the model's own predictions and quality is fidelity to the unpruned model")  # fmt: skip
+    return replace(data, y=None)
 
 
 def _split(data: Dataset) -> tuple[Dataset, Dataset]:

@@ -22,6 +22,10 @@ from edgeprune.target import Target
 # Relative tolerance of an artifact's outputs against PyTorch, by precision: fp32 differs only by kernel order and
 # fusions; fp16 by rounding of every activation; int8 by quantisation.
 RELATIVE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8": 1e-1}
+# Time floors of a benchmark; the target's warm-up and iteration counts are minimums on top of them.
+MIN_WARMUP_S = 0.3
+MIN_TIMED_S = 0.5
+WINDOWS = 3  # timed windows per benchmark; the runner keeps the one with the lowest p50 and reports all
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,13 @@ class Measurement:
     runtime: str
     threads: int
     peak_memory_mb: float | None = None
+    windows_p50: tuple[float, ...] = ()
 
     def latency(self) -> dict:
-        return {"p50": self.p50, "p90": self.p90, "p99": self.p99, "mean": self.mean, "iterations": self.iterations}
+        return {
+            "p50": self.p50, "p90": self.p90, "p99": self.p99, "mean": self.mean, "iterations": self.iterations,
+            "windows_p50": list(self.windows_p50),
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -101,16 +109,19 @@ class Backend(ABC):
     def benchmark(
         self, artifact: Artifact, shape: tuple[int, ...], target: Target, device: LocalDevice | None = None
     ) -> Measurement:
-        """Time the artifact on ``device`` after the target's warm-up, over its iterations, with its threads."""
+        """Time the artifact on ``device`` with the target's threads, after at least its warm-up runs and
+        MIN_WARMUP_S seconds; then WINDOWS windows of at least its iterations and MIN_TIMED_S seconds each, of which
+        the one with the lowest p50 is reported (``windows_p50`` in the latency dict lists them all)."""
         device = device or LocalDevice()
         args = self._runner_args(artifact, shape, target)
         args += ["--warmup", str(target.benchmark.warmup), "--iterations", str(target.benchmark.iterations)]
+        args += ["--min-warmup-s", str(MIN_WARMUP_S), "--min-timed-s", str(MIN_TIMED_S), "--windows", str(WINDOWS)]
         result = device.run_runner(args)
         lat = result["latency_ms"]
         return Measurement(
             p50=lat["p50"], p90=lat["p90"], p99=lat["p99"], mean=lat["mean"], iterations=lat["iterations"],
             measured_on=device.label, runtime=result["runtime"], threads=result["threads"],
-            peak_memory_mb=result.get("peak_memory_mb"),
+            peak_memory_mb=result.get("peak_memory_mb"), windows_p50=tuple(lat.get("windows_p50", ())),
         )  # fmt: skip
 
     def validate(
