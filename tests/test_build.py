@@ -1,0 +1,114 @@
+"""Builds through the Python API: real calibration data, a budget already met, a model from a file, the label rule."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune import build
+from edgeprune.build import BuildOptions, _labels_in_label_space, _recover
+from edgeprune.data import Dataset, load_dataset
+from edgeprune.model import load_model
+from edgeprune.rewrite.recover import quality
+from edgeprune.score.allocate import uniform_plan
+from edgeprune.score.importance import score_groups
+from edgeprune.target import Budget
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_FILE = """
+import torch
+from torch import nn
+
+def tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+"""
+
+
+def make_folder(root: Path) -> Path:
+    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "calibration" / "make_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_image_folder(root, classes=2, per_class=8, size=64)
+
+
+def test_build_with_an_image_folder_uses_taylor_and_recovers(tmp_path):
+    # The budget is one the model meets for sure: this test is about the data path, not about latency (a 64x64
+    # MobileNetV3 runs in about 0.3 ms, where a 1.2x budget is within the machine's noise).
+    messages: list[str] = []
+    report = build(
+        BuildOptions(
+            model="timm:mobilenetv3_small_100", input_shape=(1, 3, 64, 64), calib=str(make_folder(tmp_path / "data")),
+            budget=Budget(latency_ms=1000.0), out=tmp_path / "out", recover_steps=3,
+        ),
+        say=messages.append,
+    )
+    assert report["method"] == "taylor" and report["data"]["synthetic"] is False and report["data"]["samples"] == 16
+    quality = report["quality"]
+    # Two classes are not the model's 1000 outputs: labels dropped, with a message, and fidelity measured.
+    assert quality["metric"] == "fidelity" and any("labels are not used" in m for m in messages)
+    assert quality["distill_steps"] == 3 and quality["recovery"].startswith("batch-norm recalibration")
+    assert 0.0 <= quality["result"] <= 1.0 and quality["result"] == max(quality["pruned"], quality["recovered"])
+    assert not any("synthetic" in m for m in messages)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["met_budget"] is True
+
+
+def test_recovery_after_pruning_keeps_the_better_weights():
+    """_recover on a real 50% plan with real images: it reports before/after and ships the better of the two."""
+    torch.manual_seed(0)
+    loaded = load_model("timm:mobilenetv3_small_100", input_shape=(1, 3, 64, 64))
+    example = torch.zeros(1, 3, 64, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_folder(Path(tmp))
+        data = load_dataset(str(folder), (1, 3, 64, 64), loaded.input.mean, loaded.input.std)
+    data = replace(data, y=None)
+    scored = score_groups(loaded.module, example, "taylor", list(data.batches(8)))
+    plan = uniform_plan(scored, 0.5, 8, "m", (1, 3, 64, 64), "taylor")
+    shipped, info = _recover(loaded.module, plan, example, data, data, steps=5)
+    assert info["metric"] == "fidelity" and info["distill_steps"] == 5 and info["baseline"] == 1.0
+    assert info["result"] == max(info["pruned"], info["recovered"])
+    assert sum(p.numel() for p in shipped.parameters()) < sum(p.numel() for p in loaded.module.parameters())
+    metric, shipped_quality = quality(shipped, loaded.module, data.batches(8))
+    assert shipped_quality == info["result"]
+
+
+def test_budget_the_unpruned_model_meets_ships_it_unpruned(tmp_path):
+    (tmp_path / "net.py").write_text(MODEL_FILE)
+    report = build(
+        BuildOptions(model=f"{tmp_path / 'net.py'}:tiny", input_shape=(1, 3, 32, 32), budget=Budget(latency_ms=1000.0),
+                     out=tmp_path / "out"),
+        say=lambda message: None,
+    )  # fmt: skip
+    assert report["met_budget"] and report["iterations"][0]["step"] == 0 and len(report["iterations"]) == 1
+    assert report["result"]["macs"] == report["baseline"]["macs"] and report["result"]["ratio"] == 0.0
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert all(len(g["kept"]) == g["channels"] for g in plan["groups"])
+
+
+@pytest.mark.parametrize(
+    ("y", "class_names", "kept"),
+    [
+        (np.array([0, 5, 9]), (), True),  # .npz labels that are valid output indices
+        (np.array([0, 5, 10]), (), False),  # one label past the model's 10 outputs
+        (np.array([0, 1, 1]), ("cat", "dog"), False),  # a 2-class folder for a 10-class model
+        (np.array([0, 1, 1]), tuple(f"c{i}" for i in range(10)), True),  # a folder with the model's 10 classes
+    ],
+)
+def test_labels_count_only_in_the_models_label_space(y, class_names, kept):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+    data = Dataset(x=torch.zeros(3, 3, 2, 2), y=torch.tensor(y), source="d", synthetic=False, class_names=class_names)
+    said: list[str] = []
+    result = _labels_in_label_space(data, model, torch.zeros(1, 3, 2, 2), said.append)
+    assert (result.y is not None) is kept
+    assert bool(said) is not kept
