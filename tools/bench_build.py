@@ -1,6 +1,6 @@
 """Benchmark: `edgeprune build --speedup S` on several models, one table. The README's figures come from here.
 
-    python tools/bench_build.py [--speedup 2] [--models edgeprune.zoo:efficientnet_lite0 timm:resnet18 ...]
+    python tools/bench_build.py [--speedup 2] [--models edgeprune.zoo:efficientnet_lite0 timm:resnet18 ...] [--markdown]
 
 Each build measures its own unpruned baseline in the same run, so the speedup column is a ratio of two p50s taken
 minutes apart on the same machine; on a shared machine expect a few percent of noise (see the README).
@@ -38,6 +38,7 @@ def main() -> int:
     parser.add_argument("--speedup", type=float, default=2.0)
     parser.add_argument("--target", default="x86-openvino")
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
     args = parser.parse_args()
 
     table = Table(title=f"edgeprune build --target {args.target} --speedup {args.speedup:g}")
@@ -58,7 +59,13 @@ def main() -> int:
                 f"{result['macs'] / base['macs']:.0%}", f"{result['params'] / base['params']:.0%}",
                 f"{report['validation']['max_abs_err']:.1e}", f"{seconds:.0f}",
             )  # fmt: skip
-    Console().print(table)
+    if args.markdown:
+        print("| " + " | ".join(c.header for c in table.columns) + " |")
+        print("|" + "---|" * len(table.columns))
+        for row in zip(*(c._cells for c in table.columns), strict=True):
+            print("| " + " | ".join(row) + " |")
+    else:
+        Console(width=200).print(table)
     return 0
 
 
