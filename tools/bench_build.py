@@ -43,7 +43,7 @@ def main() -> int:
 
     table = Table(title=f"edgeprune build --target {args.target} --speedup {args.speedup:g}")
     for column in ("model", "exit", "met", "rounds", "base p50 ms", "pruned p50 ms", "speedup", "MACs kept",
-                   "params kept", "max |err|", "build s"):  # fmt: skip
+                   "params kept", "max abs err", "build s"):  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
     with tempfile.TemporaryDirectory() as tmp:
         for i, model in enumerate(args.models):
