@@ -42,7 +42,9 @@ Say = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Candidate:
-    """A measured round: its plan, MACs, params, the measurement and the artifact measured."""
+    """A measured round: its plan, MACs, params, the measurement, the artifact measured, and its latency as it
+    compares with the budget (the p50 normalised to the baseline's conditions when a reference was timed alongside).
+    """
 
     step: int
     plan: Plan
@@ -50,11 +52,12 @@ class Candidate:
     params: int
     measurement: Measurement
     artifact: Artifact
+    latency: float
 
     def to_dict(self) -> dict:
         return {
             "step": self.step, "ratio": round(self.plan.ratio, 4), "latency_ms": self.measurement.latency(),
-            "macs": self.macs, "params": self.params,
+            "comparable_p50": self.latency, "macs": self.macs, "params": self.params,
         }  # fmt: skip
 
 
@@ -72,6 +75,7 @@ class SearchContext:
     device: LocalDevice
     workdir: Path
     say: Say = print
+    reference: Artifact | None = None  # timed alongside every candidate (speedup budgets): the unpruned artifact
     _macs_cache: dict[float, tuple[Plan, int, int]] = field(default_factory=dict)
 
     def plan_at(self, ratio: float) -> tuple[Plan, int, int]:
@@ -90,7 +94,8 @@ class SearchContext:
         directory = self.workdir / name
         directory.mkdir(parents=True, exist_ok=True)
         artifact = self.backend.export(model, self.example, directory, self.target)
-        return self.backend.benchmark(artifact, tuple(self.example.shape), self.target, self.device), artifact
+        shape = tuple(self.example.shape)
+        return self.backend.benchmark(artifact, shape, self.target, self.device, self.reference), artifact
 
 
 def ratio_for_macs(ctx: SearchContext, macs_goal: float, low: float, high: float) -> float:
@@ -115,7 +120,7 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], baseline_
     baseline, baseline_artifact = baseline
     if baseline.p50 <= budget_ms:  # the unpruned model already fits: ship it as is
         plan, macs, params = ctx.plan_at(0.0)
-        candidate = Candidate(0, plan, macs, params, baseline, baseline_artifact)
+        candidate = Candidate(0, plan, macs, params, baseline, baseline_artifact, baseline.p50)
         return candidate, [candidate], False
     alpha = INITIAL_ALPHA
     too_slow, too_fast = 0.0, MAX_RATIO  # ratio bracket: below too_slow is over budget, above too_fast over-pruned
@@ -127,29 +132,33 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], baseline_
         plan, macs, params = ctx.plan_at(ratio)
         ctx.say(f"round {step}: ratio {ratio:.3f}, {macs / baseline_macs:.0%} of the MACs; exporting and measuring")
         measurement, artifact = ctx.measure(apply_plan(ctx.model, plan, ctx.example), f"round-{step}")
-        candidate = Candidate(step, plan, macs, params, measurement, artifact)
+        latency = measurement.comparable_p50(baseline.p50)
+        candidate = Candidate(step, plan, macs, params, measurement, artifact, latency)
         candidates.append(candidate)
-        ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms (budget {budget_ms:.3f} ms)")
-        if BAND_LOW * budget_ms <= measurement.p50 <= GUARD * budget_ms:
+        alongside = ""
+        if measurement.reference_p50:
+            alongside = f", {measurement.reference_p50 / measurement.p50:.2f}x the unpruned model timed alongside"
+        ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms{alongside} (budget {budget_ms:.3f} ms)")
+        if BAND_LOW * budget_ms <= latency <= GUARD * budget_ms:
             return candidate, candidates, False
-        if measurement.p50 > GUARD * budget_ms:
+        if latency > GUARD * budget_ms:
             if ratio >= MAX_RATIO - 1e-4:
-                if measurement.p50 > budget_ms:
+                if latency > budget_ms:
                     return None, candidates, True  # the smallest model we make is still too slow
                 break  # marginal at the most pruning we do: nothing further to try
             too_slow = max(too_slow, ratio)
         else:
             too_fast = min(too_fast, ratio)
         macs_ratio = macs / baseline_macs
-        if 0 < macs_ratio < 1 and 0 < measurement.p50 < baseline.p50:
-            alpha = min(3.0, max(0.2, math.log(measurement.p50 / baseline.p50) / math.log(macs_ratio)))
+        if 0 < macs_ratio < 1 and 0 < latency < baseline.p50:
+            alpha = min(3.0, max(0.2, math.log(latency / baseline.p50) / math.log(macs_ratio)))
     # Out of rounds: the least-pruned candidate under the guard still meets the budget, with more pruning than
     # needed; failing that, the marginal candidate with the most room under the budget.
-    guarded = [c for c in candidates if c.measurement.p50 <= GUARD * budget_ms]
+    guarded = [c for c in candidates if c.latency <= GUARD * budget_ms]
     if guarded:
-        return max(guarded, key=lambda c: c.measurement.p50), candidates, False
-    under = [c for c in candidates if c.measurement.p50 <= budget_ms]
-    return (min(under, key=lambda c: c.measurement.p50) if under else None), candidates, False
+        return max(guarded, key=lambda c: c.latency), candidates, False
+    under = [c for c in candidates if c.latency <= budget_ms]
+    return (min(under, key=lambda c: c.latency) if under else None), candidates, False
 
 
 def budget_latency_ms(budget_kind: str, budget_value: float, baseline: Measurement) -> float:
@@ -163,11 +172,11 @@ def budget_latency_ms(budget_kind: str, budget_value: float, baseline: Measureme
 
 def unreachable_message(candidates: list[Candidate], budget_ms: float, device: str, unreachable: bool) -> str:
     """One line saying what was reached, for a budget no round met, and what to change."""
-    best = min(candidates, key=lambda c: c.measurement.p50)
+    best = min(candidates, key=lambda c: c.latency)
     advice = "relax the budget or use a smaller model" if unreachable else "allow more --max-rounds or relax the budget"
     return (
         f"budget of {budget_ms:.3g} ms p50 not reached: the fastest candidate (ratio {best.plan.ratio:.2f}) ran at"
-        f" {best.measurement.p50:.3f} ms on {device} after {len(candidates)} round(s); {advice}"
+        f" {best.latency:.3f} ms on {device} after {len(candidates)} round(s); {advice}"
     )
 
 

@@ -56,11 +56,20 @@ class Measurement:
     threads: int
     peak_memory_mb: float | None = None
     windows_p50: tuple[float, ...] = ()
+    reference_p50: float | None = None  # p50 of a reference model timed in alternating windows of the same run
+
+    def comparable_p50(self, baseline_p50: float) -> float:
+        """This p50 as it would have measured when the baseline measured ``baseline_p50``.
+
+        With a reference (the unpruned model) timed alongside, p50 × baseline / reference: a slow spell of the
+        machine that slowed both cancels out. Without one, the p50 itself.
+        """
+        return self.p50 if not self.reference_p50 else self.p50 * baseline_p50 / self.reference_p50
 
     def latency(self) -> dict:
         return {
             "p50": self.p50, "p90": self.p90, "p99": self.p99, "mean": self.mean, "iterations": self.iterations,
-            "windows_p50": list(self.windows_p50),
+            "windows_p50": list(self.windows_p50), "reference_p50": self.reference_p50,
         }  # fmt: skip
 
 
@@ -107,21 +116,26 @@ class Backend(ABC):
         ]  # fmt: skip
 
     def benchmark(
-        self, artifact: Artifact, shape: tuple[int, ...], target: Target, device: LocalDevice | None = None
-    ) -> Measurement:
+        self, artifact: Artifact, shape: tuple[int, ...], target: Target, device: LocalDevice | None = None,
+        reference: Artifact | None = None,
+    ) -> Measurement:  # fmt: skip
         """Time the artifact on ``device`` with the target's threads, after at least its warm-up runs and
         MIN_WARMUP_S seconds; then WINDOWS windows of at least its iterations and MIN_TIMED_S seconds each, of which
-        the one with the lowest p50 is reported (``windows_p50`` in the latency dict lists them all)."""
+        the one with the lowest p50 is reported (``windows_p50`` in the latency dict lists them all). A
+        ``reference`` artifact is timed in alternating windows of the same run (``reference_p50``)."""
         device = device or LocalDevice()
         args = self._runner_args(artifact, shape, target)
         args += ["--warmup", str(target.benchmark.warmup), "--iterations", str(target.benchmark.iterations)]
         args += ["--min-warmup-s", str(MIN_WARMUP_S), "--min-timed-s", str(MIN_TIMED_S), "--windows", str(WINDOWS)]
+        if reference is not None:
+            args += ["--reference", str(reference.model)]
         result = device.run_runner(args)
         lat = result["latency_ms"]
         return Measurement(
             p50=lat["p50"], p90=lat["p90"], p99=lat["p99"], mean=lat["mean"], iterations=lat["iterations"],
             measured_on=device.label, runtime=result["runtime"], threads=result["threads"],
             peak_memory_mb=result.get("peak_memory_mb"), windows_p50=tuple(lat.get("windows_p50", ())),
+            reference_p50=result["reference_latency_ms"]["p50"] if "reference_latency_ms" in result else None,
         )  # fmt: skip
 
     def validate(

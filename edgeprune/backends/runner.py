@@ -80,6 +80,33 @@ def _onnxruntime(model: str, threads: int, precision: str):
 RUNTIMES = {"openvino": _openvino, "onnxruntime": _onnxruntime}
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _warm_up(run, x: np.ndarray, count: int, min_seconds: float) -> int:
+    """Run at least ``count`` times and at least ``min_seconds``: benchmark_app and trtexec floor warm-up by time
+    too, since 30 runs of a 0.4 ms model are 12 ms, too short to reach steady state. Returns the runs made."""
+    runs, start = 0, time.perf_counter()
+    while runs < count or time.perf_counter() - start < min_seconds:
+        run(x)
+        runs += 1
+    return runs
+
+
+def _statistics(windows: list[list[float]], warmed: int) -> dict:
+    times = min(windows, key=lambda w: float(np.percentile(w, 50)))
+    return {
+        "p50": float(np.percentile(times, 50)),
+        "p90": float(np.percentile(times, 90)),
+        "p99": float(np.percentile(times, 99)),
+        "mean": float(np.mean(times)),
+        "iterations": len(times),
+        "warmup": warmed,
+        "windows_p50": [float(np.percentile(w, 50)) for w in windows],
+    }
+
+
 def _timed_window(run, x: np.ndarray, iterations: int, min_seconds: float) -> list[float]:
     """Per-run latencies in ms: at least ``iterations`` runs and at least ``min_seconds`` of them."""
     times: list[float] = []
@@ -103,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-warmup-s", type=float, default=0.0, help="warm up for at least this long")
     parser.add_argument("--min-timed-s", type=float, default=0.0, help="time each window for at least this long")
     parser.add_argument("--windows", type=int, default=1, help="timed windows; the one with the lowest p50 counts")
+    parser.add_argument("--reference", help="a second model timed in alternating windows (e.g. the unpruned one)")
     parser.add_argument("--inputs", help=".npy of N samples to run, batch by batch")
     parser.add_argument("--outputs", help="where to save the outputs for --inputs, as .npy")
     args = parser.parse_args(argv)
@@ -112,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run, runtime, device = RUNTIMES[args.runtime](args.model, args.threads, args.precision)
     except Exception as exc:  # the runtime's message, on one line, for the caller to report
-        print(json.dumps({"error": f"{args.runtime} could not load {args.model}: {' '.join(str(exc).split())}"}))
+        print(json.dumps({"error": f"{args.runtime} could not load {args.model}: {_one_line(exc)}"}))
         return 3
     result: dict = {"runtime": runtime, "device": device, "threads": args.threads}
 
@@ -125,28 +153,30 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.iterations > 0:
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        # Counts and a time floor, as benchmark_app and trtexec do: 200 runs of a 0.4 ms model last 80 ms, too
-        # short to reach steady state or to average out a scheduler hiccup.
-        warmed, start = 0, time.perf_counter()
-        while warmed < args.warmup or time.perf_counter() - start < args.min_warmup_s:
-            run(x)
-            warmed += 1
-        # Several windows, and the one with the lowest p50 counts: on a shared machine a burst of other work only
-        # ever adds time, so the quietest window is the best estimate of the device's own latency.
-        windows = [_timed_window(run, x, args.iterations, args.min_timed_s) for _ in range(max(1, args.windows))]
-        times = min(windows, key=lambda w: float(np.percentile(w, 50)))
-        result["latency_ms"] = {
-            "p50": float(np.percentile(times, 50)),
-            "p90": float(np.percentile(times, 90)),
-            "p99": float(np.percentile(times, 99)),
-            "mean": float(np.mean(times)),
-            "iterations": len(times),
-            "warmup": warmed,
-            "windows_p50": [float(np.percentile(w, 50)) for w in windows],
-        }
+        warmed = _warm_up(run, x, args.warmup, args.min_warmup_s)
     # Growth of the process's peak resident memory from before the model was loaded: the runtime's own footprint
-    # for this model (weights, compiled kernels, activations), measured, not estimated.
+    # for this model (weights, compiled kernels, activations), measured, not estimated; taken before a reference
+    # model is loaded beside it.
     result["peak_memory_mb"] = max(0.0, _memory_mb("VmHWM") - rss_before)
+
+    if args.iterations > 0:
+        runs = {"latency_ms": run}
+        if args.reference:
+            try:
+                runs["reference_latency_ms"] = RUNTIMES[args.runtime](args.reference, args.threads, args.precision)[0]
+            except Exception as exc:
+                print(json.dumps({"error": f"{args.runtime} could not load {args.reference}: {_one_line(exc)}"}))
+                return 3
+            _warm_up(runs["reference_latency_ms"], x, args.warmup, args.min_warmup_s)
+        # Windows alternate between the model and the reference, so a slow spell of the machine (other tenants,
+        # lasting seconds) hits both and their ratio holds. Per model, the window with the lowest p50 counts: a
+        # burst of other work only ever adds time, so the quietest window is the best estimate of the device.
+        windows: dict[str, list[list[float]]] = {key: [] for key in runs}
+        for _ in range(max(1, args.windows)):
+            for key, model_run in runs.items():
+                windows[key].append(_timed_window(model_run, x, args.iterations, args.min_timed_s))
+        for key, timed in windows.items():
+            result[key] = _statistics(timed, warmed)
     print(json.dumps(result))
     return 0
 
