@@ -127,6 +127,27 @@ def test_openvino_benchmark(ov_dirs, target):
     _check_measurement(OpenVinoBackend().benchmark(artifact, SHAPE, target, LocalDevice()), target, "openvino")
 
 
+def test_benchmark_with_a_reference_times_both_in_one_run(ov_dirs, target):
+    """A speedup is compared as a ratio measured in one run: the reference is timed in alternating windows."""
+    small, _, _ = ov_dirs["fp32"]
+    big, _, _ = ov_dirs["fp16"]  # another artifact of the same model, as the reference
+    measurement = OpenVinoBackend().benchmark(small, SHAPE, target, LocalDevice(), reference=big)
+    _check_measurement(measurement, target, "openvino")
+    assert measurement.reference_p50 is not None and measurement.reference_p50 > 0
+    assert measurement.latency()["reference_p50"] == measurement.reference_p50
+    # Normalised to a baseline measured at twice the reference's p50 (a slow spell then): the candidate's p50
+    # doubles too, since the ratio is what was measured.
+    assert measurement.comparable_p50(2 * measurement.reference_p50) == pytest.approx(2 * measurement.p50)
+    assert OpenVinoBackend().benchmark(small, SHAPE, target, LocalDevice()).reference_p50 is None
+
+
+def test_comparable_p50_without_a_reference_is_the_p50():
+    m = Measurement(p50=2.0, p90=3.0, p99=4.0, mean=2.5, iterations=10, measured_on="local", runtime="x", threads=1)
+    assert m.comparable_p50(123.0) == 2.0
+    with_reference = dataclasses.replace(m, reference_p50=4.0)
+    assert with_reference.comparable_p50(8.0) == pytest.approx(4.0)  # 2 ms beside 4 ms, baseline 8 ms: 4 ms
+
+
 def _constant_types(xml: Path) -> Counter:
     import openvino as ov
 
