@@ -7,7 +7,7 @@ traceback. Progress goes to stderr, so ``--json`` leaves stdout to the report al
 from __future__ import annotations
 
 import json
-import sys
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -116,6 +116,10 @@ def build(
             trust_pickle=trust_pickle,
         )  # fmt: skip
         report = run_build(options, say=say)
+    except KeyboardInterrupt as stop:  # the build's own cleanup has run: nothing partial is left
+        signal_name = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        err.print(f"edgeprune: {signal_name}; no output was written")
+        raise typer.Exit(143 if isinstance(stop, Terminated) else 130) from None
     except BudgetNotMet as exc:
         if as_json and exc.report is not None:
             print(json.dumps(exc.report, indent=2))
@@ -143,13 +147,18 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` runs: the build removes its partial output folder."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main() -> None:
-    """Entry point of the ``edgeprune`` script: turn any unexpected error into one line and exit code 2 as well."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        err.print("edgeprune: interrupted; no output was written")
-        sys.exit(130)
+    """Entry point of the ``edgeprune`` script. SIGINT and SIGTERM stop a build cleanly: no partial output."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    app()
 
 
 if __name__ == "__main__":

@@ -40,9 +40,27 @@ def check_output_dir(out: Path, force: bool) -> None:
 
 
 def new_workdir(out: Path) -> Path:
-    """A fresh temporary folder beside ``out`` (same filesystem, so the final rename is atomic)."""
+    """A fresh temporary folder beside ``out`` (same filesystem, so the final rename is atomic).
+
+    Its name carries this process's id. A build killed outright (SIGKILL, power loss) cannot clean up after itself,
+    so partial folders of processes that no longer run are removed here: running the build again is enough.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.removeprefix(f".{out.name}.partial-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def publish(workdir: Path, out: Path) -> None:

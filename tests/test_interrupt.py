@@ -1,0 +1,68 @@
+"""Builds killed at several stages leave no partial output, and can simply be run again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BUILD = [sys.executable, "-m", "edgeprune.cli", "build", "--model", "timm:mobilenetv3_small_100",
+         "--input-shape", "1,3,96,96", "--out", "out"]  # fmt: skip
+
+
+def start(folder: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", COLUMNS="200")
+    return subprocess.Popen([*BUILD, *extra], cwd=folder, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(process: subprocess.Popen, marker: str, timeout: float = 240) -> list[str]:
+    """Read the build's progress lines until one contains ``marker``."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if marker in line:
+            return seen
+    process.kill()
+    pytest.fail(f"the build never reached {marker!r}: {''.join(seen)[-800:]}")
+
+
+@pytest.mark.parametrize(
+    ("budget", "marker", "sig", "code"),
+    [
+        ("--speedup=1.5", "measuring the unpruned model ...", signal.SIGINT, 130),
+        ("--speedup=1.5", "round 1:", signal.SIGTERM, 143),
+        # A budget the unpruned model meets skips the search and reaches the last stage quickly.
+        ("--latency-ms=1000", "exporting and validating the final artifact ...", signal.SIGTERM, 143),
+    ],
+)
+def test_a_killed_build_leaves_nothing(tmp_path, budget, marker, sig, code):
+    process = start(tmp_path, budget)
+    wait_for(process, marker)
+    process.send_signal(sig)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == code, rest
+    assert "no output was written" in rest and "Traceback" not in rest
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "partial output left behind"
+
+
+def test_after_sigkill_the_next_build_cleans_up_and_succeeds(tmp_path):
+    process = start(tmp_path, "--speedup", "1.5")
+    wait_for(process, "measuring the unpruned model ...")
+    process.kill()  # SIGKILL: no handler runs, the partial folder stays
+    process.wait(timeout=60)
+    partial = [p.name for p in tmp_path.iterdir()]
+    assert len(partial) == 1 and partial[0].startswith(".out.partial-")
+    # Run again: a budget the unpruned model meets, so the build is quick; the dead run's folder is removed.
+    again = start(tmp_path, "--latency-ms", "1000")
+    rest = again.stderr.read()
+    assert again.wait(timeout=240) == 0, rest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "report.json").is_file()

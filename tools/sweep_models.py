@@ -1,0 +1,211 @@
+"""Robustness sweep: the full `edgeprune build` on many timm architectures, one at a time, one table.
+
+    python tools/sweep_models.py [--models resnet18 vit_tiny_patch16_224@224 ...] [--timeout 300] [--speedup 1.5]
+                                 [--json rows.json] [--markdown]
+
+Each model is built with random weights (no --weights) by `edgeprune build --model timm:NAME --target x86-openvino
+--speedup 1.5 --input-shape 1,3,H,W --out TMP --json` in a subprocess with a timeout. Progress goes to stderr per
+model; at the end a table gives, per model, whether it was pruned, exported, matched PyTorch and how fast it got, or
+the one-line reason it failed (the last `edgeprune: error:` line, else the last line of a traceback). A model is a
+success when the build exits 0 with an exported artifact whose outputs match PyTorch. Latency on a shared machine is
+noisy: the speedup column is indicative, the exit, export and validation columns are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+# (timm name, family, input side). 96 wherever the model runs on it; models with fixed patch grids, absolute
+# position embeddings or fixed attention windows get the smallest size they accept (checked with a forward pass).
+MODELS: list[tuple[str, str, int]] = [
+    ("resnet18", "ResNet", 96),
+    ("resnet50", "ResNet (bottleneck)", 96),
+    ("seresnet18", "SE-ResNet", 96),
+    ("resnext50_32x4d", "ResNeXt (grouped)", 96),
+    ("res2net50_14w_8s", "Res2Net", 96),
+    ("resnest14d", "ResNeSt (split attn)", 96),
+    ("skresnet18", "SKNet", 96),
+    ("nf_resnet26", "NF-ResNet (WS conv)", 96),
+    ("mobilenetv2_100", "MobileNetV2", 96),
+    ("mobilenetv3_large_100", "MobileNetV3", 96),
+    ("mobilenetv3_small_100", "MobileNetV3", 96),
+    ("mobilenetv4_conv_small", "MobileNetV4", 96),
+    ("efficientnet_b0", "EfficientNet", 96),
+    ("efficientnet_lite0", "EfficientNet-Lite", 96),
+    ("tf_efficientnet_b0", "EfficientNet (TF same pad)", 96),
+    ("tinynet_a", "TinyNet", 96),
+    ("mixnet_s", "MixNet (mixed kernels)", 96),
+    ("mnasnet_100", "MnasNet", 96),
+    ("fbnetc_100", "FBNet", 96),
+    ("hardcorenas_a", "HardCoReNAS", 96),
+    ("lcnet_050", "LCNet", 96),
+    ("rexnet_100", "ReXNet (partial residual)", 96),
+    ("ghostnet_100", "GhostNet", 96),
+    ("ghostnetv2_100", "GhostNetV2", 96),
+    ("regnetx_002", "RegNetX", 96),
+    ("regnety_002", "RegNetY", 96),
+    ("repvgg_a0", "RepVGG", 96),
+    ("mobileone_s0", "MobileOne", 96),
+    ("densenet121", "DenseNet (concat)", 96),
+    ("dla34", "DLA", 96),
+    ("dpn68", "DPN (dual path)", 96),
+    ("inception_v3", "Inception", 96),
+    ("legacy_xception", "Xception", 96),
+    ("cspresnet50", "CSPNet", 96),
+    ("hrnet_w18_small", "HRNet", 96),
+    ("ese_vovnet19b_dw", "VoVNet", 96),
+    ("hgnetv2_b0", "HGNetV2", 96),
+    ("convnext_atto", "ConvNeXt", 96),
+    ("convnext_femto", "ConvNeXt", 96),
+    ("poolformer_s12", "PoolFormer (MetaFormer)", 96),
+    ("edgenext_xx_small", "EdgeNeXt (hybrid)", 96),
+    ("mobilevit_xxs", "MobileViT (hybrid)", 96),
+    ("efficientvit_b0", "EfficientViT-MIT (hybrid)", 96),
+    ("efficientvit_m0", "EfficientViT-MSRA (hybrid)", 96),
+    ("fastvit_t8", "FastViT (hybrid)", 96),
+    ("repvit_m0_9", "RepViT", 96),
+    ("tiny_vit_5m_224", "TinyViT (hybrid)", 96),
+    ("xcit_nano_12_p16_224", "XCiT (transformer)", 96),
+    ("efficientformer_l1", "EfficientFormer (hybrid)", 224),
+    ("levit_128s", "LeViT (transformer)", 224),
+    ("vit_tiny_patch16_224", "ViT (transformer)", 224),
+    ("deit_tiny_patch16_224", "DeiT (transformer)", 224),
+    ("pit_ti_224", "PiT (transformer)", 224),
+    ("swin_tiny_patch4_window7_224", "Swin (transformer)", 224),
+    ("mixer_s16_224", "MLP-Mixer", 224),
+]
+COLUMNS = ("model", "family", "input", "exit", "pruned", "exported", "outputs match", "speedup", "rounds", "build s",
+           "failure")  # fmt: skip
+
+
+def run_one(name: str, side: int, args: argparse.Namespace, out: Path) -> dict:
+    """Build one model in a subprocess (its own process group, killed whole on timeout) and summarise the result."""
+    command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", f"timm:{name}", "--target", args.target,
+               "--speedup", str(args.speedup), "--input-shape", f"1,3,{side},{side}", "--out", str(out), "--json"]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+        code, timed_out = proc.returncode, False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the build and the benchmark runner it started
+        stdout, stderr = proc.communicate()
+        code, timed_out = None, True
+    seconds = time.perf_counter() - started
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    row: dict = {"model": name, "input": side, "exit": code, "timed_out": timed_out, "seconds": round(seconds, 1),
+                 "stderr_tail": lines[-25:]}  # fmt: skip
+    try:
+        report = json.loads(stdout) if stdout.strip().startswith("{") else None
+    except json.JSONDecodeError:
+        report = None
+    if report is not None:
+        base, result = report["baseline"], report["result"]
+        row.update(
+            ratio=result.get("ratio"), macs_kept=result["macs"] / base["macs"], params_kept=result["params"] / base["params"],
+            speedup=result.get("speedup"), rounds=len(report["iterations"]), met_budget=report["met_budget"],
+            validation_ok=report["validation"]["ok"], max_abs_err=report["validation"]["max_abs_err"],
+        )  # fmt: skip
+    row["exported"] = (out / "model.xml").is_file() and (out / "model.onnx").is_file()
+    row["ok"] = code == 0 and row["exported"] and bool(row.get("validation_ok"))
+    row["reason"] = "" if row["ok"] else failure_reason(lines, timed_out, args.timeout)
+    return row
+
+
+def failure_reason(lines: list[str], timed_out: bool, timeout: float) -> str:
+    """The one line that says why a build failed: a timeout (with the stage it was in), the CLI's error line, or
+    the exception line of a traceback."""
+    if timed_out:
+        stage = lines[-1].strip() if lines else "no output"
+        return f"timed out after {timeout:g} s; last progress: {stage}"
+    errors = [line for line in lines if line.startswith("edgeprune: error:")]
+    if errors:
+        return errors[-1].removeprefix("edgeprune: error:").strip()
+    if any(line.startswith("Traceback") for line in lines):
+        return "uncaught " + lines[-1].strip()
+    return lines[-1].strip() if lines else "no output on stderr"
+
+
+def cells(row: dict, family: str) -> list[str]:
+    """One table row of strings."""
+    has = "macs_kept" in row
+    exit_code = "timeout" if row["timed_out"] else str(row["exit"])
+    pruned = f"r={row['ratio']:.2f}, {row['macs_kept']:.0%} MACs" if has and row.get("ratio") is not None else "-"
+    match = "-"
+    if row.get("validation_ok") is not None:
+        match = f"{'yes' if row['validation_ok'] else 'NO'} ({row['max_abs_err']:.1e})"
+    speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+    return [row["model"], family, f"{row['input']}²", exit_code, pruned, "yes" if row["exported"] else "no", match,
+            speedup, str(row.get("rounds", "-")), f"{row['seconds']:.0f}", row["reason"]]  # fmt: skip
+
+
+def parse_models(requested: list[str] | None) -> list[tuple[str, str, int]]:
+    """The models to run: the table, or the names given (NAME or NAME@SIDE; a name not in the table gets 96)."""
+    if not requested:
+        return MODELS
+    known = {name: (family, side) for name, family, side in MODELS}
+    chosen = []
+    for item in requested:
+        name, _, side = item.removeprefix("timm:").partition("@")
+        family, default = known.get(name, ("-", 96))
+        chosen.append((name, family, int(side) if side else default))
+    return chosen
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", help="timm names, NAME@SIDE to set the input side (default: all)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per build (default 300)")
+    parser.add_argument("--speedup", type=float, default=1.5)
+    parser.add_argument("--target", default="x86-openvino")
+    parser.add_argument("--json", type=Path, help="write the rows (with each build's stderr tail) to this file")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    args = parser.parse_args()
+    models = parse_models(args.models)
+
+    err = Console(stderr=True, highlight=False)
+    rows: list[tuple[dict, str]] = []
+    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
+        for i, (name, family, side) in enumerate(models, 1):
+            err.print(f"[{i}/{len(models)}] {name} ({family}, {side}x{side}) ...", markup=False)
+            row = run_one(name, side, args, Path(tmp) / f"out{i}")
+            row["family"] = family
+            rows.append((row, family))
+            verdict = "ok" if row["ok"] else f"FAILED: {row['reason']}"
+            detail = f", {row['speedup']:.2f}x, {row['macs_kept']:.0%} MACs" if row.get("speedup") else ""
+            err.print(f"[{i}/{len(models)}] {name}: exit {row['exit']} in {row['seconds']:.0f} s{detail}: {verdict}",
+                      markup=False, soft_wrap=True)  # fmt: skip
+            if args.json:  # written after every model, so a long sweep that is stopped still leaves its rows
+                args.json.write_text(json.dumps([r for r, _ in rows], indent=2))
+
+    title = f"edgeprune build --target {args.target} --speedup {args.speedup:g}, timm, random weights"
+    table = Table(title=title)
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("model", "family", "failure") else "right")
+    for row, family in rows:
+        table.add_row(*cells(row, family))
+    if args.markdown:
+        print("| " + " | ".join(COLUMNS) + " |")
+        print("|" + "---|" * len(COLUMNS))
+        for row, family in rows:
+            print("| " + " | ".join(c.replace("|", "\\|") for c in cells(row, family)) + " |")
+    else:
+        Console(width=250).print(table)
+    succeeded = sum(row["ok"] for row, _ in rows)
+    print(f"\n{succeeded} of {len(rows)} built end to end with matching outputs")
+    return 0 if succeeded == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
