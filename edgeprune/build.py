@@ -25,6 +25,7 @@ from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.rewrite.recover import distill, quality, recalibrate_batchnorm
 from edgeprune.score.importance import score_groups
+from edgeprune.score.probe import find_unprunable
 from edgeprune.target import Budget, load_target
 
 METHODS = ("auto", "magnitude", "taylor")
@@ -52,6 +53,7 @@ class BuildOptions:
     calib_limit: int = 256
     seed: int = 0
     trust_pickle: bool = False
+    strict: bool = False  # a group that cannot be pruned safely is an error, not kept whole
 
 
 def build(options: BuildOptions, say=print) -> dict:
@@ -102,7 +104,15 @@ def build(options: BuildOptions, say=print) -> dict:
             # slow spell of the machine slows both and cancels out of the comparison.
             ctx.reference = baseline_artifact
         with timed(say, f"scoring channel groups ({method})"):
-            ctx.scored = score_groups(model, example, method, list(score_set.batches(BATCH))[:4])
+            scored = _score(model, example, method, list(score_set.batches(BATCH))[:4])
+            unprunable = find_unprunable(model, example, scored, target.channel_multiple)
+        if unprunable:
+            names = ", ".join(sorted(unprunable)[:6]) + (" ..." if len(unprunable) > 6 else "")
+            if options.strict:
+                first = next(iter(unprunable.values()))
+                raise BadInput(f"--strict: {len(unprunable)} groups cannot be pruned safely ({names}): {first}")
+            say(f"{len(unprunable)} of {len(scored)} groups cannot be pruned safely and are kept whole: {names}")
+        ctx.scored = [replace(g, scores=None) if g.module in unprunable else g for g in scored]
         measured_baseline = (baseline, baseline_artifact)
         chosen, candidates, unreachable = search(ctx, measured_baseline, base_macs, budget_ms, options.max_rounds)
         if chosen is None:
@@ -161,6 +171,7 @@ def build(options: BuildOptions, say=print) -> dict:
             "validation": validation.to_dict(),
             "quality": recovery,
             "method": method, "seed": options.seed,
+            "unprunable": [{"module": name, "reason": reason} for name, reason in sorted(unprunable.items())],
             "model": {"spec": options.model, "weights": options.weights, "input_shape": list(example.shape)},
             "data": {"calib": data.source, "synthetic": data.synthetic, "samples": len(data)},
             "runtime": result.runtime, "threads": result.threads,
@@ -201,6 +212,16 @@ def _labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> 
     say(f"the data's {classes} classes are not the model's {outputs} outputs, so its labels are not used:"
         " importance uses the model's own predictions and quality is fidelity to the unpruned model")  # fmt: skip
     return replace(data, y=None)
+
+
+def _score(model, example: torch.Tensor, method: str, batches: list) -> list:
+    """Score the groups; a model torch-pruning cannot trace at all is bad input, named in one line."""
+    try:
+        return score_groups(model, example, method, batches)
+    except Exception as exc:  # raised from tracing the user's model
+        raise BadInput(
+            f"torch-pruning cannot follow this model's graph: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        ) from None
 
 
 def _split(data: Dataset) -> tuple[Dataset, Dataset]:

@@ -92,7 +92,8 @@ COLUMNS = ("model", "family", "input", "exit", "pruned", "exported", "outputs ma
 def run_one(name: str, side: int, args: argparse.Namespace, out: Path) -> dict:
     """Build one model in a subprocess (its own process group, killed whole on timeout) and summarise the result."""
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", f"timm:{name}", "--target", args.target,
-               "--speedup", str(args.speedup), "--input-shape", f"1,3,{side},{side}", "--out", str(out), "--json"]  # fmt: skip
+               "--speedup", str(args.speedup), "--input-shape", f"1,3,{side},{side}",
+               "--out", str(out), "--json"]  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -113,7 +114,8 @@ def run_one(name: str, side: int, args: argparse.Namespace, out: Path) -> dict:
     if report is not None:
         base, result = report["baseline"], report["result"]
         row.update(
-            ratio=result.get("ratio"), macs_kept=result["macs"] / base["macs"], params_kept=result["params"] / base["params"],
+            ratio=result.get("ratio"), macs_kept=result["macs"] / base["macs"],
+            params_kept=result["params"] / base["params"],
             speedup=result.get("speedup"), rounds=len(report["iterations"]), met_budget=report["met_budget"],
             validation_ok=report["validation"]["ok"], max_abs_err=report["validation"]["max_abs_err"],
         )  # fmt: skip
@@ -184,7 +186,8 @@ def main() -> int:
             rows.append((row, family))
             verdict = "ok" if row["ok"] else f"FAILED: {row['reason']}"
             detail = f", {row['speedup']:.2f}x, {row['macs_kept']:.0%} MACs" if row.get("speedup") else ""
-            err.print(f"[{i}/{len(models)}] {name}: exit {row['exit']} in {row['seconds']:.0f} s{detail}: {verdict}",
+            code = "timeout" if row["timed_out"] else f"exit {row['exit']}"
+            err.print(f"[{i}/{len(models)}] {name}: {code} in {row['seconds']:.0f} s{detail}: {verdict}",
                       markup=False, soft_wrap=True)  # fmt: skip
             if args.json:  # written after every model, so a long sweep that is stopped still leaves its rows
                 args.json.write_text(json.dumps([r for r, _ in rows], indent=2))

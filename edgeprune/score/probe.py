@@ -1,0 +1,57 @@
+"""Stage 2: find the groups that cannot be pruned safely in this model, so that a build keeps them whole and names
+them instead of crashing.
+
+torch-pruning follows most graphs, but not a reshape with a hard-coded channel count, a split by a fixed size, or
+attention whose head count is an attribute (a pruned qkv projection then no longer reshapes into heads). The probe
+prunes every group at once and runs the model; only when that fails does it bisect the groups to find the culprits,
+so a model that prunes cleanly costs one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from edgeprune.rewrite.prune import apply_plan
+from edgeprune.score.allocate import uniform_plan
+from edgeprune.score.importance import ScoredGroup
+
+PROBE_RATIO = 0.5
+
+
+def find_unprunable(
+    model: nn.Module, example: torch.Tensor, scored: list[ScoredGroup], multiple: int
+) -> dict[str, str]:
+    """Map each group root that breaks the model when pruned to the one-line reason; empty when all prune cleanly.
+
+    A group breaks the model when pruning it (at half its width, rounded to ``multiple``) raises, or changes the
+    output's shape. Groups that fail only together, not one by one, are all reported.
+    """
+    with torch.no_grad():
+        expected = tuple(model(example).shape)
+
+    def failure(names: list[str]) -> str | None:
+        chosen = set(names)
+        subset = [g if g.module in chosen else replace(g, scores=None) for g in scored]
+        plan = uniform_plan(subset, PROBE_RATIO, multiple, "probe", tuple(example.shape), "probe")
+        try:
+            pruned = apply_plan(model, plan, example)
+            with torch.no_grad():
+                shape = tuple(pruned(example).shape)
+        except Exception as exc:  # whatever the model's own code raises once its widths change
+            return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        return None if shape == expected else f"the output shape changes from {expected} to {shape}"
+
+    def culprits(names: list[str]) -> dict[str, str]:
+        reason = failure(names)
+        if reason is None:
+            return {}
+        if len(names) == 1:
+            return {names[0]: reason}
+        half = len(names) // 2
+        found = culprits(names[:half]) | culprits(names[half:])
+        return found or dict.fromkeys(names, reason)  # they fail only together: keep them all whole
+
+    return culprits([g.module for g in scored if g.scores is not None])
