@@ -76,6 +76,31 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
     assert leftovers(tmp_path) == []
 
 
+def test_malformed_profile_data_and_shape(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("bad.toml").write_text('name = "bad"\nbackend = "openvino"\nthreads = "two"\n')
+    assert_one_line_error(invoke("build", "--target", "bad.toml"), 2, "bad.toml")
+    Path("calib.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    assert_one_line_error(invoke("build", *SMALL, "--calib", "calib.npz"), 2, "calib.npz")
+    # A well-formed shape the model cannot take: one channel for an RGB stem.
+    assert_one_line_error(invoke("build", *SMALL[:2], "--input-shape", "1,1,96,96"), 2, "--input-shape")
+    assert sorted(leftovers(tmp_path)) == ["bad.toml", "calib.npz"]
+
+
+def test_missing_backend_package_names_the_extra(tmp_path):
+    """With openvino unimportable, a build for an OpenVINO target says which extra to install."""
+    code = (
+        "import sys; sys.modules['openvino'] = None\n"  # an import of openvino now raises ImportError
+        "from edgeprune.cli import main; sys.argv = ['edgeprune', 'build', '--out', 'o']; main()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "edgeprune: error: the openvino backend needs its package: pip install 'edgeprune[openvino]'"
+    ]
+    assert leftovers(tmp_path) == []
+
+
 def test_weights_that_are_not_a_state_dict(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"epoch": 3, "note": "no tensors"}, "not_state.pt")

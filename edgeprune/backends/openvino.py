@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
 import torch
@@ -22,7 +22,11 @@ class OpenVinoBackend(Backend):
     extra = "openvino"
 
     def available(self) -> bool:
-        return importlib.util.find_spec("openvino") is not None
+        try:  # an import, not find_spec: a package that is present but broken counts as missing
+            importlib.import_module("openvino")
+        except ImportError:
+            return False
+        return True
 
     def export(self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target) -> Artifact:
         self.require()
