@@ -104,15 +104,15 @@ def build(options: BuildOptions, say=print) -> dict:
             # slow spell of the machine slows both and cancels out of the comparison.
             ctx.reference = baseline_artifact
         with timed(say, f"scoring channel groups ({method})"):
-            scored = _score(model, example, method, list(score_set.batches(BATCH))[:4])
-            unprunable = find_unprunable(model, example, scored, target.channel_multiple)
+            ctx.scored = _score(model, example, method, list(score_set.batches(BATCH))[:4])
+            unprunable = find_unprunable(model, example, ctx.scored, target.channel_multiple)
         if unprunable:
             names = ", ".join(sorted(unprunable)[:6]) + (" ..." if len(unprunable) > 6 else "")
             if options.strict:
                 first = next(iter(unprunable.values()))
                 raise BadInput(f"--strict: {len(unprunable)} groups cannot be pruned safely ({names}): {first}")
-            say(f"{len(unprunable)} of {len(scored)} groups cannot be pruned safely and are kept whole: {names}")
-        ctx.scored = [replace(g, scores=None) if g.module in unprunable else g for g in scored]
+            say(f"{len(unprunable)} of {len(ctx.scored)} groups cannot be pruned safely and are kept whole: {names}")
+            ctx.keep_whole(unprunable)
         measured_baseline = (baseline, baseline_artifact)
         chosen, candidates, unreachable = search(ctx, measured_baseline, base_macs, budget_ms, options.max_rounds)
         if chosen is None:
@@ -171,7 +171,7 @@ def build(options: BuildOptions, say=print) -> dict:
             "validation": validation.to_dict(),
             "quality": recovery,
             "method": method, "seed": options.seed,
-            "unprunable": [{"module": name, "reason": reason} for name, reason in sorted(unprunable.items())],
+            "unprunable": [{"module": name, "reason": reason} for name, reason in sorted(ctx.unprunable.items())],
             "model": {"spec": options.model, "weights": options.weights, "input_shape": list(example.shape)},
             "data": {"calib": data.source, "synthetic": data.synthetic, "samples": len(data)},
             "runtime": result.runtime, "threads": result.threads,

@@ -1,12 +1,14 @@
 """The command line (DESIGN.md): ``edgeprune targets``, ``edgeprune build``.
 
-Exit codes: 0 success, 1 budget or validation not met, 2 bad input. Errors are one line on stderr, never a
-traceback. Progress goes to stderr, so ``--json`` leaves stdout to the report alone.
+Exit codes: 0 success, 1 budget or validation not met, 2 bad input, 3 internal error (a bug to report). Errors
+are one line on stderr, never a traceback (EDGEPRUNE_DEBUG=1 shows it for an internal error). Progress goes to
+stderr, so ``--json`` leaves stdout to the report alone.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -127,6 +129,14 @@ def build(
         _fail(exc)
     except EdgepruneError as exc:
         _fail(exc)
+    except Exception as exc:  # a bug of ours or of a library: still one line, and a distinct exit code
+        if os.environ.get("EDGEPRUNE_DEBUG"):
+            raise
+        err.print(
+            f"edgeprune: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; nothing was"
+            " written. Please report it; EDGEPRUNE_DEBUG=1 shows the traceback", markup=False, soft_wrap=True,
+        )  # fmt: skip
+        raise typer.Exit(3) from None
     if as_json:
         print(json.dumps(report, indent=2))
         return

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import MAX_RATIO, uniform_plan
 from edgeprune.score.importance import ScoredGroup
+from edgeprune.score.probe import find_unprunable
 from edgeprune.target import Target
 
 BAND_LOW = 0.9  # a round is accepted when its p50 is within [0.9·budget, 0.97·budget]
@@ -76,18 +77,40 @@ class SearchContext:
     workdir: Path
     say: Say = print
     reference: Artifact | None = None  # timed alongside every candidate (speedup budgets): the unpruned artifact
+    unprunable: dict[str, str] = field(default_factory=dict)  # group root → why it is kept whole
     _macs_cache: dict[float, tuple[Plan, int, int]] = field(default_factory=dict)
 
+    def keep_whole(self, groups: dict[str, str]) -> None:
+        """Keep these groups unpruned from now on; MACs computed for earlier plans no longer apply."""
+        self.unprunable.update(groups)
+        self.scored = [replace(g, scores=None) if g.module in self.unprunable else g for g in self.scored]
+        self._macs_cache.clear()
+
     def plan_at(self, ratio: float) -> tuple[Plan, int, int]:
-        """The plan for ``ratio`` with its MACs and params, computed once per ratio."""
+        """The plan for ``ratio`` with its MACs and params, computed once per ratio.
+
+        torch-pruning's index mapping can fail at one width and not another (grouped convs, split/concat), so a
+        plan that fails to prune or run is probed at its own ratio; the culprits are kept whole and it is retried.
+        """
         ratio = round(ratio, 4)
         if ratio not in self._macs_cache:
-            plan = uniform_plan(
-                self.scored, ratio, self.target.channel_multiple, self.spec, tuple(self.example.shape), self.method
-            )
-            pruned = apply_plan(self.model, plan, self.example)
-            self._macs_cache[ratio] = (plan, *count_macs_params(pruned, self.example))
+            try:
+                entry = self._prune_and_count(ratio)
+            except Exception:
+                found = find_unprunable(self.model, self.example, self.scored, self.target.channel_multiple, ratio)
+                if not found:
+                    raise
+                self.say(f"at ratio {ratio:.3f}, {len(found)} more groups cannot be pruned safely: kept whole")
+                self.keep_whole(found)
+                entry = self._prune_and_count(ratio)
+            self._macs_cache[ratio] = entry
         return self._macs_cache[ratio]
+
+    def _prune_and_count(self, ratio: float) -> tuple[Plan, int, int]:
+        plan = uniform_plan(
+            self.scored, ratio, self.target.channel_multiple, self.spec, tuple(self.example.shape), self.method
+        )
+        return (plan, *count_macs_params(apply_plan(self.model, plan, self.example), self.example))
 
     def measure(self, model: nn.Module, name: str) -> tuple[Measurement, Artifact]:
         """Export ``model`` into its own folder of the work dir and benchmark it on the device."""

@@ -72,3 +72,56 @@ def test_cli_keeps_them_whole_or_fails_with_strict(tmp_path, monkeypatch):
     kept = runner.invoke(app, [*args, "--out", "b", "--json"])
     assert kept.exit_code == 0, kept.stderr
     assert '"module": "conv1"' in kept.stdout and "kept whole: conv1" in kept.stderr
+
+
+class ThreeWay(nn.Module):
+    """conv1's channels are viewed as 3 equal parts: prunes cleanly to 24 of 48 (half), fails at 32 (a third off)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 48, 3, padding=1)
+        self.conv2 = nn.Conv2d(48, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        b, c, h, w = y.shape
+        y = y.view(b, 3, c // 3, h, w).reshape(b, c, h, w)  # c // 3 * 3 != c unless c is a multiple of 3
+        return self.fc(torch.relu(self.conv2(y)).mean((2, 3)))
+
+
+def test_the_loop_probes_again_at_a_ratio_that_fails(tmp_path):
+    from dataclasses import replace as dc_replace
+
+    from edgeprune.loop import SearchContext
+    from edgeprune.target import load_target
+
+    torch.manual_seed(0)
+    model = ThreeWay().eval()
+    assert find_unprunable(model, X, score_groups(model, X, "magnitude"), multiple=8) == {}  # fine at half width
+    target = dc_replace(load_target("x86-openvino"), channel_multiple=8)
+    said: list[str] = []
+    ctx = SearchContext(model, X, score_groups(model, X, "magnitude"), "m", "magnitude", target, None, None, tmp_path,
+                        said.append)  # fmt: skip
+    plan, macs, _ = ctx.plan_at(0.33)  # 48 → 32 channels: 32 is not a multiple of 3
+    assert set(ctx.unprunable) == {"conv1"} and any("more groups cannot be pruned safely" in m for m in said)
+    assert {g.module: g.width for g in plan.groups}["conv1"] == 48
+    assert {g.module: g.width for g in ctx.plan_at(0.5)[0].groups}["conv1"] == 48  # later plans keep it whole
+
+
+def test_an_internal_error_is_one_line_exit_3(tmp_path, monkeypatch):
+    import edgeprune.build as build_module
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(build_module, "score_groups", broken)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["build", "--model", "timm:mobilenetv3_small_100", "--input-shape", "1,3,64,64"])
+    # score_groups failing is reported as a model torch-pruning cannot follow (bad input), not a traceback
+    assert result.exit_code == 2 and "ZeroDivisionError: a bug" in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.setattr(build_module, "load_dataset", broken)
+    result = CliRunner().invoke(app, ["build", "--model", "timm:mobilenetv3_small_100", "--input-shape", "1,3,64,64"])
+    assert result.exit_code == 3 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("edgeprune: internal error: ZeroDivisionError: a bug")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

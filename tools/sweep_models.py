@@ -95,7 +95,9 @@ def run_one(name: str, side: int, args: argparse.Namespace, out: Path) -> dict:
                "--speedup", str(args.speedup), "--input-shape", f"1,3,{side},{side}",
                "--out", str(out), "--json"]  # fmt: skip
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = os.environ | {"TYPER_STANDARD_TRACEBACK": "1"}  # a crash prints a plain traceback, not a wrapped rich box
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
     try:
         stdout, stderr = proc.communicate(timeout=args.timeout)
         code, timed_out = proc.returncode, False
@@ -106,7 +108,7 @@ def run_one(name: str, side: int, args: argparse.Namespace, out: Path) -> dict:
     seconds = time.perf_counter() - started
     lines = [line for line in stderr.splitlines() if line.strip()]
     row: dict = {"model": name, "input": side, "exit": code, "timed_out": timed_out, "seconds": round(seconds, 1),
-                 "stderr_tail": lines[-25:]}  # fmt: skip
+                 "stderr_tail": lines[-40:]}  # fmt: skip
     try:
         report = json.loads(stdout) if stdout.strip().startswith("{") else None
     except json.JSONDecodeError:
@@ -134,8 +136,19 @@ def failure_reason(lines: list[str], timed_out: bool, timeout: float) -> str:
     errors = [line for line in lines if line.startswith("edgeprune: error:")]
     if errors:
         return errors[-1].removeprefix("edgeprune: error:").strip()
-    if any(line.startswith("Traceback") for line in lines):
-        return "uncaught " + lines[-1].strip()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if starts:  # a crash, not an edgeprune error: the exception line and the innermost frame it was raised in
+        block = lines[starts[-1] :]
+        frames = [i for i, line in enumerate(block) if line.startswith('  File "')]
+        tail = block[frames[-1] + 1 :] if frames else block[-1:]
+        while len(tail) > 1 and tail[0].startswith("    "):  # the frame's source line and its ^^^ markers
+            tail = tail[1:]
+        exception = " ".join(line.strip() for line in tail)
+        where = ""
+        if frames:
+            file, _, rest = block[frames[-1]].strip().removeprefix('File "').partition('", line ')
+            where = f" (in {'/'.join(Path(file).parts[-2:])}:{rest.replace(', in ', ' ')})"
+        return f"uncaught {exception[:300]}{where}"
     return lines[-1].strip() if lines else "no output on stderr"
 
 

@@ -22,12 +22,12 @@ PROBE_RATIO = 0.5
 
 
 def find_unprunable(
-    model: nn.Module, example: torch.Tensor, scored: list[ScoredGroup], multiple: int
+    model: nn.Module, example: torch.Tensor, scored: list[ScoredGroup], multiple: int, ratio: float = PROBE_RATIO
 ) -> dict[str, str]:
     """Map each group root that breaks the model when pruned to the one-line reason; empty when all prune cleanly.
 
-    A group breaks the model when pruning it (at half its width, rounded to ``multiple``) raises, or changes the
-    output's shape. Groups that fail only together, not one by one, are all reported.
+    A group breaks the model when pruning ``ratio`` of it (rounded to ``multiple``) raises, or changes the output's
+    shape. Groups that fail only together, not one by one, are all reported.
     """
     with torch.no_grad():
         expected = tuple(model(example).shape)
@@ -35,7 +35,7 @@ def find_unprunable(
     def failure(names: list[str]) -> str | None:
         chosen = set(names)
         subset = [g if g.module in chosen else replace(g, scores=None) for g in scored]
-        plan = uniform_plan(subset, PROBE_RATIO, multiple, "probe", tuple(example.shape), "probe")
+        plan = uniform_plan(subset, ratio, multiple, "probe", tuple(example.shape), "probe")
         try:
             pruned = apply_plan(model, plan, example)
             with torch.no_grad():
