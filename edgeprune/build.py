@@ -105,7 +105,8 @@ def build(options: BuildOptions, say=print) -> dict:
             ctx.reference = baseline_artifact
         with timed(say, f"scoring channel groups ({method})"):
             ctx.scored = _score(model, example, method, list(score_set.batches(BATCH))[:4])
-            unprunable = find_unprunable(model, example, ctx.scored, target.channel_multiple)
+            unprunable = {g.module: g.reason for g in ctx.scored if g.reason}
+            unprunable |= find_unprunable(model, example, ctx.scored, target.channel_multiple)
         if unprunable:
             names = ", ".join(sorted(unprunable)[:6]) + (" ..." if len(unprunable) > 6 else "")
             if options.strict:

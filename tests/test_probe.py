@@ -125,3 +125,18 @@ def test_an_internal_error_is_one_line_exit_3(tmp_path, monkeypatch):
     assert result.exit_code == 3 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("edgeprune: internal error: ZeroDivisionError: a bug")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_groups_torch_pruning_cannot_score_are_kept_whole_with_the_reason():
+    """Res2Net's split-and-concat trips torch-pruning's index mapping inside some groups' importance."""
+    from edgeprune.model import load_model
+
+    torch.manual_seed(0)
+    model = load_model("timm:res2net50_14w_8s", input_shape=(1, 3, 64, 64)).module
+    scored = score_groups(model, torch.zeros(1, 3, 64, 64), "magnitude")
+    failed = [g for g in scored if g.reason]
+    assert failed and all(g.scores is None and "torch-pruning cannot score it" in g.reason for g in failed)
+    assert any(g.scores is not None for g in scored)  # the rest is scored as usual
+    plan = uniform_plan(scored, 0.5, 8, "m", (1, 3, 64, 64), "magnitude")
+    widths = {g.module: (g.channels, g.width) for g in plan.groups}
+    assert all(widths[g.module][0] == widths[g.module][1] for g in failed)

@@ -22,12 +22,14 @@ METHODS = ("magnitude", "taylor")
 class ScoredGroup:
     """One dependency group: its root module's name, its channel count, and a score per channel (higher = keep).
 
-    ``scores`` is None for a group the importance cannot score (no weights of a scored kind); it is kept whole.
+    ``scores`` is None for a group the importance cannot score; it is kept whole, and ``reason`` says why when
+    torch-pruning failed on it (empty when the group simply has no weights of a scored kind).
     """
 
     module: str
     channels: int
     scores: torch.Tensor | None
+    reason: str = ""
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
@@ -100,11 +102,15 @@ def score_groups(
         importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
     scored = []
     for name, group in prunable_groups(model, graph):
-        with torch.no_grad():
-            scores = importance(group)
-        # A group with no weights the importance can score stays in the list (a plan names every group), unscored.
+        reason = ""
+        try:
+            with torch.no_grad():
+                scores = importance(group)
+        except Exception as exc:  # torch-pruning's index mapping fails on some graphs (Res2Net's split-concat)
+            scores, reason = None, f"torch-pruning cannot score it: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        # A group the importance cannot score stays in the list (a plan names every group), unscored: kept whole.
         scores = None if scores is None else scores.detach().float().cpu()
-        scored.append(ScoredGroup(module=name, channels=len(group[0].idxs), scores=scores))
+        scored.append(ScoredGroup(module=name, channels=len(group[0].idxs), scores=scores, reason=reason[:200]))
     model.zero_grad(set_to_none=True)
     return scored
 
