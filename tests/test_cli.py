@@ -67,6 +67,7 @@ def test_targets_show_prints_json_that_matches_the_profile():
         (["--calib", "nowhere.npz"], ["nowhere.npz"]),
         (["--method", "guess"], ["--method"]),
         (["--memory-mb", "10"], ["memory budgets"]),
+        (["--device", "ssh://nobody@192.0.2.1"], ["ssh://nobody@192.0.2.1", "not supported yet"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, words):
