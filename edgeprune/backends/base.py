@@ -6,6 +6,7 @@ inside each backend module, so a missing extra fails with a message naming it, n
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -90,15 +91,21 @@ class Validation:
 
 
 class Backend(ABC):
-    """A runtime edgeprune exports to. Subclasses set ``name``, ``runtime`` (the runner's) and ``extra``."""
+    """A runtime edgeprune exports to. Subclasses set ``name``, ``runtime`` (the runner's), ``package`` (the SDK to
+    import) and ``extra`` (the pip extra that installs it)."""
 
     name: str
     runtime: str
+    package: str
     extra: str
 
-    @abstractmethod
     def available(self) -> bool:
-        """Whether this backend's SDK is importable here."""
+        """Whether this backend's SDK imports here; a package that is present but broken counts as missing."""
+        try:
+            importlib.import_module(self.package)
+        except ImportError:
+            return False
+        return True
 
     @abstractmethod
     def export(self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target) -> Artifact:

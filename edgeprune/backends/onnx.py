@@ -5,7 +5,6 @@ As a backend of its own, the artifact is run and timed with ONNX Runtime on this
 
 from __future__ import annotations
 
-import importlib
 import io
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
@@ -52,14 +51,8 @@ class OnnxBackend(Backend):
 
     name = "onnx"
     runtime = "onnxruntime"
+    package = "onnxruntime"
     extra = "all"
-
-    def available(self) -> bool:
-        try:  # an import, not find_spec: a package that is present but broken counts as missing
-            importlib.import_module("onnxruntime")
-        except ImportError:
-            return False
-        return True
 
     def export(self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target) -> Artifact:
         self.require()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
@@ -19,14 +18,8 @@ class OpenVinoBackend(Backend):
 
     name = "openvino"
     runtime = "openvino"
+    package = "openvino"
     extra = "openvino"
-
-    def available(self) -> bool:
-        try:  # an import, not find_spec: a package that is present but broken counts as missing
-            importlib.import_module("openvino")
-        except ImportError:
-            return False
-        return True
 
     def export(self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target) -> Artifact:
         self.require()
