@@ -105,15 +105,7 @@ def build(options: BuildOptions, say=print) -> dict:
             ctx.reference = baseline_artifact
         with timed(say, f"scoring channel groups ({method})"):
             ctx.scored = _score(model, example, method, list(score_set.batches(BATCH))[:4])
-            unprunable = {g.module: g.reason for g in ctx.scored if g.reason}
-            unprunable |= find_unprunable(model, example, ctx.scored, target.channel_multiple)
-        if unprunable:
-            names = ", ".join(sorted(unprunable)[:6]) + (" ..." if len(unprunable) > 6 else "")
-            if options.strict:
-                first = next(iter(unprunable.values()))
-                raise BadInput(f"--strict: {len(unprunable)} groups cannot be pruned safely ({names}): {first}")
-            say(f"{len(unprunable)} of {len(ctx.scored)} groups cannot be pruned safely and are kept whole: {names}")
-            ctx.keep_whole(unprunable)
+            _keep_unprunable_whole(ctx, options.strict)
         measured_baseline = (baseline, baseline_artifact)
         chosen, candidates, unreachable = search(ctx, measured_baseline, base_macs, budget_ms, options.max_rounds)
         if chosen is None:
@@ -132,22 +124,10 @@ def build(options: BuildOptions, say=print) -> dict:
                 f"the {backend.name} artifact's outputs differ from PyTorch by {validation.max_abs_err:.3g}, beyond"
                 f" the tolerance {validation.atol:.3g} for {target.precision}; nothing was written"
             )
-        def measure_final():
-            return backend.benchmark(artifact, tuple(example.shape), target, device, ctx.reference)
-
         with timed(say, "measuring the final artifact"):
-            finals = [measure_final()]
-        # The final artifact has the accepted round's structure, so the same latency. When it measures over budget
-        # while its round did not, something else was using the machine (contention only ever adds time): measure
-        # again, at most twice more, and keep the fastest. The report lists every try.
-        def comparable(m):
-            return m.comparable_p50(baseline.p50)
-
-        while comparable(finals[-1]) > budget_ms >= chosen.latency and len(finals) < FINAL_TRIES:
-            say(f"final artifact measured {comparable(finals[-1]):.3f} ms, its round {chosen.latency:.3f} ms: busy"
-                " machine; measuring again")  # fmt: skip
-            finals.append(measure_final())
-        result = min(finals, key=comparable)
+            finals = _measure_final(ctx, artifact, baseline.p50, chosen.latency, budget_ms)
+        result = min(finals, key=lambda m: m.comparable_p50(baseline.p50))
+        latency = result.comparable_p50(baseline.p50)
         speedup = (result.reference_p50 or baseline.p50) / result.p50
         chosen.plan.save(workdir / "plan.json")
         torch.save(pruned.state_dict(), workdir / "pruned_state_dict.pt")
@@ -163,10 +143,10 @@ def build(options: BuildOptions, say=print) -> dict:
             "result": {
                 "latency_ms": result.latency(), "macs": chosen.macs, "params": chosen.params,
                 "size_bytes": artifact.size_bytes(), "peak_memory_mb": result.peak_memory_mb,
-                "speedup": speedup, "ratio": chosen.plan.ratio, "comparable_p50": comparable(result),
+                "speedup": speedup, "ratio": chosen.plan.ratio, "comparable_p50": latency,
                 "final_tries_p50": [m.p50 for m in finals],
             },
-            "met_budget": comparable(result) <= budget_ms,
+            "met_budget": latency <= budget_ms,
             "iterations": [c.to_dict() for c in candidates],
             "accepted_step": chosen.step,
             "validation": validation.to_dict(),
@@ -183,7 +163,7 @@ def build(options: BuildOptions, say=print) -> dict:
         }  # fmt: skip
         if not report["met_budget"]:
             raise BudgetNotMet(
-                f"the final artifact measured {comparable(result):.3f} ms p50, over the budget of {budget_ms:.3f} ms"
+                f"the final artifact measured {latency:.3f} ms p50, over the budget of {budget_ms:.3f} ms"
                 f" (the accepted round measured {chosen.latency:.3f} ms); the device is noisy or the budget tight",
                 report,
             )
@@ -213,6 +193,37 @@ def _labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> 
     say(f"the data's {classes} classes are not the model's {outputs} outputs, so its labels are not used:"
         " importance uses the model's own predictions and quality is fidelity to the unpruned model")  # fmt: skip
     return replace(data, y=None)
+
+
+def _keep_unprunable_whole(ctx: SearchContext, strict: bool) -> None:
+    """Find the groups that cannot be pruned safely (unscorable, or breaking the model) and keep them whole, saying
+    which; with ``strict``, refuse them instead."""
+    unprunable = {g.module: g.reason for g in ctx.scored if g.reason}
+    unprunable |= find_unprunable(ctx.model, ctx.example, ctx.scored, ctx.target.channel_multiple)
+    if not unprunable:
+        return
+    names = ", ".join(sorted(unprunable)[:6]) + (" ..." if len(unprunable) > 6 else "")
+    if strict:
+        first = next(iter(unprunable.values()))
+        raise BadInput(f"--strict: {len(unprunable)} groups cannot be pruned safely ({names}): {first}")
+    ctx.say(f"{len(unprunable)} of {len(ctx.scored)} groups cannot be pruned safely and are kept whole: {names}")
+    ctx.keep_whole(unprunable)
+
+
+def _measure_final(ctx: SearchContext, artifact, baseline_p50: float, round_latency: float, budget_ms: float) -> list:
+    """Benchmark the final artifact and return every try (one, unless the machine was busy).
+
+    The final artifact has the accepted round's structure, so the same latency. When it measures over budget while
+    its round did not, something else was using the machine (contention only ever adds time): measure again, at
+    most FINAL_TRIES times in all. The report lists every try.
+    """
+    shape = tuple(ctx.example.shape)
+    finals = [ctx.backend.benchmark(artifact, shape, ctx.target, ctx.device, ctx.reference)]
+    while finals[-1].comparable_p50(baseline_p50) > budget_ms >= round_latency and len(finals) < FINAL_TRIES:
+        ctx.say(f"final artifact measured {finals[-1].comparable_p50(baseline_p50):.3f} ms, its round"
+                f" {round_latency:.3f} ms: busy machine; measuring again")  # fmt: skip
+        finals.append(ctx.backend.benchmark(artifact, shape, ctx.target, ctx.device, ctx.reference))
+    return finals
 
 
 def _score(model, example: torch.Tensor, method: str, batches: list) -> list:
