@@ -7,11 +7,13 @@ input fails in a second with one line, and the output folder only ever appears c
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edgeprune.backends import get_backend
@@ -27,6 +29,7 @@ from edgeprune.rewrite.recover import distill, quality, recalibrate_batchnorm
 from edgeprune.score.importance import score_groups
 from edgeprune.score.probe import find_unprunable
 from edgeprune.target import Budget, load_target
+from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, sha256, write_manifest
 
 METHODS = ("auto", "magnitude", "taylor")
 BATCH = 16
@@ -131,6 +134,9 @@ def build(options: BuildOptions, say=print) -> dict:
         speedup = (result.reference_p50 or baseline.p50) / result.p50
         chosen.plan.save(workdir / "plan.json")
         torch.save(pruned.state_dict(), workdir / "pruned_state_dict.pt")
+        # What `edgeprune validate` checks the artifact against later, on the device.
+        np.save(workdir / REFERENCE_INPUTS, inputs.numpy())
+        np.save(workdir / REFERENCE_OUTPUTS, reference.numpy())
         shutil.rmtree(workdir / "rounds")
         report = {
             "target": target.name, "backend": backend.name, "precision": target.precision,
@@ -157,7 +163,8 @@ def build(options: BuildOptions, say=print) -> dict:
             "data": {"calib": data.source, "synthetic": data.synthetic, "samples": len(data)},
             "runtime": result.runtime, "threads": result.threads,
             "artifacts": {role: path.name for role, path in artifact.files.items()}
-            | {"plan": "plan.json", "pytorch_state_dict": "pruned_state_dict.pt", "report": "report.json"},
+            | {"plan": "plan.json", "pytorch_state_dict": "pruned_state_dict.pt", "report": "report.json",
+               "reference_inputs": REFERENCE_INPUTS, "reference_outputs": REFERENCE_OUTPUTS, "manifest": MANIFEST},
             "versions": versions(),
             "build_seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
@@ -168,6 +175,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 report,
             )
         write_json(workdir / "report.json", report)
+        write_manifest(workdir, _input_hashes(options, data), report["versions"])
         publish(workdir, out)
         return report
     finally:
@@ -193,6 +201,14 @@ def _labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> 
     say(f"the data's {classes} classes are not the model's {outputs} outputs, so its labels are not used:"
         " importance uses the model's own predictions and quality is fidelity to the unpruned model")  # fmt: skip
     return replace(data, y=None)
+
+
+def _input_hashes(options: BuildOptions, data: Dataset) -> dict:
+    """What the build read, by content: the model spec, the weights file's and the data's sha256, and the seed."""
+    weights = {"path": options.weights, "sha256": sha256(Path(options.weights))} if options.weights else None
+    data_hash = hashlib.sha256(data.x.numpy().tobytes()).hexdigest()
+    return {"model": options.model, "weights": weights, "calib": {"source": data.source, "sha256": data_hash},
+            "seed": options.seed}  # fmt: skip
 
 
 def _keep_unprunable_whole(ctx: SearchContext, strict: bool) -> None:

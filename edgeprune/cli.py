@@ -143,6 +143,30 @@ def build(
     _print_summary(report, out_dir)
 
 
+@app.command()
+def validate(
+    out_dir: Annotated[Path, typer.Argument(help="A build's output folder.")],
+    device: Annotated[str | None, typer.Option(help="Where to run the artifact; 'local' (default).")] = None,
+    latency_ms: Annotated[float | None, typer.Option(help="Check against this budget, not the recorded one.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check a built artifact: hashes against manifest.json, outputs against PyTorch's, latency against the budget.
+
+    Exit 0 when all hold, 1 when one does not (the verdict line says which), 2 for a folder that is not a build.
+    """
+    from edgeprune.validate import validate as run_validate
+
+    try:
+        result = run_validate(out_dir, device, latency_ms)
+    except EdgepruneError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        out.print(result["verdict"], markup=False, soft_wrap=True)
+    raise typer.Exit(0 if result["ok"] else 1)
+
+
 def _print_summary(report: dict, out_dir: Path) -> None:
     from edgeprune.report import summary_rows
 
