@@ -20,7 +20,7 @@ from edgeprune.backends import get_backend
 from edgeprune.data import Dataset, load_dataset
 from edgeprune.device import open_device
 from edgeprune.errors import BadInput, BudgetNotMet
-from edgeprune.loop import SearchContext, budget_latency_ms, search, timed, unreachable_message
+from edgeprune.loop import SearchContext, budget_latency_ms, measure_plan, search, timed, unreachable_message
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.report import check_output_dir, new_workdir, publish, versions, write_json
 from edgeprune.rewrite.plan import Plan
@@ -57,6 +57,7 @@ class BuildOptions:
     seed: int = 0
     trust_pickle: bool = False
     strict: bool = False  # a group that cannot be pruned safely is an error, not kept whole
+    plan: str | None = None  # replay this plan.json instead of searching (reproducible builds)
 
 
 def build(options: BuildOptions, say=print) -> dict:
@@ -106,13 +107,18 @@ def build(options: BuildOptions, say=print) -> dict:
             # A speedup is a ratio: time every candidate in windows alternating with the unpruned model, so that a
             # slow spell of the machine slows both and cancels out of the comparison.
             ctx.reference = baseline_artifact
-        with timed(say, f"scoring channel groups ({method})"):
-            ctx.scored = _score(model, example, method, list(score_set.batches(BATCH))[:4])
-            _keep_unprunable_whole(ctx, options.strict)
-        measured_baseline = (baseline, baseline_artifact)
-        chosen, candidates, unreachable = search(ctx, measured_baseline, base_macs, budget_ms, options.max_rounds)
-        if chosen is None:
-            raise BudgetNotMet(unreachable_message(candidates, budget_ms, device.label, unreachable))
+        if options.plan:  # a pinned plan: no scoring, no search; the same plan gives the same artifact bytes
+            say(f"replaying {options.plan} instead of searching")
+            chosen = measure_plan(ctx, _pinned_plan(options.plan, example), baseline.p50, 1, budget_ms)
+            candidates = [chosen]
+        else:
+            with timed(say, f"scoring channel groups ({method})"):
+                ctx.scored = _score(model, example, method, list(score_set.batches(BATCH))[:4])
+                _keep_unprunable_whole(ctx, options.strict)
+            measured_baseline = (baseline, baseline_artifact)
+            chosen, candidates, unreachable = search(ctx, measured_baseline, base_macs, budget_ms, options.max_rounds)
+            if chosen is None:
+                raise BudgetNotMet(unreachable_message(candidates, budget_ms, device.label, unreachable))
 
         with timed(say, "recovering accuracy on the chosen structure"):
             pruned, recovery = _recover(model, chosen.plan, example, score_set, eval_set, options.recover_steps)
@@ -203,12 +209,21 @@ def _labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> 
     return replace(data, y=None)
 
 
+def _pinned_plan(path: str, example: torch.Tensor) -> Plan:
+    plan = Plan.load(Path(path))
+    if tuple(plan.input_shape) != tuple(example.shape):
+        shape = ",".join(map(str, plan.input_shape))
+        raise BadInput(f"--plan {path} was made for input shape {shape}; pass --input-shape {shape}")
+    return plan
+
+
 def _input_hashes(options: BuildOptions, data: Dataset) -> dict:
     """What the build read, by content: the model spec, the weights file's and the data's sha256, and the seed."""
     weights = {"path": options.weights, "sha256": sha256(Path(options.weights))} if options.weights else None
     data_hash = hashlib.sha256(data.x.numpy().tobytes()).hexdigest()
+    plan = {"path": options.plan, "sha256": sha256(Path(options.plan))} if options.plan else None
     return {"model": options.model, "weights": weights, "calib": {"source": data.source, "sha256": data_hash},
-            "seed": options.seed}  # fmt: skip
+            "plan": plan, "seed": options.seed}  # fmt: skip
 
 
 def _keep_unprunable_whole(ctx: SearchContext, strict: bool) -> None:

@@ -89,6 +89,7 @@ def build(
     recover_steps: Annotated[int, typer.Option(help="Distillation steps at the end (needs --calib).")] = 20,
     trust_pickle: Annotated[bool, typer.Option(help="Allow weights files that need unpickling.")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on layers that cannot be pruned, not keep them.")] = False,
+    plan: Annotated[str | None, typer.Option(help="Replay this plan.json instead of searching.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json on stdout.")] = False,
 ) -> None:
     """Prune, export and measure until the budget holds; write the artifact, plan.json and report.json."""
@@ -116,7 +117,7 @@ def build(
             target=target, model=model, weights=weights, budget=Budget(**given) if given else None,
             input_shape=parse_input_shape(input_shape) if input_shape else None, calib=calib, method=method,
             device=device, out=out_dir, force=force, max_rounds=max_rounds, recover_steps=recover_steps,
-            trust_pickle=trust_pickle, strict=strict,
+            trust_pickle=trust_pickle, strict=strict, plan=plan,
         )  # fmt: skip
         report = run_build(options, say=say)
     except KeyboardInterrupt as stop:  # the build's own cleanup has run: nothing partial is left

@@ -152,16 +152,11 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], baseline_
         ratio = ratio_for_macs(ctx, goal * baseline_macs, too_slow, too_fast)
         if any(abs(c.plan.ratio - ratio) < 1e-4 for c in candidates):  # the model points at a measured ratio
             ratio = round((too_slow + too_fast) / 2, 4)
-        plan, macs, params = ctx.plan_at(ratio)
+        plan, macs, _ = ctx.plan_at(ratio)
         ctx.say(f"round {step}: ratio {ratio:.3f}, {macs / baseline_macs:.0%} of the MACs; exporting and measuring")
-        measurement, artifact = ctx.measure(apply_plan(ctx.model, plan, ctx.example), f"round-{step}")
-        latency = measurement.comparable_p50(baseline.p50)
-        candidate = Candidate(step, plan, macs, params, measurement, artifact, latency)
+        candidate = measure_plan(ctx, plan, baseline.p50, step, budget_ms)
         candidates.append(candidate)
-        alongside = ""
-        if measurement.reference_p50:
-            alongside = f", {measurement.reference_p50 / measurement.p50:.2f}x the unpruned model timed alongside"
-        ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms{alongside} (budget {budget_ms:.3f} ms)")
+        latency = candidate.latency
         if BAND_LOW * budget_ms <= latency <= GUARD * budget_ms:
             return candidate, candidates, False
         if latency > GUARD * budget_ms:
@@ -182,6 +177,19 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], baseline_
         return max(guarded, key=lambda c: c.latency), candidates, False
     under = [c for c in candidates if c.latency <= budget_ms]
     return (min(under, key=lambda c: c.latency) if under else None), candidates, False
+
+
+def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int, budget_ms: float) -> Candidate:
+    """Prune by ``plan``, export, measure: one round. Also how a pinned plan (--plan) is built without a search."""
+    pruned = apply_plan(ctx.model, plan, ctx.example)
+    macs, params = count_macs_params(pruned, ctx.example)
+    measurement, artifact = ctx.measure(pruned, f"round-{step}")
+    candidate = Candidate(step, plan, macs, params, measurement, artifact, measurement.comparable_p50(baseline_p50))
+    alongside = ""
+    if measurement.reference_p50:
+        alongside = f", {measurement.reference_p50 / measurement.p50:.2f}x the unpruned model timed alongside"
+    ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms{alongside} (budget {budget_ms:.3f} ms)")
+    return candidate
 
 
 def budget_latency_ms(budget_kind: str, budget_value: float, baseline: Measurement) -> float:

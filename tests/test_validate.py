@@ -95,3 +95,34 @@ def test_drifted_outputs_fail(built, tmp_path):
 def test_not_an_output_folder_is_bad_input(tmp_path):
     result = run(str(tmp_path))
     assert result.exit_code == 2 and "is not an edgeprune output folder" in result.stderr
+
+
+def test_two_builds_of_a_pinned_plan_give_identical_artifacts(built, tmp_path):
+    """Reproducible artifacts: the same plan, inputs, versions and seed give byte-identical files."""
+    import torch
+
+    from edgeprune.model import load_model
+    from edgeprune.score.allocate import uniform_plan
+    from edgeprune.score.importance import score_groups
+
+    spec = f"{built.parent / 'net.py'}:net"
+    loaded = load_model(spec, input_shape=(1, 3, 32, 32))
+    scored = score_groups(loaded.module, torch.zeros(1, 3, 32, 32), "magnitude")
+    uniform_plan(scored, 0.5, 8, spec, (1, 3, 32, 32), "magnitude").save(tmp_path / "plan.json")
+    hashes = []
+    for name in ("a", "b"):
+        options = BuildOptions(model=spec, input_shape=(1, 3, 32, 32), budget=Budget(latency_ms=1000.0),
+                               out=tmp_path / name, plan=str(tmp_path / "plan.json"))  # fmt: skip
+        report = build(options, say=lambda message: None)
+        assert report["result"]["macs"] < report["baseline"]["macs"] and len(report["iterations"]) == 1
+        hashes.append(json.loads((tmp_path / name / "manifest.json").read_text())["files"])
+    shipped = ("model.xml", "model.bin", "model.onnx", "plan.json", "pruned_state_dict.pt", "reference_outputs.npy")
+    for name in shipped:
+        assert hashes[0][name]["sha256"] == hashes[1][name]["sha256"], name
+    assert (tmp_path / "a" / "plan.json").read_text() == (tmp_path / "plan.json").read_text()
+
+
+def test_a_plan_for_another_input_shape_is_bad_input(built, tmp_path):
+    result = CliRunner().invoke(app, ["build", "--model", f"{built.parent / 'net.py'}:net", "--input-shape",
+                                      "1,3,48,48", "--plan", str(built / "plan.json"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "pass --input-shape 1,3,32,32" in result.stderr

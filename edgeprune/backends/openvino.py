@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -11,6 +12,18 @@ from edgeprune.backends.base import Artifact, Backend
 from edgeprune.backends.onnx import export_onnx
 from edgeprune.errors import BadInput
 from edgeprune.target import Target
+
+
+def _stable_names(model) -> None:
+    """Rename nodes OpenVINO named from its process-wide counter (``Reshape_10158``) by type and graph position.
+
+    The counter depends on how many models the process converted before, so the same model would otherwise give
+    different IR bytes from one build to the next; names the ONNX graph gave are kept.
+    """
+    for index, op in enumerate(model.get_ordered_ops()):
+        # Counter names are a word and a number; a folded constant keeps its source op's (Reshape_10158 on a Const).
+        if re.fullmatch(r"[A-Za-z]+_\d+", op.get_friendly_name()):
+            op.set_friendly_name(f"{op.get_type_name()}_n{index}")
 
 
 class OpenVinoBackend(Backend):
@@ -33,6 +46,7 @@ class OpenVinoBackend(Backend):
         onnx_path = export_onnx(model, example, out_dir / "model.onnx")
         xml = out_dir / "model.xml"
         converted = ov.convert_model(str(onnx_path))
+        _stable_names(converted)
         # save_model compresses weights to fp16 by default; an fp32 target must keep fp32 weights.
         ov.save_model(converted, str(xml), compress_to_fp16=target.precision == "fp16")
         return Artifact(
