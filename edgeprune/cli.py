@@ -8,7 +8,6 @@ stderr, so ``--json`` leaves stdout to the report alone.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from edgeprune.errors import BadInput, EdgepruneError
+from edgeprune.errors import EdgepruneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune a PyTorch model to a budget on a target.")
 targets_app = typer.Typer(help="List the target profiles, or show one.", invoke_without_command=True)
@@ -69,79 +68,85 @@ def targets_show(name: str, as_json: Annotated[bool, typer.Option("--json", help
 
 @app.command()
 def build(
-    target: Annotated[str, typer.Option(help="Target profile name (see 'edgeprune targets') or a .toml path.")] = (
-        "x86-openvino"
-    ),
-    model: Annotated[str, typer.Option(help="timm:NAME, package.module:factory or file.py:factory.")] = (
-        "edgeprune.zoo:efficientnet_lite0"
-    ),
+    target: Annotated[str | None, typer.Option(help="Target name or .toml path [default: x86-openvino].")] = None,
+    model: Annotated[str | None, typer.Option(help="timm:NAME, package.module:factory or file.py:factory.")] = None,
     weights: Annotated[str | None, typer.Option(help="State dict (.pt/.pth/.safetensors) to load.")] = None,
     latency_ms: Annotated[float | None, typer.Option(help="Budget: p50 latency in ms on the target.")] = None,
     speedup: Annotated[float | None, typer.Option(help="Budget: p50 speedup over the unpruned model.")] = None,
     memory_mb: Annotated[float | None, typer.Option(help="Budget: peak memory in MB (not built yet).")] = None,
     input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration data: ImageFolder dir or .npz.")] = None,
-    method: Annotated[str, typer.Option(help="Importance: auto, magnitude, taylor.")] = "auto",
+    method: Annotated[str | None, typer.Option(help="Importance: auto, magnitude, taylor [default: auto].")] = None,
     device: Annotated[str | None, typer.Option(help="Where to measure; 'local' (default).")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out"),
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: out].")] = None,
     force: Annotated[bool, typer.Option(help="Replace an output folder that already holds files.")] = False,
-    max_rounds: Annotated[int, typer.Option(help="Most measured rounds of the search.")] = 4,
-    recover_steps: Annotated[int, typer.Option(help="Distillation steps at the end (needs --calib).")] = 20,
+    max_rounds: Annotated[int | None, typer.Option(help="Most measured rounds of the search [default: 4].")] = None,
+    recover_steps: Annotated[int | None, typer.Option(help="Distillation steps (needs --calib) [default: 20].")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow weights files that need unpickling.")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on layers that cannot be pruned, not keep them.")] = False,
     plan: Annotated[str | None, typer.Option(help="Replay this plan.json instead of searching.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Project config [default: ./edgeprune.toml if present].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json on stdout.")] = False,
 ) -> None:
-    """Prune, export and measure until the budget holds; write the artifact, plan.json and report.json."""
-    from edgeprune.build import BuildOptions
-    from edgeprune.build import build as run_build
-    from edgeprune.errors import BudgetNotMet
-    from edgeprune.model import parse_input_shape
-    from edgeprune.target import Budget
+    """Prune, export and measure until the budget holds; write the artifact, plan.json and report.json.
+
+    With a project config (edgeprune.toml, or [tool.edgeprune] in pyproject.toml), build every target it lists,
+    each into OUT/<target>; flags override the file. The exit code is 0 only when every target met its budget.
+    """
+    from edgeprune.jobs import plan_jobs, run_job
 
     start = time.perf_counter()
 
     def say(message: str) -> None:
         err.print(f"[dim]{time.perf_counter() - start:6.1f}s[/dim] {message}", soft_wrap=True)
 
+    flags = {
+        "target": target, "model": model, "weights": weights, "input_shape": input_shape, "calib": calib,
+        "method": method, "device": device, "out": out_dir, "max_rounds": max_rounds, "recover_steps": recover_steps,
+        "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
+    }  # fmt: skip
+    budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb}
     try:
-        given = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb}
-        given = {k: v for k, v in given.items() if v is not None}
-        if len(given) > 1:
-            raise BadInput(f"give one budget, not {' and '.join('--' + k.replace('_', '-') for k in given)}")
-        for kind, value in given.items():
-            if not value > 0 or (kind == "speedup" and value < 1):
-                need = "at least 1" if kind == "speedup" else "positive"
-                raise BadInput(f"--{kind.replace('_', '-')} must be {need}, got {value}")
-        options = BuildOptions(
-            target=target, model=model, weights=weights, budget=Budget(**given) if given else None,
-            input_shape=parse_input_shape(input_shape) if input_shape else None, calib=calib, method=method,
-            device=device, out=out_dir, force=force, max_rounds=max_rounds, recover_steps=recover_steps,
-            trust_pickle=trust_pickle, strict=strict, plan=plan,
-        )  # fmt: skip
-        report = run_build(options, say=say)
+        jobs, project = plan_jobs(flags, budget, config)
+    except EdgepruneError as exc:
+        _fail(exc)
+    results = []
+    try:
+        for options in jobs:
+            if project:
+                say(f"[bold]target {options.target}[/bold] → {options.out}")
+            results.append((options, *run_job(options, say)))
     except KeyboardInterrupt as stop:  # the build's own cleanup has run: nothing partial is left
         signal_name = "terminated" if isinstance(stop, Terminated) else "interrupted"
         err.print(f"edgeprune: {signal_name}; no output was written")
         raise typer.Exit(143 if isinstance(stop, Terminated) else 130) from None
-    except BudgetNotMet as exc:
-        if as_json and exc.report is not None:
-            print(json.dumps(exc.report, indent=2))
-        _fail(exc)
-    except EdgepruneError as exc:
-        _fail(exc)
-    except Exception as exc:  # a bug of ours or of a library: still one line, and a distinct exit code
-        if os.environ.get("EDGEPRUNE_DEBUG"):
-            raise
-        err.print(
-            f"edgeprune: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; nothing was"
-            " written. Please report it; EDGEPRUNE_DEBUG=1 shows the traceback", markup=False, soft_wrap=True,
-        )  # fmt: skip
-        raise typer.Exit(3) from None
+    for options, code, _, message in results:
+        if message:
+            prefix = f"[{options.target}] " if project else ""
+            err.print(f"edgeprune: {'internal error' if code == 3 else 'error'}: {prefix}{message}", markup=False,
+                      soft_wrap=True)  # fmt: skip
     if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    _print_summary(report, out_dir)
+        reports = [report for _, _, report, _ in results]
+        print(json.dumps({"targets": reports} if project else reports[0], indent=2))
+    elif project:
+        _print_targets(results)
+    elif results[0][2] is not None and results[0][1] == 0:
+        _print_summary(results[0][2], results[0][0].out)
+    raise typer.Exit(max(code for _, code, _, _ in results))
+
+
+def _print_targets(results: list) -> None:
+    table = Table("target", "verdict", "p50 ms", "speedup", "rounds", "output")
+    for options, code, report, message in results:
+        verdict = {0: "met", 1: "NOT met"}.get(code, "error")
+        if report is None:
+            table.add_row(options.target, verdict, "-", "-", "-", (message or "")[:60])
+            continue
+        table.add_row(
+            options.target, verdict, f"{report['result']['latency_ms']['p50']:.3f}",
+            f"{report['result']['speedup']:.2f}x", str(len(report["iterations"])), str(options.out),
+        )  # fmt: skip
+    out.print(table)
 
 
 @app.command()

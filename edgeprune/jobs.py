@@ -1,0 +1,82 @@
+"""From the command line and the project config to build jobs, and one job run to an exit code.
+
+Precedence: a flag given on the command line, then the project config (edgeprune.toml or [tool.edgeprune]), then
+BuildOptions' defaults. With a config, every target it lists is a job with an output folder of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgeprune.build import BuildOptions
+from edgeprune.build import build as run_build
+from edgeprune.config import TargetJob, find_config, load_config
+from edgeprune.errors import BadInput, BudgetNotMet, EdgepruneError
+from edgeprune.model import parse_input_shape
+from edgeprune.target import Budget
+
+PATH_SETTINGS = ("weights", "calib", "plan", "out")
+
+
+def plan_jobs(flags: dict, budget_flags: dict, config: Path | None) -> tuple[list[BuildOptions], bool]:
+    """The BuildOptions of every job, and whether a project config was used. Bad flags or config: BadInput."""
+    budget = _budget(budget_flags)
+    path = config or find_config()
+    if config is not None and not Path(config).is_file():
+        raise BadInput(f"--config {config}: no such file")
+    project = load_config(path) if path else None
+    settings = dict(project.settings) if project else {}
+    if project:  # paths in a config are relative to the config file, as in pyproject.toml
+        base = Path(project.path).parent
+        for key in PATH_SETTINGS:
+            if isinstance(settings.get(key), str) and not Path(settings[key]).is_absolute():
+                settings[key] = str(base / settings[key])
+    settings.update({k: v for k, v in flags.items() if v is not None and k != "target"})
+    if isinstance(settings.get("input_shape"), str):
+        settings["input_shape"] = parse_input_shape(settings["input_shape"])
+    elif settings.get("input_shape") is not None:
+        settings["input_shape"] = tuple(settings["input_shape"])
+    out = Path(settings.pop("out", "out"))
+    if flags.get("target"):  # one target; a target the config lists keeps its budget unless a flag gives one
+        listed = {job.target: job.budget for job in project.targets} if project else {}
+        targets = [TargetJob(flags["target"], budget or listed.get(flags["target"]))]
+    elif project:
+        targets = [TargetJob(job.target, budget or job.budget) for job in project.targets]
+    else:
+        targets = [TargetJob("x86-openvino", budget)]
+    jobs = []
+    for job in targets:
+        folder = out / Path(job.target).stem if project else out
+        try:
+            jobs.append(BuildOptions(target=job.target, budget=job.budget, out=folder, **settings))
+        except TypeError as exc:
+            raise BadInput(f"{project.path if project else 'options'}: {exc}") from None
+    return jobs, project is not None
+
+
+def run_job(options: BuildOptions, say) -> tuple[int, dict | None, str | None]:
+    """Run one build: (exit code, report or None, one-line error or None). Interrupts are not caught here."""
+    try:
+        return 0, run_build(options, say=say), None
+    except BudgetNotMet as exc:
+        return exc.exit_code, exc.report, str(exc)
+    except EdgepruneError as exc:
+        return exc.exit_code, None, str(exc)
+    except Exception as exc:  # a bug of ours or of a library: still one line, and a distinct exit code
+        if os.environ.get("EDGEPRUNE_DEBUG"):
+            raise
+        detail = " ".join(str(exc).split())[:300]
+        return 3, None, f"{type(exc).__name__}: {detail}; nothing was written. Please report it; EDGEPRUNE_DEBUG=1" \
+            " shows the traceback"
+
+
+def _budget(flags: dict) -> Budget | None:
+    given = {k: v for k, v in flags.items() if v is not None}
+    if len(given) > 1:
+        raise BadInput(f"give one budget, not {' and '.join('--' + k.replace('_', '-') for k in given)}")
+    for kind, value in given.items():
+        if not value > 0 or (kind == "speedup" and value < 1):
+            need = "at least 1" if kind == "speedup" else "positive"
+            raise BadInput(f"--{kind.replace('_', '-')} must be {need}, got {value}")
+    return Budget(**given) if given else None
