@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 def build(options=None, say=print, **kwargs):
     """Run one build and return its report dict; pass a ``BuildOptions`` or its fields as keyword arguments."""
-    from edgeprune.build import BuildOptions
-    from edgeprune.build import build as run_build
+    from edgeprune.pipeline import BuildOptions
+    from edgeprune.pipeline import build as run_build
 
     return run_build(options or BuildOptions(**kwargs), say=say)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeprune.build import BuildOptions
-from edgeprune.build import build as run_build
 from edgeprune.config import TargetJob, find_config, load_config
 from edgeprune.errors import BadInput, BudgetNotMet, EdgepruneError
 from edgeprune.model import parse_input_shape
+from edgeprune.pipeline import BuildOptions
+from edgeprune.pipeline import build as run_build
 from edgeprune.target import Budget
 
 PATH_SETTINGS = ("weights", "calib", "plan", "out")

@@ -54,11 +54,12 @@ class Candidate:
     measurement: Measurement
     artifact: Artifact
     latency: float
+    quality: float | None = None  # accuracy or fidelity on held-out data, before recovery
 
     def to_dict(self) -> dict:
         return {
             "step": self.step, "ratio": round(self.plan.ratio, 4), "latency_ms": self.measurement.latency(),
-            "comparable_p50": self.latency, "macs": self.macs, "params": self.params,
+            "comparable_p50": self.latency, "macs": self.macs, "params": self.params, "quality": self.quality,
         }  # fmt: skip
 
 
@@ -78,6 +79,7 @@ class SearchContext:
     say: Say = print
     reference: Artifact | None = None  # timed alongside every candidate (speedup budgets): the unpruned artifact
     unprunable: dict[str, str] = field(default_factory=dict)  # group root → why it is kept whole
+    evaluate: Callable[[nn.Module], float] | None = None  # quality of a pruned model, for the report's trade-off plot
     _macs_cache: dict[float, tuple[Plan, int, int]] = field(default_factory=dict)
 
     def keep_whole(self, groups: dict[str, str]) -> None:
@@ -184,7 +186,9 @@ def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int,
     pruned = apply_plan(ctx.model, plan, ctx.example)
     macs, params = count_macs_params(pruned, ctx.example)
     measurement, artifact = ctx.measure(pruned, f"round-{step}")
-    candidate = Candidate(step, plan, macs, params, measurement, artifact, measurement.comparable_p50(baseline_p50))
+    quality = ctx.evaluate(pruned) if ctx.evaluate else None
+    latency = measurement.comparable_p50(baseline_p50)
+    candidate = Candidate(step, plan, macs, params, measurement, artifact, latency, quality)
     alongside = ""
     if measurement.reference_p50:
         alongside = f", {measurement.reference_p50 / measurement.p50:.2f}x the unpruned model timed alongside"

@@ -34,14 +34,16 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, inputs: dict, versions: dict) -> dict:
-    """List every file of ``folder`` with its size and sha256, beside the build's inputs and versions."""
-    files = {
-        p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
-    manifest = {"files": files, "inputs": inputs, "versions": versions, "command": sys.argv[1:]}
+def file_hashes(folder: Path, names: list[str] | None = None) -> dict:
+    """Size and sha256 of the files of ``folder`` (or of ``names`` in it), the manifest itself excluded."""
+    paths = [folder / n for n in names] if names is not None else sorted(folder.iterdir())
+    kept = [p for p in paths if p.is_file() and p.name != MANIFEST]
+    return {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in kept}
+
+
+def write_manifest(folder: Path, files: dict, inputs: dict, versions: dict) -> dict:
+    """Write manifest.json: every output file with its size and sha256, the build's inputs, versions, command."""
+    manifest = {"files": dict(sorted(files.items())), "inputs": inputs, "versions": versions, "command": sys.argv[1:]}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

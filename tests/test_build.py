@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from edgeprune import build
-from edgeprune.build import BuildOptions, _labels_in_label_space, _recover
 from edgeprune.data import Dataset, load_dataset
 from edgeprune.model import load_model
+from edgeprune.pipeline import BuildOptions, _labels_in_label_space, _recover
 from edgeprune.rewrite.recover import quality
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import score_groups
@@ -112,3 +112,11 @@ def test_labels_count_only_in_the_models_label_space(y, class_names, kept):
     result = _labels_in_label_space(data, model, torch.zeros(1, 3, 2, 2), said.append)
     assert (result.y is not None) is kept
     assert bool(said) is not kept
+
+
+def test_the_public_build_is_a_function_whatever_was_imported_first():
+    """`edgeprune.build` is the API function, not shadowed by a submodule of the same name."""
+    import edgeprune
+    import edgeprune.pipeline  # noqa: F401
+
+    assert callable(edgeprune.build) and edgeprune.build.__module__ == "edgeprune"

@@ -110,7 +110,7 @@ def test_the_loop_probes_again_at_a_ratio_that_fails(tmp_path):
 
 
 def test_an_internal_error_is_one_line_exit_3(tmp_path, monkeypatch):
-    import edgeprune.build as build_module
+    import edgeprune.pipeline as build_module
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")

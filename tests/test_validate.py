@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from edgeprune import build
-from edgeprune.build import BuildOptions
 from edgeprune.cli import app
+from edgeprune.pipeline import BuildOptions
 from edgeprune.target import Budget
 
 MODEL = """

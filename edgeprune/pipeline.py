@@ -1,5 +1,5 @@
-"""One build, through the four stages: target → score → (measure-and-adjust: rewrite → export → measure) → recover,
-export, validate → out/.
+"""One build, through the four stages (the public ``edgeprune.build`` calls it): target → score →
+(measure-and-adjust: rewrite → export → measure) → recover, export, validate → out/.
 
 Everything is checked before the first slow step (target, backend, device, model, data, output folder), so bad
 input fails in a second with one line, and the output folder only ever appears complete.
@@ -20,6 +20,7 @@ from edgeprune.backends import get_backend
 from edgeprune.data import Dataset, load_dataset
 from edgeprune.device import open_device
 from edgeprune.errors import BadInput, BudgetNotMet
+from edgeprune.html import write_html
 from edgeprune.loop import SearchContext, budget_latency_ms, measure_plan, search, timed, unreachable_message
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.report import check_output_dir, new_workdir, publish, versions, write_json
@@ -29,7 +30,7 @@ from edgeprune.rewrite.recover import distill, quality, recalibrate_batchnorm
 from edgeprune.score.importance import score_groups
 from edgeprune.score.probe import find_unprunable
 from edgeprune.target import Budget, load_target
-from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, sha256, write_manifest
+from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, file_hashes, sha256, write_manifest
 
 METHODS = ("auto", "magnitude", "taylor")
 BATCH = 16
@@ -97,6 +98,7 @@ def build(options: BuildOptions, say=print) -> dict:
     workdir = new_workdir(out)
     try:
         ctx = SearchContext(model, example, [], options.model, method, target, backend, device, workdir / "rounds", say)
+        ctx.evaluate = lambda pruned: quality(pruned, model, eval_set.batches(BATCH))[1]
         with timed(say, "measuring the unpruned model"):
             baseline, baseline_artifact = ctx.measure(model, "baseline")
         base_macs, base_params = count_macs_params(model, example)
@@ -170,7 +172,8 @@ def build(options: BuildOptions, say=print) -> dict:
             "runtime": result.runtime, "threads": result.threads,
             "artifacts": {role: path.name for role, path in artifact.files.items()}
             | {"plan": "plan.json", "pytorch_state_dict": "pruned_state_dict.pt", "report": "report.json",
-               "reference_inputs": REFERENCE_INPUTS, "reference_outputs": REFERENCE_OUTPUTS, "manifest": MANIFEST},
+               "reference_inputs": REFERENCE_INPUTS, "reference_outputs": REFERENCE_OUTPUTS, "manifest": MANIFEST,
+               "html": "report.html"},
             "versions": versions(),
             "build_seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
@@ -181,7 +184,10 @@ def build(options: BuildOptions, say=print) -> dict:
                 report,
             )
         write_json(workdir / "report.json", report)
-        write_manifest(workdir, _input_hashes(options, data), report["versions"])
+        files = file_hashes(workdir)
+        write_html(workdir / "report.html", report, chosen.plan.widths(), files)  # shows every file but itself
+        files |= file_hashes(workdir, ["report.html"])
+        write_manifest(workdir, files, _input_hashes(options, data), report["versions"])
         publish(workdir, out)
         return report
     finally:
