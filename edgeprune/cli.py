@@ -95,11 +95,7 @@ def build(
     """
     from edgeprune.jobs import plan_jobs, run_job
 
-    start = time.perf_counter()
-
-    def say(message: str) -> None:
-        err.print(f"[dim]{time.perf_counter() - start:6.1f}s[/dim] {message}", soft_wrap=True)
-
+    say = _progress()
     flags = {
         "target": target, "model": model, "weights": weights, "input_shape": input_shape, "calib": calib,
         "method": method, "device": device, "out": out_dir, "max_rounds": max_rounds, "recover_steps": recover_steps,
@@ -116,7 +112,9 @@ def build(
             if project:
                 say(f"[bold]target {options.target}[/bold] → {options.out}")
             results.append((options, *run_job(options, say)))
+        say.stop()
     except KeyboardInterrupt as stop:  # the build's own cleanup has run: nothing partial is left
+        say.stop()
         signal_name = "terminated" if isinstance(stop, Terminated) else "interrupted"
         err.print(f"edgeprune: {signal_name}; no output was written")
         raise typer.Exit(143 if isinstance(stop, Terminated) else 130) from None
@@ -133,6 +131,33 @@ def build(
     elif results[0][2] is not None and results[0][1] == 0:
         _print_summary(results[0][2], results[0][0].out)
     raise typer.Exit(max(code for _, code, _, _ in results))
+
+
+class _progress:
+    """Progress on stderr: a timestamped line per event and, on a terminal, a live status line with a spinner and
+    the elapsed time while a long step (a message ending in '...') runs. Logs and CI get the plain lines."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.status = err.status("") if err.is_terminal else None
+        self.live = False
+
+    def __call__(self, message: str) -> None:
+        err.print(f"[dim]{time.perf_counter() - self.start:6.1f}s[/dim] {message}", soft_wrap=True)
+        if self.status is None:
+            return
+        if message.endswith("..."):
+            self.status.update(message)
+            if not self.live:
+                self.status.start()
+                self.live = True
+        else:  # the step ended (or said something): the status line waits for the next long step
+            self.stop()
+
+    def stop(self) -> None:
+        if self.status is not None and self.live:
+            self.status.stop()
+            self.live = False
 
 
 def _print_targets(results: list) -> None:

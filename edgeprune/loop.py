@@ -155,7 +155,7 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], baseline_
         if any(abs(c.plan.ratio - ratio) < 1e-4 for c in candidates):  # the model points at a measured ratio
             ratio = round((too_slow + too_fast) / 2, 4)
         plan, macs, _ = ctx.plan_at(ratio)
-        ctx.say(f"round {step}: ratio {ratio:.3f}, {macs / baseline_macs:.0%} of the MACs; exporting and measuring")
+        ctx.say(f"round {step}: ratio {ratio:.3f}, {macs / baseline_macs:.0%} of the MACs; exporting and measuring ...")
         candidate = measure_plan(ctx, plan, baseline.p50, step, budget_ms)
         candidates.append(candidate)
         latency = candidate.latency
