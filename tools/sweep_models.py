@@ -105,6 +105,9 @@ def run_one(name: str, side: int, args: argparse.Namespace, out: Path) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)  # the build and the benchmark runner it started
         stdout, stderr = proc.communicate()
         code, timed_out = None, True
+    except BaseException:  # the sweep itself is stopped: take the running build down with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     seconds = time.perf_counter() - started
     lines = [line for line in stderr.splitlines() if line.strip()]
     row: dict = {"model": name, "input": side, "exit": code, "timed_out": timed_out, "seconds": round(seconds, 1),
@@ -189,6 +192,7 @@ def main() -> int:
     args = parser.parse_args()
     models = parse_models(args.models)
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that a stopped sweep still removes its folder
     err = Console(stderr=True, highlight=False)
     rows: list[tuple[dict, str]] = []
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
