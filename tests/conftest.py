@@ -1,0 +1,133 @@
+"""Models, helpers and fixtures shared by the stage 2 and stage 3 tests (test_score.py, test_rewrite.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edgeprune.model import load_model
+from edgeprune.rewrite.plan import Plan
+from edgeprune.rewrite.prune import apply_plan
+from edgeprune.score.allocate import uniform_plan
+from edgeprune.score.importance import score_groups
+
+SHAPE = (1, 3, 64, 64)
+R18 = "timm:resnet18"
+MBV3 = "timm:mobilenetv3_small_100"
+
+
+class Tiny(nn.Module):
+    """A stem, an inverted-residual block (pointwise, depthwise, pointwise) with a residual add, and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 32, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.pwl = nn.Conv2d(32, 16, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn1(self.pw(x)))
+        y = F.relu(self.bn2(self.dw(y)))
+        x = x + self.bn3(self.pwl(y))
+        return self.head(x.mean((2, 3)))
+
+
+class TinyDeeper(Tiny):
+    """Tiny with a second inverted-residual block: the same module names as Tiny, and one more group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw2 = nn.Conv2d(16, 24, 1, bias=False)
+        self.bn4 = nn.BatchNorm2d(24)
+        self.dw2 = nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False)
+        self.bn5 = nn.BatchNorm2d(24)
+        self.pwl2 = nn.Conv2d(24, 16, 1, bias=False)
+        self.bn6 = nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn1(self.pw(x)))
+        x = x + self.bn3(self.pwl(F.relu(self.bn2(self.dw(y)))))
+        y = F.relu(self.bn4(self.pw2(x)))
+        x = x + self.bn6(self.pwl2(F.relu(self.bn5(self.dw2(y)))))
+        return self.head(x.mean((2, 3)))
+
+
+def _randomise_norms(model: nn.Module) -> nn.Module:
+    """Random BN affine parameters and statistics, as a trained model has them, and eval mode.
+
+    timm initialises the last BN of every residual block with weight 0, which makes every gradient inside the block,
+    and so its Taylor scores, zero; trained weights never look like that.
+    """
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _tiny(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    return _randomise_norms(Tiny())
+
+
+def _load(spec: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)  # timm builds with random weights: a seed makes two loads of one spec the same model
+    return _randomise_norms(load_model(spec, input_shape=SHAPE).module)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def r18() -> nn.Module:
+    return _load(R18)
+
+
+@pytest.fixture(scope="module")
+def mbv3() -> nn.Module:
+    return _load(MBV3)
+
+
+@pytest.fixture(scope="module")
+def example() -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def r18_scored(r18, example):
+    return score_groups(r18, example, "magnitude")
+
+
+@pytest.fixture(scope="module")
+def mbv3_scored(mbv3, example):
+    return score_groups(mbv3, example, "magnitude")
+
+
+@pytest.fixture(scope="module")
+def r18_plan(r18_scored) -> Plan:
+    return uniform_plan(r18_scored, 0.5, 8, R18, SHAPE, "magnitude")
+
+
+@pytest.fixture(scope="module")
+def r18_pruned(r18, r18_plan, example) -> nn.Module:
+    return apply_plan(r18, r18_plan, example)
