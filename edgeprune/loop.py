@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from torch import nn
 
 from edgeprune.backends import Artifact, Backend, Measurement
 from edgeprune.device import LocalDevice
-from edgeprune.errors import BudgetNotMet
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import MAX_RATIO, uniform_plan
@@ -215,19 +215,10 @@ def unreachable_message(candidates: list[Candidate], budget_ms: float, device: s
     )
 
 
-def timed(say: Say, what: str):
-    """Context manager that says how long ``what`` took."""
-
-    class _Timer:
-        def __enter__(self) -> None:
-            self.start = time.perf_counter()
-            say(f"{what} ...")
-
-        def __exit__(self, *exc: object) -> None:
-            if exc[0] is None:
-                say(f"{what}: done in {time.perf_counter() - self.start:.1f} s")
-
-    return _Timer()
-
-
-__all__ = ["BudgetNotMet", "Candidate", "SearchContext", "budget_latency_ms", "search", "unreachable_message"]
+@contextmanager
+def timed(say: Say, what: str) -> Iterator[None]:
+    """Say that ``what`` starts, and how long it took when it ends without an error."""
+    start = time.perf_counter()
+    say(f"{what} ...")
+    yield
+    say(f"{what}: done in {time.perf_counter() - start:.1f} s")
