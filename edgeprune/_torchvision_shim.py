@@ -93,6 +93,7 @@ def ensure_torchvision_importable() -> bool:
         return True
     try:
         import torchvision  # noqa: F401
+
         return False
     except Exception:  # a missing package or a build that does not match this torch both end here
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:

@@ -29,15 +29,23 @@ def write_html(path: Path, report: dict, widths: dict[str, tuple[int, int]], fil
         ("target", f"{report['target']} ({report['backend']}, {report['precision']})"),
         ("budget", f"{budget['kind']} = {budget['value']:g} → {budget['latency_ms']:.3f} ms p50"),
         ("measured on", report["measured_on"]),
-        ("latency p50", f"{report['baseline']['latency_ms']['p50']:.3f} → {report['result']['comparable_p50']:.3f}"
-                        f" ms{estimate}{_aside(report)}"),  # fmt: skip
+        (
+            "latency p50",
+            f"{report['baseline']['latency_ms']['p50']:.3f} → {report['result']['comparable_p50']:.3f}"
+            f" ms{estimate}{_aside(report)}",
+        ),  # fmt: skip
         ("speedup", f"{report['result']['speedup']:.2f}x"),
         ("MACs", f"{report['baseline']['macs'] / 1e6:.1f} M → {report['result']['macs'] / 1e6:.1f} M"),
         ("params", f"{report['baseline']['params'] / 1e6:.2f} M → {report['result']['params'] / 1e6:.2f} M"),
-        ("outputs vs PyTorch", f"max abs error {report['validation']['max_abs_err']:.2g}"
-                               f" (tolerance {report['validation']['atol']:.2g})"),  # fmt: skip
-        ("quality", f"{quality.get('metric', '-')}: {quality.get('baseline', float('nan')):.3f} →"
-                    f" {quality.get('result', float('nan')):.3f} ({quality.get('evaluated_on', '')})"),  # fmt: skip
+        (
+            "outputs vs PyTorch",
+            f"max abs error {report['validation']['max_abs_err']:.2g} (tolerance {report['validation']['atol']:.2g})",
+        ),  # fmt: skip
+        (
+            "quality",
+            f"{quality.get('metric', '-')}: {quality.get('baseline', float('nan')):.3f} →"
+            f" {quality.get('result', float('nan')):.3f} ({quality.get('evaluated_on', '')})",
+        ),  # fmt: skip
         ("method", report["method"]),
     ]
     verdict = "met" if met else "NOT met"
@@ -45,17 +53,22 @@ def write_html(path: Path, report: dict, widths: dict[str, tuple[int, int]], fil
         f"<h1>edgeprune build: {html.escape(report['target'])}</h1>",
         f"<p class='{'ok' if met else 'bad'}'>Budget {verdict}.</p>",
         _table(rows),
-        "<h2>Latency per measured round</h2>", _img(_rounds_plot(report)),
-        "<h2>Quality against latency</h2>", _img(_tradeoff_plot(report)),
-        "<h2>Channel widths before and after</h2>", _img(_widths_plot(widths)),
+        "<h2>Latency per measured round</h2>",
+        _img(_rounds_plot(report)),
+        "<h2>Quality against latency</h2>",
+        _img(_tradeoff_plot(report)),
+        "<h2>Channel widths before and after</h2>",
+        _img(_widths_plot(widths)),
     ]
     if report.get("unprunable"):
         parts += ["<h2>Layers kept whole</h2>", _table([(u["module"], u["reason"]) for u in report["unprunable"]])]
     listed = [(name, f"{entry['sha256']} ({entry['bytes']} bytes)") for name, entry in sorted(files.items())]
     parts += ["<h2>Versions</h2>", _table(sorted(report["versions"].items())), "<h2>Manifest</h2>", _table(listed)]
     title = f"edgeprune {html.escape(report['target'])}"
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style></head>" \
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style></head>"
         f"<body>{''.join(parts)}</body></html>\n"
+    )
     path.write_text(page)
 
 

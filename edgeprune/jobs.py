@@ -67,8 +67,12 @@ def run_job(options: BuildOptions, say) -> tuple[int, dict | None, str | None]:
         if os.environ.get("EDGEPRUNE_DEBUG"):
             raise
         detail = " ".join(str(exc).split())[:300]
-        return 3, None, f"{type(exc).__name__}: {detail}; nothing was written. Please report it; EDGEPRUNE_DEBUG=1" \
-            " shows the traceback"
+        return (
+            3,
+            None,
+            f"{type(exc).__name__}: {detail}; nothing was written. Please report it; EDGEPRUNE_DEBUG=1"
+            " shows the traceback",
+        )
 
 
 def _budget(flags: dict) -> Budget | None:

@@ -93,8 +93,11 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
 
     # The pruned p50 in the baseline's conditions: for a speedup budget it was timed beside the unpruned model.
     rows = [
-        ("latency p50", f"{base['latency_ms']['p50']:.3f} ms{estimate}",
-         f"{result['comparable_p50']:.3f} ms{estimate}"),
+        (
+            "latency p50",
+            f"{base['latency_ms']['p50']:.3f} ms{estimate}",
+            f"{result['comparable_p50']:.3f} ms{estimate}",
+        ),
         ("latency p99", f"{base['latency_ms']['p99']:.3f} ms", f"{result['latency_ms']['p99']:.3f} ms"),
         ("MACs", f"{base['macs'] / 1e6:.1f} M", f"{result['macs'] / 1e6:.1f} M"),
         ("params", f"{base['params'] / 1e6:.2f} M", f"{result['params'] / 1e6:.2f} M"),

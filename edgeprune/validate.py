@@ -94,9 +94,13 @@ def validate(folder: Path, device_url: str | None = None, latency_ms: float | No
     if measured.p50 > budget:
         problems.append(f"p50 {measured.p50:.3f} ms on {device.label} is over the budget of {budget:.3g} ms")
     result["ok"] = not problems
-    result["verdict"] = ("invalid: " + "; ".join(problems)) if problems else (
-        f"valid: hashes match, outputs within {outputs.max_abs_err:.2g} of PyTorch (atol {outputs.atol:.2g}),"
-        f" p50 {measured.p50:.3f} ms <= {budget:.3f} ms on {device.label}"
+    result["verdict"] = (
+        ("invalid: " + "; ".join(problems))
+        if problems
+        else (
+            f"valid: hashes match, outputs within {outputs.max_abs_err:.2g} of PyTorch (atol {outputs.atol:.2g}),"
+            f" p50 {measured.p50:.3f} ms <= {budget:.3f} ms on {device.label}"
+        )
     )
     return result
 

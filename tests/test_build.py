@@ -49,8 +49,12 @@ def test_build_with_an_image_folder_uses_taylor_and_recovers(tmp_path):
     messages: list[str] = []
     report = build(
         BuildOptions(
-            model="timm:mobilenetv3_small_100", input_shape=(1, 3, 64, 64), calib=str(make_folder(tmp_path / "data")),
-            budget=Budget(latency_ms=1000.0), out=tmp_path / "out", recover_steps=3,
+            model="timm:mobilenetv3_small_100",
+            input_shape=(1, 3, 64, 64),
+            calib=str(make_folder(tmp_path / "data")),
+            budget=Budget(latency_ms=1000.0),
+            out=tmp_path / "out",
+            recover_steps=3,
         ),
         say=messages.append,
     )

@@ -41,8 +41,9 @@ def project(tmp_path, monkeypatch) -> Path:
     (tmp_path / "boards").mkdir()
     # A second target of our own: this machine's CPU through ONNX Runtime.
     profile = Path(load_target("x86-openvino").path).read_text()
-    profile = profile.replace('name = "x86-openvino"', 'name = "x86-onnx"').replace('backend = "openvino"',
-                                                                                  'backend = "onnx"')
+    profile = profile.replace('name = "x86-openvino"', 'name = "x86-onnx"').replace(
+        'backend = "openvino"', 'backend = "onnx"'
+    )
     (tmp_path / "boards" / "x86-onnx.toml").write_text(profile)
     (tmp_path / "edgeprune.toml").write_text(PROJECT)
     monkeypatch.chdir(tmp_path)

@@ -135,8 +135,44 @@ def test_groups_torch_pruning_cannot_score_are_kept_whole_with_the_reason():
     model = load_model("timm:res2net50_14w_8s", input_shape=(1, 3, 64, 64)).module
     scored = score_groups(model, torch.zeros(1, 3, 64, 64), "magnitude")
     failed = [g for g in scored if g.reason]
-    assert failed and all(g.scores is None and "torch-pruning cannot score it" in g.reason for g in failed)
+    assert failed and all(g.scores is None and g.reason.startswith("torch-pruning") for g in failed)
+    modules = dict(model.named_modules())
+    assert all(g.channels == modules[g.module].out_channels for g in scored)  # true widths, not the mapped indices
     assert any(g.scores is not None for g in scored)  # the rest is scored as usual
     plan = uniform_plan(scored, 0.5, 8, "m", (1, 3, 64, 64), "magnitude")
     widths = {g.module: (g.channels, g.width) for g in plan.groups}
     assert all(widths[g.module][0] == widths[g.module][1] for g in failed)
+
+
+class SplitConcat(nn.Module):
+    """Res2Net's pattern: a conv's output split into fixed-width chunks, each convolved, concatenated back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(16, 32, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.conv3 = nn.Conv2d(32, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        chunks = torch.split(torch.relu(self.conv1(x)), 8, 1)
+        parts, branch = [], None
+        for i, conv in enumerate(self.convs):
+            branch = torch.relu(conv(chunks[i] if branch is None else branch + chunks[i]))
+            parts.append(branch)
+        return self.fc((self.conv3(torch.cat([*parts, chunks[3]], 1)) + x).mean((2, 3)))
+
+
+def test_a_group_torch_pruning_maps_wrongly_is_kept_whole_with_its_true_width():
+    torch.manual_seed(0)
+    model = SplitConcat().eval()
+    scored = {g.module: g for g in score_groups(model, X, "magnitude")}
+    # torch-pruning maps 72 indices onto conv1's 32 channels; the group records the real 32, unscored, with why.
+    assert scored["conv1"].channels == 32 and scored["conv1"].scores is None
+    assert "indices onto its 32 output channels" in scored["conv1"].reason
+    found = find_unprunable(model, X, list(scored.values()), multiple=4)
+    plan = uniform_plan([g for g in scored.values() if g.module not in found], 0.5, 4, "m", tuple(X.shape), "m")
+    pruned = probe.apply_plan(model, plan, X)
+    assert pruned.conv1.out_channels == 32 and pruned(X).shape == (1, 10)

@@ -123,6 +123,18 @@ def test_two_builds_of_a_pinned_plan_give_identical_artifacts(built, tmp_path):
 
 
 def test_a_plan_for_another_input_shape_is_bad_input(built, tmp_path):
-    result = CliRunner().invoke(app, ["build", "--model", f"{built.parent / 'net.py'}:net", "--input-shape",
-                                      "1,3,48,48", "--plan", str(built / "plan.json"), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "build",
+            "--model",
+            f"{built.parent / 'net.py'}:net",
+            "--input-shape",
+            "1,3,48,48",
+            "--plan",
+            str(built / "plan.json"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 2 and "pass --input-shape 1,3,32,32" in result.stderr

@@ -17,8 +17,13 @@ from edgeprune.rewrite.plan import Plan
 from edgeprune.score.importance import build_graph, prunable_groups
 
 
-def apply_plan(model: nn.Module, plan: Plan, example: torch.Tensor, inplace: bool = False) -> nn.Module:
+def apply_plan(
+    model: nn.Module, plan: Plan, example: torch.Tensor, inplace: bool = False, check_fit: bool = True
+) -> nn.Module:
     """Return ``model`` with every group of ``plan`` pruned to its kept channels (a copy unless ``inplace``).
+
+    ``check_fit`` refuses a plan that does not name exactly the model's prunable groups; only a caller that built the
+    plan from this very model's groups (the probe, many times over) may skip it, as listing the groups is costly.
 
     Each group is pruned through its root module; torch-pruning carries the cut to every coupled layer (BN, next
     layer's inputs, residual partners). Indices refer to the unpruned model: a group's root output channels are not
@@ -29,9 +34,9 @@ def apply_plan(model: nn.Module, plan: Plan, example: torch.Tensor, inplace: boo
     modules = dict(target.named_modules())
     # A plan names every prunable group of the model it was made for; another model with the same module names
     # (resnet18's plan on resnet34) would otherwise be pruned in part, silently.
-    expected = {name for name, _ in prunable_groups(target, graph)}
+    expected = {name for name, _ in prunable_groups(target, graph)} if check_fit else set()
     named = {g.module for g in plan.groups}
-    if named != expected:
+    if check_fit and named != expected:
         missing, extra = sorted(expected - named)[:3], sorted(named - expected)[:3]
         raise BadInput(
             f"plan does not fit this model: the model's prunable groups {missing} are not in the plan, the plan's"

@@ -102,15 +102,20 @@ def score_groups(
         importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
     scored = []
     for name, group in prunable_groups(model, graph):
-        reason = ""
-        try:
-            with torch.no_grad():
-                scores = importance(group)
-        except Exception as exc:  # torch-pruning's index mapping fails on some graphs (Res2Net's split-concat)
-            scores, reason = None, f"torch-pruning cannot score it: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        root = group[0].dep.target.module
+        channels = graph.get_pruner_of_module(root).get_out_channels(root)
+        scores, reason = None, ""
+        if len(group[0].idxs) != channels:  # torch-pruning's index mapping went wrong (Res2Net's split-concat)
+            reason = f"torch-pruning maps {len(group[0].idxs)} indices onto its {channels} output channels"
+        else:
+            try:
+                with torch.no_grad():
+                    scores = importance(group)
+            except Exception as exc:  # the index mapping fails on some graphs
+                reason = f"torch-pruning cannot score it: {type(exc).__name__}: {' '.join(str(exc).split())}"
         # A group the importance cannot score stays in the list (a plan names every group), unscored: kept whole.
         scores = None if scores is None else scores.detach().float().cpu()
-        scored.append(ScoredGroup(module=name, channels=len(group[0].idxs), scores=scores, reason=reason[:200]))
+        scored.append(ScoredGroup(module=name, channels=channels, scores=scores, reason=reason[:200]))
     model.zero_grad(set_to_none=True)
     return scored
 
