@@ -1,4 +1,4 @@
-"""The command line (DESIGN.md): ``edgeprune targets``, ``edgeprune build``.
+"""The command line (DESIGN.md): ``edgeprune targets``, ``build``, ``validate``, ``profile``.
 
 Exit codes: 0 success, 1 budget or validation not met, 2 bad input, 3 internal error (a bug to report). Errors
 are one line on stderr, never a traceback (EDGEPRUNE_DEBUG=1 shows it for an internal error). Progress goes to
@@ -77,6 +77,9 @@ def build(
     input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration data: ImageFolder dir or .npz.")] = None,
     method: Annotated[str | None, typer.Option(help="Importance: auto, magnitude, taylor [default: auto].")] = None,
+    allocation: Annotated[
+        str | None, typer.Option(help="Widths: global (by cost on the target) or uniform [default: global].")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="Where to measure; 'local' (default).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: out].")] = None,
     force: Annotated[bool, typer.Option(help="Replace an output folder that already holds files.")] = False,
@@ -98,7 +101,8 @@ def build(
     say = _progress()
     flags = {
         "target": target, "model": model, "weights": weights, "input_shape": input_shape, "calib": calib,
-        "method": method, "device": device, "out": out_dir, "max_rounds": max_rounds, "recover_steps": recover_steps,
+        "method": method, "allocation": allocation,
+        "device": device, "out": out_dir, "max_rounds": max_rounds, "recover_steps": recover_steps,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
     }  # fmt: skip
     budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb}
@@ -211,6 +215,49 @@ def _print_summary(report: dict, out_dir: Path) -> None:
         f" in {len(report['iterations'])} measured round(s); outputs match PyTorch within"
         f" {report['validation']['atol']:.2g} (max error {report['validation']['max_abs_err']:.2g}); wrote {out_dir}/"
     )
+
+
+@app.command()
+def profile(
+    target: Annotated[str, typer.Option(help="Target name or .toml path.")] = "x86-openvino",
+    model: Annotated[str | None, typer.Option(help="timm:NAME, package.module:factory or file.py:factory.")] = None,
+    weights: Annotated[str | None, typer.Option(help="State dict to load (latency does not depend on it).")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
+    device: Annotated[str | None, typer.Option(help="Where to measure; 'local' (default).")] = None,
+    samples: Annotated[int, typer.Option(help="Plans to measure (at least 4).")] = 10,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow weights files that need unpickling.")] = False,
+) -> None:
+    """Measure how the model's latency responds to width on the target; cache the fit that builds start from."""
+    from edgeprune.model import DEFAULT_MODEL, parse_input_shape
+    from edgeprune.profile import run_profile
+
+    say = _progress()
+    try:
+        shape = parse_input_shape(input_shape) if input_shape else None
+        result = run_profile(target, model or DEFAULT_MODEL, weights, shape, device, samples, trust_pickle, say)
+    except EdgepruneError as exc:
+        say.stop()
+        _fail(exc)
+    except KeyboardInterrupt:
+        say.stop()
+        err.print("edgeprune: interrupted; the cache was not changed")
+        raise typer.Exit(130) from None
+    say.stop()
+    measured = result["not_measured"] is None
+    table = Table("sample", "MACs", "predicted ms" + (" (fit on the others)" if measured else " (ESTIMATE)"),
+                  "measured ms", "error", title=f"{result['model']} on {result['target']}")  # fmt: skip
+    for row in result["rows"]:
+        error = f"{(row.predicted_ms - row.measured_ms) / row.measured_ms:+.1%}" if row.measured_ms else "-"
+        measured_ms = f"{row.measured_ms:.3f}" if row.measured_ms else "not measured"
+        table.add_row(row.name, f"{row.macs_fraction:.0%}", f"{row.predicted_ms:.3f}", measured_ms, error)
+    out.print(table)
+    out.print(f"cost model: {result['source']}", markup=False, soft_wrap=True)
+    if measured:
+        out.print(f"cached in {result['cache']}; builds of this model on {result['target']} start from it",
+                  markup=False, soft_wrap=True)  # fmt: skip
+    else:
+        out.print(f"not measured: {result['not_measured']}; the figures above are an estimate from the target's"
+                  " [estimate] roofline, not measurements", markup=False, soft_wrap=True)  # fmt: skip
 
 
 class Terminated(KeyboardInterrupt):

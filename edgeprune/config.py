@@ -22,8 +22,8 @@ from pathlib import Path
 from edgeprune.errors import BadInput
 from edgeprune.target import Budget, TargetError
 
-SETTINGS = ("model", "weights", "input_shape", "calib", "method", "out", "seed", "max_rounds", "recover_steps",
-            "device", "plan", "strict", "trust_pickle")  # fmt: skip
+SETTINGS = ("model", "weights", "input_shape", "calib", "method", "allocation", "out", "seed", "max_rounds",
+            "recover_steps", "device", "plan", "strict", "trust_pickle")  # fmt: skip
 TARGET_KEYS = ("name", "latency_ms", "speedup", "memory_mb")
 
 

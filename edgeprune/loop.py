@@ -3,15 +3,14 @@
 Latency depends on the structure, not on the weight values, so the search runs cheap rounds on the pruned
 structure and recovers accuracy once, at the end, on the structure that was chosen.
 
-The search is over one number, the fraction of every group removed. Its first guess and its corrections come from a
-small model of the target: latency ratio = (MACs ratio)^alpha, where MACs are counted exactly for any candidate
-without exporting it, and alpha (how much of the MAC saving the runtime turns into time) is re-fitted on every
-measurement. Measured rounds bracket the answer, so the search cannot oscillate.
+Each round asks the allocator for the plan whose latency, as the cost model predicts it, sits in the middle of the
+acceptance band; the plan is measured, and the measurement goes back into the cost model before the next round. The
+model starts from the cached profile of this model on this target when there is one, and is always calibrated on
+the measured unpruned model first, so the first round is already a prediction, not a guess.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,9 +24,11 @@ from edgeprune.backends import Artifact, Backend, Measurement
 from edgeprune.device import LocalDevice
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
-from edgeprune.score.allocate import MAX_RATIO, uniform_plan
+from edgeprune.score.allocate import allocate, uniform_plan
+from edgeprune.score.costmodel import LatencyModel
 from edgeprune.score.importance import ScoredGroup
 from edgeprune.score.probe import find_unprunable
+from edgeprune.score.structure import Structure
 from edgeprune.target import Target
 
 BAND_LOW = 0.9  # a round is accepted when its p50 is within [0.9·budget, 0.97·budget]
@@ -36,7 +37,7 @@ BAND_LOW = 0.9  # a round is accepted when its p50 is within [0.9·budget, 0.97�
 # prunes a little more, and keeps them as a fallback.
 GUARD = 0.97
 AIM = (BAND_LOW + GUARD) / 2  # rounds aim at the middle of the band
-INITIAL_ALPHA = 0.8  # CPU runtimes turn a MAC saving into somewhat less time saved (memory, fixed overheads)
+NUDGE = 0.04  # when the model points at a plan already measured, aim this much further from where that one landed
 
 Say = Callable[[str], None]
 
@@ -55,11 +56,13 @@ class Candidate:
     artifact: Artifact
     latency: float
     quality: float | None = None  # accuracy or fidelity on held-out data, before recovery
+    predicted: float | None = None  # the cost model's latency for this plan, before it was measured
 
     def to_dict(self) -> dict:
         return {
             "step": self.step, "ratio": round(self.plan.ratio, 4), "latency_ms": self.measurement.latency(),
-            "comparable_p50": self.latency, "macs": self.macs, "params": self.params, "quality": self.quality,
+            "comparable_p50": self.latency, "predicted_ms": self.predicted, "macs": self.macs, "params": self.params,
+            "quality": self.quality,
         }  # fmt: skip
 
 
@@ -80,6 +83,9 @@ class SearchContext:
     reference: Artifact | None = None  # timed alongside every candidate (speedup budgets): the unpruned artifact
     unprunable: dict[str, str] = field(default_factory=dict)  # group root → why it is kept whole
     evaluate: Callable[[nn.Module], float] | None = None  # quality of a pruned model, for the report's trade-off plot
+    structure: Structure | None = None  # the layers and groups as numbers: costs of a plan without pruning a copy
+    latency_model: LatencyModel | None = None
+    allocation: str = "global"
     _macs_cache: dict[float, tuple[Plan, int, int]] = field(default_factory=dict)
 
     def keep_whole(self, groups: dict[str, str]) -> None:
@@ -89,30 +95,43 @@ class SearchContext:
         self._macs_cache.clear()
 
     def plan_at(self, ratio: float) -> tuple[Plan, int, int]:
-        """The plan for ``ratio`` with its MACs and params, computed once per ratio.
-
-        torch-pruning's index mapping can fail at one width and not another (grouped convs, split/concat), so a
-        plan that fails to prune or run is probed at its own ratio; the culprits are kept whole and it is retried.
-        """
+        """The uniform plan for ``ratio`` with its MACs and params, computed once per ratio."""
         ratio = round(ratio, 4)
         if ratio not in self._macs_cache:
-            try:
-                entry = self._prune_and_count(ratio)
-            except Exception:
-                found = find_unprunable(self.model, self.example, self.scored, self.target.channel_multiple, ratio)
-                if not found:
-                    raise
-                self.say(f"at ratio {ratio:.3f}, {len(found)} more groups cannot be pruned safely: kept whole")
-                self.keep_whole(found)
-                entry = self._prune_and_count(ratio)
-            self._macs_cache[ratio] = entry
+            self._macs_cache[ratio] = self._checked(lambda: self._uniform(ratio))
         return self._macs_cache[ratio]
 
-    def _prune_and_count(self, ratio: float) -> tuple[Plan, int, int]:
-        plan = uniform_plan(
+    def plan_for(self, goal_ms: float) -> tuple[Plan, int, int]:
+        """The plan the allocator picks for a predicted latency of ``goal_ms``, with its MACs and params."""
+
+        def make() -> Plan:
+            return allocate(self.scored, self.structure, self.latency_model.predict, goal_ms,
+                            self.target.channel_multiple, self.allocation, self.spec, tuple(self.example.shape),
+                            self.method)  # fmt: skip
+
+        return self._checked(make)
+
+    def _checked(self, make: Callable[[], Plan]) -> tuple[Plan, int, int]:
+        """Make a plan, prune a copy by it and count. torch-pruning's index mapping can fail at one width and not
+        another (grouped convs, split/concat), so a plan that fails to prune or run is probed at its own widths;
+        the culprits are kept whole and the plan is made again without them."""
+        plan = make()
+        try:
+            return (plan, *count_macs_params(apply_plan(self.model, plan, self.example), self.example))
+        except Exception:
+            widths = {g.module: g.width for g in plan.groups}
+            found = find_unprunable(self.model, self.example, self.scored, self.target.channel_multiple, widths=widths)
+            if not found:
+                raise
+            self.say(f"at the widths of this plan, {len(found)} more groups cannot be pruned safely: kept whole")
+            self.keep_whole(found)
+            plan = make()
+            return (plan, *count_macs_params(apply_plan(self.model, plan, self.example), self.example))
+
+    def _uniform(self, ratio: float) -> Plan:
+        return uniform_plan(
             self.scored, ratio, self.target.channel_multiple, self.spec, tuple(self.example.shape), self.method
         )
-        return (plan, *count_macs_params(apply_plan(self.model, plan, self.example), self.example))
 
     def measure(self, model: nn.Module, name: str) -> tuple[Measurement, Artifact]:
         """Export ``model`` into its own folder of the work dir and benchmark it on the device."""
@@ -123,55 +142,39 @@ class SearchContext:
         return self.backend.benchmark(artifact, shape, self.target, self.device, self.reference), artifact
 
 
-def ratio_for_macs(ctx: SearchContext, macs_goal: float, low: float, high: float) -> float:
-    """The ratio within [low, high] whose MACs are closest to ``macs_goal`` (MACs fall as the ratio grows).
-
-    Bisection on exact MAC counts: each step prunes a copy and counts, which costs a fraction of a second and no
-    export. Rounding to the channel multiple makes MACs a step function of the ratio, so 12 steps are plenty.
-    """
-    for _ in range(12):
-        middle = (low + high) / 2
-        if ctx.plan_at(middle)[1] > macs_goal:
-            low = middle
-        else:
-            high = middle
-    return round(high, 4)
-
-
-def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], baseline_macs: int, budget_ms: float,
-           max_rounds: int):  # fmt: skip
+def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms: float, max_rounds: int):
     """Run up to ``max_rounds`` measured rounds; return (accepted candidate or None, all candidates, unreachable)."""
     candidates: list[Candidate] = []
     baseline, baseline_artifact = baseline
+    model = ctx.latency_model
     if baseline.p50 <= budget_ms:  # the unpruned model already fits: ship it as is
         plan, macs, params = ctx.plan_at(0.0)
         candidate = Candidate(0, plan, macs, params, baseline, baseline_artifact, baseline.p50)
         return candidate, [candidate], False
-    alpha = INITIAL_ALPHA
-    too_slow, too_fast = 0.0, MAX_RATIO  # ratio bracket: below too_slow is over budget, above too_fast over-pruned
+    model.add(ctx.structure.full_widths(), baseline.p50)  # calibrate on what the unpruned model measured
+    goal = AIM * budget_ms
     for step in range(1, max_rounds + 1):
-        goal = min(1.0, AIM * budget_ms / baseline.p50) ** (1.0 / alpha)
-        ratio = ratio_for_macs(ctx, goal * baseline_macs, too_slow, too_fast)
-        if any(abs(c.plan.ratio - ratio) < 1e-4 for c in candidates):  # the model points at a measured ratio
-            ratio = round((too_slow + too_fast) / 2, 4)
-        plan, macs, _ = ctx.plan_at(ratio)
-        ctx.say(f"round {step}: ratio {ratio:.3f}, {macs / baseline_macs:.0%} of the MACs; exporting and measuring ...")
-        candidate = measure_plan(ctx, plan, baseline.p50, step, budget_ms)
+        plan, macs, _ = ctx.plan_for(goal)
+        widths = ctx.structure.widths_of(plan)
+        repeat = next((c for c in candidates if c.plan.groups == plan.groups), None)
+        if repeat is not None:  # the refitted model still picks a plan measured already: aim past it
+            goal *= (1 - NUDGE) if repeat.latency > GUARD * budget_ms else (1 + NUDGE)
+            plan, macs, _ = ctx.plan_for(goal)
+            widths = ctx.structure.widths_of(plan)
+        predicted = model.predict(widths)
+        ctx.say(f"round {step}: {macs / ctx.structure.macs(ctx.structure.full_widths()):.0%} of the MACs,"
+                f" predicted {predicted:.3f} ms; exporting and measuring ...")  # fmt: skip
+        candidate = replace(measure_plan(ctx, plan, baseline.p50, step, budget_ms), predicted=predicted)
         candidates.append(candidate)
+        model.add(widths, candidate.latency)
         latency = candidate.latency
         if BAND_LOW * budget_ms <= latency <= GUARD * budget_ms:
             return candidate, candidates, False
-        if latency > GUARD * budget_ms:
-            if ratio >= MAX_RATIO - 1e-4:
-                if latency > budget_ms:
-                    return None, candidates, True  # the smallest model we make is still too slow
-                break  # marginal at the most pruning we do: nothing further to try
-            too_slow = max(too_slow, ratio)
-        else:
-            too_fast = min(too_fast, ratio)
-        macs_ratio = macs / baseline_macs
-        if 0 < macs_ratio < 1 and 0 < latency < baseline.p50:
-            alpha = min(3.0, max(0.2, math.log(latency / baseline.p50) / math.log(macs_ratio)))
+        if latency > GUARD * budget_ms and predicted > goal * 1.02:  # the allocator could not cut any further
+            if latency > budget_ms:
+                return None, candidates, True  # the smallest model we make is still too slow
+            break  # marginal at the most pruning we do: nothing further to try
+        goal = AIM * budget_ms
     # Out of rounds: the least-pruned candidate under the guard still meets the budget, with more pruning than
     # needed; failing that, the marginal candidate with the most room under the budget.
     guarded = [c for c in candidates if c.latency <= GUARD * budget_ms]

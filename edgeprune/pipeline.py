@@ -27,8 +27,11 @@ from edgeprune.report import check_output_dir, new_workdir, publish, versions, w
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.rewrite.recover import distill, quality, recalibrate_batchnorm
+from edgeprune.score.allocate import ALLOCATIONS
+from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.importance import score_groups
 from edgeprune.score.probe import find_unprunable
+from edgeprune.score.structure import read_structure
 from edgeprune.target import Budget, load_target
 from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, file_hashes, sha256, write_manifest
 
@@ -59,6 +62,7 @@ class BuildOptions:
     trust_pickle: bool = False
     strict: bool = False  # a group that cannot be pruned safely is an error, not kept whole
     plan: str | None = None  # replay this plan.json instead of searching (reproducible builds)
+    allocation: str = "global"  # or "uniform": the same fraction of every group (for comparison)
 
 
 def build(options: BuildOptions, say=print) -> dict:
@@ -75,6 +79,8 @@ def build(options: BuildOptions, say=print) -> dict:
         raise BadInput("memory budgets are not built yet; use --latency-ms or --speedup")
     if options.method not in METHODS:
         raise BadInput(f"unknown --method '{options.method}'; known: {', '.join(METHODS)}")
+    if options.allocation not in ALLOCATIONS:
+        raise BadInput(f"unknown --allocation '{options.allocation}'; known: {', '.join(ALLOCATIONS)}")
     if options.max_rounds < 1:
         raise BadInput(f"--max-rounds must be at least 1, got {options.max_rounds}")
     backend = get_backend(target.backend)
@@ -117,8 +123,18 @@ def build(options: BuildOptions, say=print) -> dict:
             with timed(say, f"scoring channel groups ({method})"):
                 ctx.scored = _score(model, example, method, list(score_set.batches(BATCH))[:4])
                 _keep_unprunable_whole(ctx, options.strict)
-            measured_baseline = (baseline, baseline_artifact)
-            chosen, candidates, unreachable = search(ctx, measured_baseline, base_macs, budget_ms, options.max_rounds)
+            ctx.structure = read_structure(model, example, [g.module for g in ctx.scored])
+            ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
+            ctx.allocation = options.allocation
+            cost_model = {"started_from": ctx.latency_model.source}
+            say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
+            try:
+                chosen, candidates, unreachable = search(
+                    ctx, (baseline, baseline_artifact), budget_ms, options.max_rounds
+                )
+            finally:  # what this build measured makes the next build of this model start closer
+                ctx.latency_model.save(profile_path(target, baseline.runtime, ctx.structure), baseline.runtime)
+                cost_model["after_build"] = ctx.latency_model.source
             if chosen is None:
                 raise BudgetNotMet(unreachable_message(candidates, budget_ms, device.label, unreachable))
 
@@ -165,7 +181,8 @@ def build(options: BuildOptions, say=print) -> dict:
             "accepted_step": chosen.step,
             "validation": validation.to_dict(),
             "quality": recovery,
-            "method": method, "seed": options.seed,
+            "method": method, "seed": options.seed, "allocation": None if options.plan else options.allocation,
+            "cost_model": None if options.plan else cost_model,
             "unprunable": [{"module": name, "reason": reason} for name, reason in sorted(ctx.unprunable.items())],
             "model": {"spec": options.model, "weights": options.weights, "input_shape": list(example.shape)},
             "data": {"calib": data.source, "synthetic": data.synthetic, "samples": len(data)},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -131,3 +133,9 @@ def r18_plan(r18_scored) -> Plan:
 @pytest.fixture(scope="module")
 def r18_pruned(r18, r18_plan, example) -> nn.Module:
     return apply_plan(r18, r18_plan, example)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory) -> None:
+    """Builds cache their latency measurements; in tests, in a folder of the session, never the user's cache."""
+    os.environ["EDGEPRUNE_CACHE"] = str(tmp_path_factory.mktemp("edgeprune-cache"))

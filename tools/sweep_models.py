@@ -1,7 +1,7 @@
 """Robustness sweep: the full `edgeprune build` on many timm architectures, one at a time, one table.
 
     python tools/sweep_models.py [--models resnet18 vit_tiny_patch16_224@224 ...] [--timeout 300] [--speedup 1.5]
-                                 [--json rows.json] [--markdown] [--debug]
+                                 [--json rows.json] [--markdown] [--jobs 2] [--debug]
 
 Each model is built with random weights (no --weights) by `edgeprune build --model timm:NAME --target x86-openvino
 --speedup 1.5 --input-shape 1,3,H,W --out TMP --json` in a subprocess with a timeout. Progress goes to stderr per
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from rich.console import Console
@@ -216,6 +217,7 @@ def main() -> int:
     parser.add_argument("--target", default="x86-openvino")
     parser.add_argument("--json", type=Path, help="write the rows (with each build's stderr tail) to this file")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    parser.add_argument("--jobs", type=int, default=1, help="builds at once (more is faster and makes latency noisier)")
     parser.add_argument("--debug", action="store_true", help="EDGEPRUNE_DEBUG=1: internal errors give their frame")
     args = parser.parse_args()
     models = parse_models(args.models)
@@ -223,19 +225,25 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that a stopped sweep still removes its folder
     err = Console(stderr=True, highlight=False)
     rows: list[tuple[dict, str]] = []
-    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
-        for i, (name, family, side) in enumerate(models, 1):
+    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp, ThreadPoolExecutor(args.jobs) as pool:
+
+        def one(i: int, name: str, family: str, side: int) -> dict:
             err.print(f"[{i}/{len(models)}] {name} ({family}, {side}x{side}) ...", markup=False)
-            row = run_one(name, side, args, Path(tmp) / f"out{i}")
-            row["family"] = family
-            rows.append((row, family))
+            row = run_one(name, side, args, Path(tmp) / f"out{i}") | {"family": family}
             verdict = ("ok" if row["ok"] else "FAILED") + (f": {row['reason']}" if row["reason"] else "")
             detail = f", {row['speedup']:.2f}x, {row['macs_kept']:.0%} MACs" if row.get("speedup") else ""
             code = "timeout" if row["timed_out"] else f"exit {row['exit']}"
             err.print(f"[{i}/{len(models)}] {name}: {code} in {row['seconds']:.0f} s{detail}: {verdict}",
                       markup=False, soft_wrap=True)  # fmt: skip
+            return row
+
+        futures = [pool.submit(one, i, *model) for i, model in enumerate(models, 1)]
+        for future in as_completed(futures):
+            rows.append((future.result(), future.result()["family"]))
             if args.json:  # written after every model, so a long sweep that is stopped still leaves its rows
                 args.json.write_text(json.dumps([r for r, _ in rows], indent=2))
+        order = {name: i for i, (name, _, _) in enumerate(models)}
+        rows.sort(key=lambda pair: order[pair[0]["model"]])
 
     title = f"edgeprune build --target {args.target} --speedup {args.speedup:g}, timm, random weights"
     table = Table(title=title)

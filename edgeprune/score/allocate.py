@@ -1,18 +1,25 @@
-"""Stage 2: choose how many channels each group keeps, and which, for a given pruning amount.
+"""Stage 2: choose how many channels each group keeps, and which, to bring a predicted cost within a goal.
 
-This first version removes the same fraction from every group (the ratio the measure-and-adjust loop searches),
-rounds each kept width to the target's channel multiple (runtimes run multiples of their SIMD or tensor-core width
-fastest), and keeps a floor so that no layer collapses. Within a group the highest-scoring channels are kept.
+Two allocations. ``global`` (the default) spends the budget where it buys the most: it cuts, one channel multiple at
+a time, whatever loses the least importance per unit of cost saved on this target (the cost model's prediction), so
+cheap layers are spared and expensive ones cut. ``uniform`` removes the same fraction from every group, as
+Torch-Pruning's default does; it stays for comparison. Both round kept widths to the target's channel multiple
+(runtimes run multiples of their SIMD or tensor-core width fastest), keep a floor so that no layer collapses, and keep
+the highest-scoring channels of each group.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from edgeprune.rewrite.plan import GroupPlan, Plan
 from edgeprune.score.importance import ScoredGroup
+from edgeprune.score.structure import Structure
 
 MAX_RATIO = 0.9  # never remove more than 90% of a group: below that, accuracy collapses and nothing is recoverable
 
@@ -47,3 +54,108 @@ def uniform_plan(
         order = torch.argsort(group.scores, descending=True, stable=True)[:width]
         groups.append(GroupPlan(module=group.module, channels=group.channels, kept=tuple(sorted(order.tolist()))))
     return Plan(model=model, input_shape=tuple(input_shape), method=method, ratio=ratio, groups=tuple(groups))
+
+
+GLOBAL_MIN_KEEP = 0.25  # global allocation may cut a cheap-to-keep layer hard, but never below a quarter of it
+ALLOCATIONS = ("global", "uniform")
+
+
+def allocate(
+    scored: list[ScoredGroup], structure: Structure, cost: Callable[[np.ndarray], float], goal: float,
+    multiple: int, allocation: str, model: str, input_shape: tuple[int, ...], method: str,
+) -> Plan:  # fmt: skip
+    """The plan whose predicted ``cost`` (latency, memory, params or MACs under a plan's widths) is within ``goal``
+    at the least loss of importance: ``global`` allocation, or the ``uniform`` ratio that reaches it."""
+    if allocation == "uniform":
+        return _uniform_for_goal(scored, structure, cost, goal, multiple, model, input_shape, method)
+    widths = global_widths(scored, structure, cost, goal, multiple)
+    return plan_from_widths(scored, widths, model, input_shape, method)
+
+
+def global_widths(
+    scored: list[ScoredGroup], structure: Structure, cost: Callable[[np.ndarray], float], goal: float, multiple: int
+) -> np.ndarray:
+    """Per-group widths that keep the most importance per unit of cost saved, until the cost is within ``goal``.
+
+    Greedy, one channel multiple at a time: the next cut is the one that loses the least importance per unit of
+    predicted cost it saves. Importance is compared across groups after dividing each group's scores by their mean
+    (raw magnitudes differ by layer far more than usefulness does). Priorities change as other groups shrink, so
+    they are refreshed lazily: a popped cut is re-priced and applied only if it is still the cheapest.
+    """
+    widths = structure.full_widths()
+    order: dict[int, np.ndarray] = {}  # group index → its normalised scores, ascending (removal order)
+    for group in scored:
+        if group.scores is not None and group.channels > multiple:
+            scores = group.scores.double().numpy()
+            order[structure.groups.index(group.module)] = np.sort(scores / max(scores.mean(), 1e-12))
+    current = cost(widths)
+
+    def next_width(g: int) -> int | None:
+        channels = int(structure.channels[g])
+        floor = max(multiple, math.ceil(channels * GLOBAL_MIN_KEEP / multiple) * multiple)
+        step = (int(widths[g]) - 1) // multiple * multiple  # the next aligned width below
+        return step if step >= floor else None
+
+    def priority(g: int) -> float | None:
+        width = next_width(g)
+        if width is None:
+            return None
+        trial = widths.copy()
+        trial[g] = width
+        saved = current - cost(trial)
+        if saved <= 0:
+            return None  # cutting it saves nothing (or costs more): never worth the importance
+        removed = int(structure.channels[g]) - width
+        lost = order[g][:removed].sum() - order[g][: int(structure.channels[g] - widths[g])].sum()
+        return lost / saved
+
+    heap = [(p, g) for g in order if (p := priority(g)) is not None]
+    heapq.heapify(heap)
+    while heap and current > goal:
+        stored, g = heapq.heappop(heap)
+        fresh = priority(g)
+        if fresh is None:
+            continue
+        if heap and fresh > heap[0][0] * (1 + 1e-9) and fresh > stored * (1 + 1e-9):
+            heapq.heappush(heap, (fresh, g))  # another cut is cheaper now
+            continue
+        widths[g] = next_width(g)
+        current = cost(widths)
+        if (following := priority(g)) is not None:
+            heapq.heappush(heap, (following, g))
+    return widths
+
+
+def plan_from_widths(
+    scored: list[ScoredGroup], widths: np.ndarray, model: str, input_shape: tuple[int, ...], method: str
+) -> Plan:
+    """The plan that keeps, in each group, its ``widths`` best-scoring channels (groups in ``scored``'s order)."""
+    groups = []
+    for group, width in zip(scored, widths, strict=True):
+        width = int(width)
+        if group.scores is None or width >= group.channels:
+            groups.append(GroupPlan(module=group.module, channels=group.channels, kept=tuple(range(group.channels))))
+            continue
+        order = torch.argsort(group.scores, descending=True, stable=True)[:width]
+        groups.append(GroupPlan(module=group.module, channels=group.channels, kept=tuple(sorted(order.tolist()))))
+    removed = 1 - float(np.sum(widths)) / float(sum(g.channels for g in scored))
+    return Plan(model=model, input_shape=tuple(input_shape), method=method, ratio=round(removed, 4),
+                groups=tuple(groups))  # fmt: skip
+
+
+def _uniform_for_goal(scored, structure, cost, goal, multiple, model, input_shape, method) -> Plan:
+    """The least uniform ratio whose predicted cost is within ``goal`` (MAX_RATIO when none is)."""
+
+    def at(ratio: float) -> Plan:
+        return uniform_plan(scored, ratio, multiple, model, input_shape, method)
+
+    low, high = 0.0, MAX_RATIO
+    if cost(structure.widths_of(at(0.0))) <= goal:
+        return at(0.0)
+    for _ in range(14):  # rounding to the multiple makes cost a step function of the ratio: 14 halvings suffice
+        middle = (low + high) / 2
+        if cost(structure.widths_of(at(middle))) > goal:
+            low = middle
+        else:
+            high = middle
+    return at(high)

@@ -11,23 +11,26 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 from torch import nn
 
 from edgeprune.rewrite.prune import apply_plan
-from edgeprune.score.allocate import uniform_plan
+from edgeprune.score.allocate import plan_from_widths, uniform_plan
 from edgeprune.score.importance import ScoredGroup
 
 PROBE_RATIO = 0.5
 
 
 def find_unprunable(
-    model: nn.Module, example: torch.Tensor, scored: list[ScoredGroup], multiple: int, ratio: float = PROBE_RATIO
-) -> dict[str, str]:
+    model: nn.Module, example: torch.Tensor, scored: list[ScoredGroup], multiple: int, ratio: float = PROBE_RATIO,
+    widths: dict[str, int] | None = None,
+) -> dict[str, str]:  # fmt: skip
     """Map each group root that breaks the model when pruned to the one-line reason; empty when all prune cleanly.
 
-    A group breaks the model when pruning ``ratio`` of it (rounded to ``multiple``) raises, or changes the output's
-    shape. Groups that fail only together, not one by one, are all reported.
+    A group breaks the model when pruning ``ratio`` of it (rounded to ``multiple``), or cutting it to its width in
+    ``widths`` when given (a plan that failed), raises or changes the output's shape. Groups that fail only
+    together, not one by one, are all reported.
     """
     with torch.no_grad():
         expected = tuple(model(example).shape)
@@ -35,7 +38,11 @@ def find_unprunable(
     def failure(names: list[str]) -> str | None:
         chosen = set(names)
         subset = [g if g.module in chosen else replace(g, scores=None) for g in scored]
-        plan = uniform_plan(subset, ratio, multiple, "probe", tuple(example.shape), "probe")
+        if widths is None:
+            plan = uniform_plan(subset, ratio, multiple, "probe", tuple(example.shape), "probe")
+        else:
+            cut = np.array([widths.get(g.module, g.channels) for g in subset])
+            plan = plan_from_widths(subset, cut, "probe", tuple(example.shape), "probe")
         try:
             pruned = apply_plan(model, plan, example, check_fit=False)  # the plan is made from this model
             with torch.no_grad():

@@ -1,0 +1,105 @@
+"""`edgeprune profile`: measure how this model's latency responds to width on the target, and cache the fit.
+
+A profile is a handful of plans of different widths (uniform cuts, and random per-group cuts so that the kinds of
+layers can be told apart), each exported and measured on the target's own runtime. The latency model fitted to them
+is what a build then starts from (builds add their own rounds to the same cache). Where the target's runtime cannot
+run here, the command prints the roofline estimate from the profile's figures instead, and says so.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeprune.backends import get_backend
+from edgeprune.device import open_device
+from edgeprune.errors import BadInput, EdgepruneError
+from edgeprune.loop import SearchContext
+from edgeprune.model import DEFAULT_MODEL, load_model
+from edgeprune.rewrite.prune import apply_plan
+from edgeprune.score.allocate import plan_from_widths, uniform_plan
+from edgeprune.score.costmodel import LatencyModel, new_model, profile_path
+from edgeprune.score.importance import score_groups
+from edgeprune.score.probe import find_unprunable
+from edgeprune.score.structure import read_structure
+from edgeprune.target import load_target
+
+UNIFORM_RATIOS = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    name: str
+    macs_fraction: float
+    predicted_ms: float  # by the fit on the other samples (left out), or the estimate
+    measured_ms: float | None
+
+
+def run_profile(
+    target_name: str, model_spec: str = DEFAULT_MODEL, weights: str | None = None,
+    input_shape: tuple[int, ...] | None = None, device_url: str | None = None, samples: int = 10,
+    trust_pickle: bool = False, say=print,
+) -> dict:  # fmt: skip
+    """Profile ``model_spec`` on ``target_name``; return what was measured and where the fit is cached."""
+    if samples < 4:
+        raise BadInput("--samples must be at least 4 (the unpruned model, three uniform cuts)")
+    target = load_target(target_name)
+    loaded = load_model(model_spec, weights, input_shape, trust_pickle)
+    model, example = loaded.module, torch.zeros(loaded.input.shape)
+    scored = score_groups(model, example, "magnitude")  # latency depends on widths, not on which channels
+    whole = {g.module for g in scored if g.reason} | set(
+        find_unprunable(model, example, scored, target.channel_multiple)
+    )
+    scored = [replace(g, scores=None) if g.module in whole else g for g in scored]
+    structure = read_structure(model, example, [g.module for g in scored])
+    full = structure.full_widths()
+    shape = tuple(example.shape)
+    plans = [("unpruned", uniform_plan(scored, 0.0, target.channel_multiple, model_spec, shape, "profile"))]
+    plans += [(f"uniform {r:.0%}", uniform_plan(scored, r, target.channel_multiple, model_spec, shape, "profile"))
+              for r in UNIFORM_RATIOS]  # fmt: skip
+    rng = np.random.default_rng(0)
+    for i in range(samples - len(plans)):  # per-group random cuts: the kinds of layers vary independently
+        multiple = target.channel_multiple
+        cut = np.maximum(
+            multiple, np.round(structure.channels * rng.uniform(0.3, 1.0, len(full)) / multiple) * multiple
+        )
+        cut = np.where([g.scores is None for g in scored], structure.channels, np.minimum(cut, structure.channels))
+        plans.append((f"random {i + 1}", plan_from_widths(scored, cut, model_spec, shape, "profile")))
+
+    try:
+        backend = get_backend(target.backend)
+        backend.require()
+        device = open_device(device_url or target.device)
+    except EdgepruneError as exc:  # the runtime cannot run here: the roofline stands in, labelled as such
+        latency = new_model(structure, target, "estimate")
+        rows = [ProfileRow(name, structure.macs(structure.widths_of(p)) / structure.macs(full),
+                           latency.predict(structure.widths_of(p)), None) for name, p in plans]  # fmt: skip
+        return {"target": target.name, "model": model_spec, "source": latency.source, "not_measured": str(exc),
+                "rows": rows, "cache": None, "kept_whole": sorted(whole)}  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="edgeprune-profile-") as tmp:
+        ctx = SearchContext(model, example, scored, model_spec, "profile", target, backend, device, Path(tmp), say)
+        measured = []
+        for i, (name, plan) in enumerate(plans, 1):
+            say(f"[{i}/{len(plans)}] {name}: exporting and measuring ...")
+            pruned_plan, _, _ = ctx._checked(lambda plan=plan: plan)
+            measurement, _ = ctx.measure(apply_plan(model, pruned_plan, example), f"sample-{i}")
+            measured.append((name, structure.widths_of(pruned_plan), measurement.p50))
+            runtime = measurement.runtime
+    latency = new_model(structure, target, runtime)
+    for _, widths, p50 in measured:
+        latency.add(widths, p50)
+    path = profile_path(target, runtime, structure)
+    latency.save(path, runtime)
+    rows, earlier = [], len(latency.samples) - len(measured)  # samples cached by earlier builds come first
+    for i, (name, widths, p50) in enumerate(measured):  # each sample predicted by a fit on all the others
+        held_out = [s for j, s in enumerate(latency.samples) if j != earlier + i]
+        others = LatencyModel(structure, target, samples=held_out, precision=target.precision)
+        others.fit()
+        rows.append(ProfileRow(name, structure.macs(widths) / structure.macs(full), others.predict(widths), p50))
+    return {"target": target.name, "model": model_spec, "source": latency.source, "not_measured": None,
+            "rows": rows, "cache": str(path), "kept_whole": sorted(whole), "runtime": runtime}  # fmt: skip

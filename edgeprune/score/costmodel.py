@@ -1,0 +1,164 @@
+"""Stage 2: a latency model of this model on this target, so that the scorer can price any candidate plan.
+
+Two sources, and the report always says which one it used:
+
+- **estimate**: a roofline from the target profile's figures (``[estimate]`` peak GFLOP/s and memory GB/s): each
+  layer takes max(compute time, memory time). Needs no device, and is only as good as those two figures.
+- **profile**: latencies measured on the target's own runtime (`edgeprune profile`, and every round of every build)
+  for plans of different widths, fitted by non-negative least squares to per-kind costs: a fixed time, time per
+  conv MAC, per depthwise MAC, per linear MAC, and per byte moved. Depthwise layers and memory-bound layers are why
+  MACs alone mispredict on a CPU; fitting the kinds separately is what catches it.
+
+With fewer measurements than the full fit needs, the roofline's shape is kept and only scaled (and offset, from two
+measurements on), so even the first round of a build starts from a prediction calibrated on the measured baseline.
+Samples are cached per target, runtime version and model structure (`profile_path`), so a second build of the same
+model starts from everything the first one measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import nnls
+
+from edgeprune.score.structure import KINDS, Structure
+from edgeprune.target import Target
+
+FULL_FIT_SAMPLES = 8  # below this, the 5-coefficient fit is under-determined: scale the roofline instead
+MAX_SAMPLES = 64  # the newest are kept: a cache grows with every build of the same model
+
+
+@dataclass
+class LatencyModel:
+    """Predicts a plan's p50 latency in ms from its per-group widths, for one structure on one target."""
+
+    structure: Structure
+    target: Target
+    samples: list[tuple[list[float], float]] = field(default_factory=list)  # (group widths, measured p50 ms)
+    coefficients: np.ndarray | None = None  # per FEATURES, fitted; None when the roofline is scaled instead
+    scale: float = 1.0
+    offset: float = 0.0
+    precision: str = "fp32"
+
+    @property
+    def source(self) -> str:
+        if not self.samples:
+            return "estimate (the target's roofline figures, no measurement)"
+        how = "per-kind fit" if self.coefficients is not None else "roofline scaled to the measurements"
+        return f"profile ({len(self.samples)} measurements on the target, {how})"
+
+    def features(self, widths: np.ndarray) -> np.ndarray:
+        """[1, conv MACs, depthwise MACs, linear MACs, bytes moved] under ``widths``."""
+        macs, _, moved = self.structure.per_layer(widths, self.precision)
+        per_kind = [macs[self.structure.kind_mask(kind)].sum() for kind in KINDS]
+        return np.array([1.0, *per_kind, moved.sum()])
+
+    def roofline_ms(self, widths: np.ndarray) -> float:
+        """Each layer's max(compute, memory) time at the target's peak figures, summed, in ms."""
+        macs, _, moved = self.structure.per_layer(widths, self.precision)
+        compute = 2 * macs / (self.target.estimate.peak_gflops * 1e9)
+        memory = moved / (self.target.estimate.memory_gbps * 1e9)
+        return float(np.maximum(compute, memory).sum() * 1e3)
+
+    def predict(self, widths: np.ndarray) -> float:
+        if self.coefficients is not None:
+            return float(self.features(widths) @ self.coefficients)
+        return self.offset + self.scale * self.roofline_ms(widths)
+
+    def add(self, widths: np.ndarray, measured_ms: float) -> None:
+        """Learn from one measurement and refit."""
+        self.samples = (self.samples + [([float(w) for w in widths], float(measured_ms))])[-MAX_SAMPLES:]
+        self.fit()
+
+    def fit(self) -> None:
+        """Refit on the samples: the per-kind fit when there are enough samples and it predicts them better (left
+        out one at a time) than the scaled roofline does; else the scaled roofline."""
+        self.coefficients = None
+        if not self.samples:
+            self.scale, self.offset = 1.0, 0.0
+            return
+        widths = [np.array(w) for w, _ in self.samples]
+        measured = np.array([ms for _, ms in self.samples])
+        roof = np.array([self.roofline_ms(w) for w in widths])
+        self.scale, self.offset = _fit_scaled(roof, measured)
+        if len(self.samples) < FULL_FIT_SAMPLES:
+            return
+        features = np.array([self.features(w) for w in widths])
+        units = features.max(axis=0)
+        units[units == 0] = 1.0  # features of very different magnitudes: fit in scaled units
+        if _loo_error(features / units, measured, _fit_nnls) < _loo_error(roof[:, None], measured, _fit_scaled_rows):
+            self.coefficients = _fit_nnls(features / units, measured) / units
+
+    def relative_errors(self) -> list[float]:
+        """(predicted − measured) / measured for each sample, with the current fit."""
+        return [(self.predict(np.array(w)) - ms) / ms for w, ms in self.samples]
+
+    def save(self, path: Path, runtime: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"version": 1, "target": self.target.name, "runtime": runtime, "structure": self.structure.key,
+                "groups": self.structure.groups, "samples": self.samples}  # fmt: skip
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(data))
+        partial.replace(path)  # never a half-written cache that a later build would trip over
+
+
+def new_model(structure: Structure, target: Target, runtime: str) -> LatencyModel:
+    """The model for ``structure`` on ``target``, starting from the cached measurements when there are some."""
+    model = LatencyModel(structure, target, precision=target.precision)
+    path = profile_path(target, runtime, structure)
+    try:
+        data = json.loads(path.read_text())
+        if data.get("structure") == structure.key and data.get("groups") == structure.groups:
+            model.samples = [(list(w), float(ms)) for w, ms in data["samples"]][-MAX_SAMPLES:]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no cache, or one from another version: start from the estimate
+    model.fit()
+    return model
+
+
+def cache_dir() -> Path:
+    """$EDGEPRUNE_CACHE, else $XDG_CACHE_HOME/edgeprune, else ~/.cache/edgeprune."""
+    if os.environ.get("EDGEPRUNE_CACHE"):
+        return Path(os.environ["EDGEPRUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeprune"
+
+
+def profile_path(target: Target, runtime: str, structure: Structure) -> Path:
+    """Where the measurements of ``structure`` on ``target`` with ``runtime`` (name and version) are cached."""
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in runtime)
+    return cache_dir() / "profiles" / target.name / safe / f"{structure.key}.json"
+
+
+def _fit_scaled(roof: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
+    """measured ≈ offset + scale·roof, both ≥ 0; a pure scale from one sample."""
+    if len(roof) == 1 or np.ptp(roof) < 1e-9:
+        return float(np.median(measured / roof)), 0.0
+    (offset, scale), _ = nnls(np.column_stack([np.ones_like(roof), roof]), measured)
+    return (float(scale), float(offset)) if scale > 0 else (float(np.median(measured / roof)), 0.0)
+
+
+def _fit_scaled_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    scale, offset = _fit_scaled(x[:, 0], y)
+    return np.array([scale, offset])
+
+
+def _fit_nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return nnls(x, y)[0]
+
+
+def _loo_error(x: np.ndarray, y: np.ndarray, fit) -> float:
+    """Median relative error of predicting each sample from a fit on the others."""
+    errors = []
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        coefficients = fit(x[keep], y[keep])
+        if fit is _fit_scaled_rows:
+            predicted = coefficients[1] + coefficients[0] * x[i, 0]
+        else:
+            predicted = x[i] @ coefficients
+        errors.append(abs(predicted - y[i]) / y[i])
+    return float(np.median(errors))

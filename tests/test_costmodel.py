@@ -1,0 +1,159 @@
+"""Stage 2's cost side: layer costs of any plan without pruning, the latency model and its cache, global allocation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import MBV3, R18  # noqa: F401
+
+from edgeprune.rewrite.prune import apply_plan, count_macs_params
+from edgeprune.score.allocate import GLOBAL_MIN_KEEP, allocate, global_widths, uniform_plan
+from edgeprune.score.costmodel import FULL_FIT_SAMPLES, new_model, profile_path
+from edgeprune.score.structure import read_structure
+from edgeprune.target import load_target
+
+TARGET = load_target("x86-openvino")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def models(r18, mbv3, r18_scored, mbv3_scored, example):
+    return {R18: (r18, r18_scored), MBV3: (mbv3, mbv3_scored)}
+
+
+@pytest.mark.parametrize("spec", [R18, MBV3])
+def test_macs_and_params_of_any_plan_match_the_pruned_model(spec, models, example):
+    model, scored = models[spec]
+    structure = read_structure(model, example, [g.module for g in scored])
+    rng = np.random.default_rng(0)
+    plans = [uniform_plan(scored, r, 8, spec, tuple(example.shape), "m") for r in (0.0, 0.5)]
+    random_widths = [max(8, int(c * rng.uniform(0.3, 1.0)) // 8 * 8) for c in structure.channels]
+    plans.append(allocate_widths(scored, random_widths, spec, example))
+    for plan in plans:
+        widths = structure.widths_of(plan)
+        macs, params = count_macs_params(apply_plan(model, plan, example), example)
+        assert structure.macs(widths) == macs  # exact: the same formula on the same widths
+        assert abs(structure.params(widths) - params) / params < 0.01  # norm scales are not counted
+
+
+def allocate_widths(scored, widths, spec, example):
+    from edgeprune.score.allocate import plan_from_widths
+
+    return plan_from_widths(scored, np.array(widths, dtype=float), spec, tuple(example.shape), "m")
+
+
+def test_the_latency_model_starts_from_the_roofline_and_learns_from_measurements(r18, r18_scored, example):
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    model = new_model(structure, TARGET, "openvino 1.0")
+    full = structure.full_widths()
+    assert model.source.startswith("estimate") and model.predict(full) == pytest.approx(model.roofline_ms(full))
+    model.add(full, 10.0)  # one measurement: the roofline's shape, scaled to it
+    assert model.predict(full) == pytest.approx(10.0) and model.source.startswith("profile (1 measurements")
+    half = structure.widths_of(uniform_plan(r18_scored, 0.5, 8, R18, tuple(example.shape), "m"))
+    assert 0 < model.predict(half) < 10.0
+    # A runtime whose latency is 2 ms fixed plus a cost per conv MAC: enough samples fit it nearly exactly.
+    model = new_model(structure, TARGET, "openvino 1.0")
+    rng = np.random.default_rng(1)
+    for _ in range(FULL_FIT_SAMPLES + 2):
+        widths = np.maximum(8, np.round(structure.channels * rng.uniform(0.3, 1.0) / 8) * 8)
+        model.add(widths, 2.0 + 1e-8 * model.features(widths)[1])
+    truth = 2.0 + 1e-8 * model.features(half)[1]
+    assert abs(model.predict(half) - truth) / truth < 0.02
+    assert max(abs(e) for e in model.relative_errors()) < 0.05
+
+
+def test_measurements_are_cached_per_target_runtime_and_structure(r18, r18_scored, mbv3, mbv3_scored, example):
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    model = new_model(structure, TARGET, "openvino 1.0")
+    model.add(structure.full_widths(), 12.0)
+    path = profile_path(TARGET, "openvino 1.0", structure)
+    model.save(path, "openvino 1.0")
+    assert json.loads(path.read_text())["samples"][0][1] == 12.0
+    assert new_model(structure, TARGET, "openvino 1.0").predict(structure.full_widths()) == pytest.approx(12.0)
+    assert not new_model(structure, TARGET, "openvino 2.0").samples  # another runtime version: measured again
+    other = read_structure(mbv3, example, [g.module for g in mbv3_scored])
+    assert other.key != structure.key and not new_model(other, TARGET, "openvino 1.0").samples
+    path.write_text("{not json")  # a damaged cache is ignored, not a crash
+    assert not new_model(structure, TARGET, "openvino 1.0").samples
+
+
+def test_global_allocation_meets_the_goal_and_spares_cheap_layers(mbv3, mbv3_scored, example):
+    structure = read_structure(mbv3, example, [g.module for g in mbv3_scored])
+    model = new_model(structure, TARGET, "openvino 1.0")
+    full = structure.full_widths()
+    goal = 0.6 * model.predict(full)
+    widths = global_widths(mbv3_scored, structure, model.predict, goal, 8)
+    assert model.predict(widths) <= goal
+    assert all(w % 8 == 0 or w == c for w, c in zip(widths, structure.channels, strict=True))
+    floors = np.maximum(8, np.ceil(structure.channels * GLOBAL_MIN_KEEP / 8) * 8)
+    assert all(w >= min(f, c) for w, f, c in zip(widths, floors, structure.channels, strict=True))
+    uniform = structure.widths_of(allocate(mbv3_scored, structure, model.predict, goal, 8, "uniform", MBV3,
+                                           tuple(example.shape), "m"))  # fmt: skip
+    assert model.predict(uniform) <= goal
+    # Cost-aware: global cuts differ from group to group, and it keeps at least as many channels for the same cost.
+    kept = widths / structure.channels
+    assert kept.max() - kept.min() > 0.3
+    assert widths.sum() >= uniform.sum()
+
+
+def test_global_allocation_keeps_groups_that_are_kept_whole(r18, r18_scored, example):
+    whole = {r18_scored[0].module}
+    scored = [replace(g, scores=None) if g.module in whole else g for g in r18_scored]
+    structure = read_structure(r18, example, [g.module for g in scored])
+    model = new_model(structure, TARGET, "openvino 1.0")
+    plan = allocate(scored, structure, model.predict, 0.5 * model.predict(structure.full_widths()), 8, "global", R18,
+                    tuple(example.shape), "m")  # fmt: skip
+    assert {g.module: g.width for g in plan.groups}[r18_scored[0].module] == r18_scored[0].channels
+    pruned = apply_plan(r18, plan, example)
+    assert pruned(example).shape == r18(example).shape and torch.isfinite(pruned(example)).all()
+
+
+def test_profile_measures_fits_and_caches_and_a_build_starts_from_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeprune.cli import app
+
+    args = ["--model", "timm:resnet18", "--input-shape", "1,3,64,64"]  # slow enough that 1.3x is always reachable
+    result = CliRunner().invoke(app, ["profile", *args, "--samples", "5"])
+    assert result.exit_code == 0, result.output
+    assert "measured ms" in result.stdout and "not measured" not in result.stdout
+    cached = list((tmp_path / "cache" / "profiles" / "x86-openvino").glob("*/*.json"))
+    assert len(cached) == 1 and len(json.loads(cached[0].read_text())["samples"]) == 5
+    built = CliRunner().invoke(app, ["build", *args, "--speedup", "1.3", "--out", str(tmp_path / "o"), "--json"])
+    assert built.exit_code in (0, 1), built.stderr  # 1: the final measurement missed on a busy machine
+    assert "cost model: profile (5 measurements" in built.stderr
+    report = json.loads(built.stdout)
+    assert report["allocation"] == "global"
+    assert report["cost_model"]["started_from"].startswith("profile (5 measurements")
+    assert all(r["predicted_ms"] > 0 for r in report["iterations"])
+    # The build's own rounds went into the cache as well.
+    assert len(json.loads(cached[0].read_text())["samples"]) > 5
+
+
+def test_profile_of_a_target_that_cannot_run_here_is_an_estimate_and_says_so():
+    from typer.testing import CliRunner
+
+    from edgeprune.cli import app
+
+    result = CliRunner().invoke(app, ["profile", "--target", "jetson-orin", "--model", "timm:mobilenetv3_small_100",
+                                      "--input-shape", "1,3,64,64", "--samples", "4"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "ESTIMATE" in result.stdout and "not measured: the TensorRT backend is not built yet" in result.stdout
+    assert "cached in" not in result.stdout
+
+
+def test_profile_refuses_too_few_samples():
+    from typer.testing import CliRunner
+
+    from edgeprune.cli import app
+
+    result = CliRunner().invoke(app, ["profile", "--samples", "2"])
+    assert result.exit_code == 2 and "--samples must be at least 4" in result.stderr
