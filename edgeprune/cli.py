@@ -40,7 +40,8 @@ def targets_list(ctx: typer.Context) -> None:
 
     table = Table("backend", "precision", "multiple", "threads", "default budget")
     table.columns.insert(0, Column("name", no_wrap=True))  # a name is typed back in: never truncate it
-    units = {"latency_ms": "{:g} ms", "speedup": "{:g}x faster", "memory_mb": "{:g} MB"}
+    units = {"latency_ms": "{:g} ms", "speedup": "{:g}x faster", "memory_mb": "{:g} MB", "macs_ratio": "{:g} of MACs",
+             "params_ratio": "{:g} of params"}  # fmt: skip
     for t in list_targets():
         budget = units[t.budget.kind].format(t.budget.value)
         table.add_row(t.name, t.backend, t.precision, str(t.channel_multiple), str(t.threads), budget)
@@ -74,6 +75,8 @@ def build(
     latency_ms: Annotated[float | None, typer.Option(help="Budget: p50 latency in ms on the target.")] = None,
     speedup: Annotated[float | None, typer.Option(help="Budget: p50 speedup over the unpruned model.")] = None,
     memory_mb: Annotated[float | None, typer.Option(help="Budget: peak memory in MB (not built yet).")] = None,
+    macs_ratio: Annotated[float | None, typer.Option(help="Budget: fraction of the unpruned MACs, in (0, 1].")] = None,
+    params_ratio: Annotated[float | None, typer.Option(help="Budget: fraction of the unpruned params.")] = None,
     input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration data: ImageFolder dir or .npz.")] = None,
     method: Annotated[str | None, typer.Option(help="Importance: auto, magnitude, taylor [default: auto].")] = None,
@@ -105,7 +108,8 @@ def build(
         "device": device, "out": out_dir, "max_rounds": max_rounds, "recover_steps": recover_steps,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
     }  # fmt: skip
-    budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb}
+    budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb, "macs_ratio": macs_ratio,
+              "params_ratio": params_ratio}  # fmt: skip
     try:
         jobs, project = plan_jobs(flags, budget, config)
     except EdgepruneError as exc:
@@ -210,8 +214,13 @@ def _print_summary(report: dict, out_dir: Path) -> None:
         table.add_row(*row)
     out.print(table)
     verdict = "met" if report["met_budget"] else "NOT met"
+    budget = report["budget"]
+    if budget["latency_ms"] is None:  # a counted budget (MACs or params fraction)
+        what = f"{budget['kind'].replace('_', ' ')} {budget['value']:g} ({report['result'][budget['kind']]:.3f})"
+    else:
+        what = f"{budget['latency_ms']:.3f} ms p50"
     out.print(
-        f"budget {report['budget']['latency_ms']:.3f} ms p50 {verdict}: {report['result']['speedup']:.2f}x faster"
+        f"budget {what} {verdict}: {report['result']['speedup']:.2f}x faster"
         f" in {len(report['iterations'])} measured round(s); outputs match PyTorch within"
         f" {report['validation']['atol']:.2g} (max error {report['validation']['max_abs_err']:.2g}); wrote {out_dir}/"
     )

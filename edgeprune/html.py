@@ -27,7 +27,11 @@ def write_html(path: Path, report: dict, widths: dict[str, tuple[int, int]], fil
     quality = report.get("quality") or {}
     rows = [
         ("target", f"{report['target']} ({report['backend']}, {report['precision']})"),
-        ("budget", f"{budget['kind']} = {budget['value']:g} → {budget['latency_ms']:.3f} ms p50"),
+        (
+            "budget",
+            f"{budget['kind']} = {budget['value']:g}"
+            + (f" → {budget['latency_ms']:.3f} ms p50" if budget["latency_ms"] is not None else ""),
+        ),
         ("measured on", report["measured_on"]),
         (
             "latency p50",
@@ -105,7 +109,8 @@ def _rounds_plot(report: dict):
     rounds = report["iterations"]
     steps = [r["step"] for r in rounds]
     axes.bar(steps, [r["comparable_p50"] for r in rounds], color="#4a7ab5", label="candidate p50")
-    axes.axhline(report["budget"]["latency_ms"], color="#a31515", linestyle="--", label="budget")
+    if report["budget"]["latency_ms"] is not None:
+        axes.axhline(report["budget"]["latency_ms"], color="#a31515", linestyle="--", label="budget")
     axes.axhline(report["baseline"]["latency_ms"]["p50"], color="#888", linestyle=":", label="unpruned")
     for r in rounds:
         axes.annotate(f"ratio {r['ratio']:.2f}", (r["step"], r["comparable_p50"]), ha="center", va="bottom", fontsize=8)
@@ -126,7 +131,8 @@ def _tradeoff_plot(report: dict):
                  label="unpruned")  # fmt: skip
     axes.scatter([report["result"]["comparable_p50"]], [quality.get("result", float("nan"))], color="#176c2c",
                  marker="*", s=150, label="shipped")  # fmt: skip
-    axes.axvline(report["budget"]["latency_ms"], color="#a31515", linestyle="--", label="budget")
+    if report["budget"]["latency_ms"] is not None:
+        axes.axvline(report["budget"]["latency_ms"], color="#a31515", linestyle="--", label="budget")
     axes.set_xlabel("p50 (ms)")
     axes.set_ylabel(quality.get("metric", "quality"))
     axes.legend(fontsize=8)

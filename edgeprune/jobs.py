@@ -80,7 +80,9 @@ def _budget(flags: dict) -> Budget | None:
     if len(given) > 1:
         raise BadInput(f"give one budget, not {' and '.join('--' + k.replace('_', '-') for k in given)}")
     for kind, value in given.items():
-        if not value > 0 or (kind == "speedup" and value < 1):
-            need = "at least 1" if kind == "speedup" else "positive"
+        if not value > 0 or (kind == "speedup" and value < 1) or (kind.endswith("_ratio") and value > 1):
+            need = {"speedup": "at least 1", "macs_ratio": "in (0, 1]", "params_ratio": "in (0, 1]"}.get(
+                kind, "positive"
+            )
             raise BadInput(f"--{kind.replace('_', '-')} must be {need}, got {value}")
     return Budget(**given) if given else None

@@ -11,6 +11,7 @@ the measured unpruned model first, so the first round is already a prediction, n
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,20 +99,21 @@ class SearchContext:
         """The uniform plan for ``ratio`` with its MACs and params, computed once per ratio."""
         ratio = round(ratio, 4)
         if ratio not in self._macs_cache:
-            self._macs_cache[ratio] = self._checked(lambda: self._uniform(ratio))
+            self._macs_cache[ratio] = self.checked_plan(lambda: self._uniform(ratio))
         return self._macs_cache[ratio]
 
-    def plan_for(self, goal_ms: float) -> tuple[Plan, int, int]:
-        """The plan the allocator picks for a predicted latency of ``goal_ms``, with its MACs and params."""
+    def plan_for(self, goal: float, cost: Callable | None = None) -> tuple[Plan, int, int]:
+        """The plan the allocator picks for a predicted ``cost`` (default: latency in ms) within ``goal``, with its
+        MACs and params."""
 
         def make() -> Plan:
-            return allocate(self.scored, self.structure, self.latency_model.predict, goal_ms,
+            return allocate(self.scored, self.structure, cost or self.latency_model.predict, goal,
                             self.target.channel_multiple, self.allocation, self.spec, tuple(self.example.shape),
                             self.method)  # fmt: skip
 
-        return self._checked(make)
+        return self.checked_plan(make)
 
-    def _checked(self, make: Callable[[], Plan]) -> tuple[Plan, int, int]:
+    def checked_plan(self, make: Callable[[], Plan]) -> tuple[Plan, int, int]:
         """Make a plan, prune a copy by it and count. torch-pruning's index mapping can fail at one width and not
         another (grouped convs, split/concat), so a plan that fails to prune or run is probed at its own widths;
         the culprits are kept whole and the plan is made again without them."""
@@ -184,6 +186,32 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
     return (min(under, key=lambda c: c.latency) if under else None), candidates, False
 
 
+COUNTED = ("macs_ratio", "params_ratio")  # budgets that are counted on the model, not measured on the target
+
+
+def fit_counted_budget(ctx: SearchContext, kind: str, value: float, base: tuple[int, int], baseline_p50: float,
+                       max_tries: int = 6) -> tuple[Candidate | None, float]:  # fmt: skip
+    """The plan within a MACs or params fraction ``value`` of the unpruned model (``base``: its MACs, params), and
+    the fraction it reached. MACs and params need no measurement: the allocator aims at the structure's count, the
+    pruned model is counted exactly, and the goal tightens if the count is over (norm parameters the structure
+    leaves out). The plan is measured once, for the report. None when even the deepest cut is over."""
+    index = COUNTED.index(kind)
+    full = ctx.structure.full_widths()
+    counts = (ctx.structure.macs, ctx.structure.params)[index]
+    total = counts(full)
+    goal, reached = value, 1.0
+    for _ in range(max_tries):
+        plan, macs, params = ctx.plan_for(goal, lambda widths: counts(widths) / total)
+        reached = (macs, params)[index] / base[index]
+        if reached <= value:
+            ctx.say(f"{kind.replace('_', ' ')} {reached:.3f} (budget {value:g}); exporting and measuring ...")
+            return measure_plan(ctx, plan, baseline_p50, 1, math.inf), reached
+        if counts(ctx.structure.widths_of(plan)) / total > goal * 1.001:
+            break  # the allocator cannot cut further: floors and groups kept whole
+        goal *= value / reached
+    return None, reached
+
+
 def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int, budget_ms: float) -> Candidate:
     """Prune by ``plan``, export, measure: one round. Also how a pinned plan (--plan) is built without a search."""
     pruned = apply_plan(ctx.model, plan, ctx.example)
@@ -195,7 +223,8 @@ def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int,
     alongside = ""
     if measurement.reference_p50:
         alongside = f", {measurement.reference_p50 / measurement.p50:.2f}x the unpruned model timed alongside"
-    ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms{alongside} (budget {budget_ms:.3f} ms)")
+    limit = f" (budget {budget_ms:.3f} ms)" if math.isfinite(budget_ms) else ""
+    ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms{alongside}{limit}")
     return candidate
 
 

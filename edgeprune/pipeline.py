@@ -8,6 +8,7 @@ input fails in a second with one line, and the output folder only ever appears c
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -21,7 +22,16 @@ from edgeprune.data import Dataset, load_dataset
 from edgeprune.device import open_device
 from edgeprune.errors import BadInput, BudgetNotMet
 from edgeprune.html import write_html
-from edgeprune.loop import SearchContext, budget_latency_ms, measure_plan, search, timed, unreachable_message
+from edgeprune.loop import (
+    COUNTED,
+    SearchContext,
+    budget_latency_ms,
+    fit_counted_budget,
+    measure_plan,
+    search,
+    timed,
+    unreachable_message,
+)
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.report import check_output_dir, new_workdir, publish, versions, write_json
 from edgeprune.rewrite.plan import Plan
@@ -76,7 +86,7 @@ def build(options: BuildOptions, say=print) -> dict:
     target = load_target(options.target)
     budget = options.budget or target.budget
     if budget.kind == "memory_mb":
-        raise BadInput("memory budgets are not built yet; use --latency-ms or --speedup")
+        raise BadInput("memory budgets are not built yet; use --latency-ms, --speedup, --macs-ratio or --params-ratio")
     if options.method not in METHODS:
         raise BadInput(f"unknown --method '{options.method}'; known: {', '.join(METHODS)}")
     if options.allocation not in ALLOCATIONS:
@@ -109,8 +119,10 @@ def build(options: BuildOptions, say=print) -> dict:
             baseline, baseline_artifact = ctx.measure(model, "baseline")
         base_macs, base_params = count_macs_params(model, example)
         base_size = baseline_artifact.size_bytes()
-        budget_ms = budget_latency_ms(budget.kind, budget.value, baseline)
-        say(f"baseline p50 {baseline.p50:.3f} ms on {device.label}; budget {budget_ms:.3f} ms p50")
+        counted = budget.kind in COUNTED  # a MACs or params fraction: counted on the model, not measured
+        budget_ms = math.inf if counted else budget_latency_ms(budget.kind, budget.value, baseline)
+        what = f"{budget.kind.replace('_', ' ')} {budget.value:g}" if counted else f"{budget_ms:.3f} ms p50"
+        say(f"baseline p50 {baseline.p50:.3f} ms on {device.label}; budget {what}")
         if budget.kind == "speedup":
             # A speedup is a ratio: time every candidate in windows alternating with the unpruned model, so that a
             # slow spell of the machine slows both and cancels out of the comparison.
@@ -129,9 +141,19 @@ def build(options: BuildOptions, say=print) -> dict:
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
             try:
-                chosen, candidates, unreachable = search(
-                    ctx, (baseline, baseline_artifact), budget_ms, options.max_rounds
-                )
+                if counted:
+                    chosen, reached = fit_counted_budget(ctx, budget.kind, budget.value, (base_macs, base_params),
+                                                         baseline.p50)  # fmt: skip
+                    if chosen is None:
+                        raise BudgetNotMet(
+                            f"{budget.kind.replace('_', ' ')} {budget.value:g} not reachable: the deepest cut keeps"
+                            f" {reached:.3f} of the unpruned model; relax the budget or use a smaller model"
+                        )
+                    candidates = [chosen]
+                else:
+                    chosen, candidates, unreachable = search(
+                        ctx, (baseline, baseline_artifact), budget_ms, options.max_rounds
+                    )
             finally:  # what this build measured makes the next build of this model start closer
                 ctx.latency_model.save(profile_path(target, baseline.runtime, ctx.structure), baseline.runtime)
                 cost_model["after_build"] = ctx.latency_model.source
@@ -164,7 +186,7 @@ def build(options: BuildOptions, say=print) -> dict:
         shutil.rmtree(workdir / "rounds")
         report = {
             "target": target.name, "backend": backend.name, "precision": target.precision,
-            "budget": {"kind": budget.kind, "value": budget.value, "latency_ms": budget_ms},
+            "budget": {"kind": budget.kind, "value": budget.value, "latency_ms": None if counted else budget_ms},
             "measured_on": device.label,
             "baseline": {
                 "latency_ms": baseline.latency(), "macs": base_macs, "params": base_params, "size_bytes": base_size,
@@ -175,6 +197,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 "size_bytes": artifact.size_bytes(), "peak_memory_mb": result.peak_memory_mb,
                 "speedup": speedup, "ratio": chosen.plan.ratio, "comparable_p50": latency,
                 "final_tries_p50": [m.p50 for m in finals],
+                "macs_ratio": chosen.macs / base_macs, "params_ratio": chosen.params / base_params,
             },
             "met_budget": latency <= budget_ms,
             "iterations": [c.to_dict() for c in candidates],
@@ -194,6 +217,8 @@ def build(options: BuildOptions, say=print) -> dict:
             "versions": versions(),
             "build_seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
+        if counted:  # met by construction (counted exactly); the latency is reported, not judged
+            report["met_budget"] = report["result"][budget.kind] <= budget.value
         if not report["met_budget"]:
             raise BudgetNotMet(
                 f"the final artifact measured {latency:.3f} ms p50, over the budget of {budget_ms:.3f} ms"

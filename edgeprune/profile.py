@@ -86,7 +86,7 @@ def run_profile(
         measured = []
         for i, (name, plan) in enumerate(plans, 1):
             say(f"[{i}/{len(plans)}] {name}: exporting and measuring ...")
-            pruned_plan, _, _ = ctx._checked(lambda plan=plan: plan)
+            pruned_plan, _, _ = ctx.checked_plan(lambda plan=plan: plan)
             measurement, _ = ctx.measure(apply_plan(model, pruned_plan, example), f"sample-{i}")
             measured.append((name, structure.widths_of(pruned_plan), measurement.p50))
             runtime = measurement.runtime

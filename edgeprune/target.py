@@ -20,7 +20,7 @@ from edgeprune.errors import BadInput
 
 BACKENDS = ("onnx", "openvino", "tflite", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
-BUDGET_KINDS = ("latency_ms", "speedup", "memory_mb")
+BUDGET_KINDS = ("latency_ms", "speedup", "memory_mb", "macs_ratio", "params_ratio")
 
 _REQUIRED = ("name", "description", "backend", "precision", "channel_multiple", "threads", "budget")
 _OPTIONAL = ("estimate", "benchmark", "device")
@@ -100,11 +100,14 @@ def _check_keys(where: str, keys: Any, known: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class Budget:
-    """What the build must reach: a latency in ms, a speedup over the baseline, or a peak memory in MB (exactly one)."""
+    """What the build must reach (exactly one): a latency in ms, a speedup over the baseline, a peak memory in MB, or
+    a fraction of the unpruned model's MACs or parameters."""
 
     latency_ms: float | None = None
     speedup: float | None = None
     memory_mb: float | None = None
+    macs_ratio: float | None = None  # of the unpruned model's MACs, counted exactly (no measurement decides it)
+    params_ratio: float | None = None
 
     def __post_init__(self) -> None:
         given = [kind for kind in BUDGET_KINDS if getattr(self, kind) is not None]
@@ -113,10 +116,12 @@ class Budget:
             raise TargetError(f"[budget] needs exactly one of {', '.join(BUDGET_KINDS)}, got {got}; keep one")
         # Normalise to float so Budget(latency_ms=2) == Budget(latency_ms=2.0), as TOML 2 and 2.0 should be.
         object.__setattr__(self, given[0], _number(f"[budget] {given[0]}", getattr(self, given[0])))
+        if given[0].endswith("_ratio") and not 0 < getattr(self, given[0]) <= 1:
+            raise TargetError(f"[budget] {given[0]} is a fraction of the unpruned model: give one in (0, 1]")
 
     @property
     def kind(self) -> str:
-        """The budget's kind: "latency_ms", "speedup" or "memory_mb"."""
+        """The budget's kind: "latency_ms", "speedup", "memory_mb", "macs_ratio" or "params_ratio"."""
         return next(kind for kind in BUDGET_KINDS if getattr(self, kind) is not None)
 
     @property

@@ -157,3 +157,41 @@ def test_profile_refuses_too_few_samples():
 
     result = CliRunner().invoke(app, ["profile", "--samples", "2"])
     assert result.exit_code == 2 and "--samples must be at least 4" in result.stderr
+
+
+def test_a_params_budget_is_counted_exactly_and_validates(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeprune.cli import app
+
+    out = tmp_path / "o"
+    args = ["build", "--model", "timm:resnet18", "--input-shape", "1,3,64,64", "--params-ratio", "0.6"]
+    built = CliRunner().invoke(app, [*args, "--out", str(out), "--json"])
+    assert built.exit_code == 0, built.stderr
+    report = json.loads(built.stdout)
+    assert report["budget"] == {"kind": "params_ratio", "value": 0.6, "latency_ms": None} and report["met_budget"]
+    assert 0.5 < report["result"]["params_ratio"] <= 0.6
+    assert report["result"]["params"] / report["baseline"]["params"] == pytest.approx(report["result"]["params_ratio"])
+    assert len(report["iterations"]) == 1  # counted, not searched: one measured round, for the report
+    checked = CliRunner().invoke(app, ["validate", str(out)])
+    assert checked.exit_code == 0 and checked.stdout.startswith("valid:"), checked.output
+
+
+@pytest.mark.parametrize(("flag", "value", "words"), [("--macs-ratio", "1.5", "in (0, 1]"),
+                                                      ("--params-ratio", "0", "in (0, 1]")])  # fmt: skip
+def test_a_ratio_budget_outside_0_1_is_bad_input(flag, value, words, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeprune.cli import app
+
+    result = CliRunner().invoke(app, ["build", flag, value, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and words in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_profile_budget_ratio_must_be_a_fraction():
+    from edgeprune.target import Budget, TargetError
+
+    assert Budget(macs_ratio=0.5).kind == "macs_ratio" and Budget(params_ratio=1).value == 1.0
+    with pytest.raises(TargetError, match=r"\[budget\] macs_ratio is a fraction"):
+        Budget(macs_ratio=1.5)

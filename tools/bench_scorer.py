@@ -1,0 +1,165 @@
+"""Benchmark of stage 2's cost model and global allocation on x86-openvino. The README's figures come from here.
+
+    python tools/bench_scorer.py [--models timm:resnet18@128 ...] [--samples 8] [--candidates 6] [--markdown]
+
+Per model, in a fresh cache:
+(a) prediction: `edgeprune profile` measures --samples plans and fits the latency model; then --candidates new
+    plans (global and uniform, from 85% down to 45% of the predicted baseline) are predicted by that fit *before*
+    they are measured. The table gives how many land within ±10% of their measured p50, and the median error.
+(b) fidelity at equal measured latency: two builds to the same latency budget (0.6 × the unpruned p50 measured by
+    the profile), one with global allocation, one with uniform L1 magnitude (Torch-Pruning's default: the same
+    fraction of every group, rounded to the same multiple), no distillation, on the same calibration images. Fidelity
+    of each pruned model to the unpruned one on those images: top-1 agreement and mean cosine similarity of outputs.
+
+Only the default model (EfficientNet-Lite0) has pretrained weights here; timm models are built with random weights
+(nothing is downloaded), so their fidelity says how much the function changed, not how accurate it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "calibration"))
+from make_sample import make_image_folder  # noqa: E402
+
+DEFAULT_MODELS = ["timm:resnet18@128", "timm:mobilenetv3_large_100@128", "edgeprune.zoo:efficientnet_lite0@160",
+                  "timm:regnetx_002@128"]  # fmt: skip
+
+
+def predictions(spec: str, shape: tuple[int, ...], samples: int, count: int) -> tuple[list[dict], float]:
+    """Profile, then predict and measure ``count`` new plans; return the rows and the unpruned p50."""
+    from edgeprune.backends import get_backend
+    from edgeprune.device import open_device
+    from edgeprune.loop import SearchContext
+    from edgeprune.model import load_model
+    from edgeprune.profile import run_profile
+    from edgeprune.rewrite.prune import apply_plan
+    from edgeprune.score.allocate import allocate
+    from edgeprune.score.costmodel import new_model
+    from edgeprune.score.importance import score_groups
+    from edgeprune.score.structure import read_structure
+    from edgeprune.target import load_target
+
+    say = lambda message: None  # noqa: E731
+    profiled = run_profile("x86-openvino", spec, input_shape=shape, samples=samples, say=say)
+    baseline_p50 = profiled["rows"][0].measured_ms
+    target = load_target("x86-openvino")
+    model = load_model(spec, input_shape=shape).module
+    example = torch.zeros(shape)
+    scored = [replace(g, scores=None) if g.module in profiled["kept_whole"] else g
+              for g in score_groups(model, example, "magnitude")]  # fmt: skip
+    structure = read_structure(model, example, [g.module for g in scored])
+    latency = new_model(structure, target, profiled["runtime"])
+    backend, device = get_backend(target.backend), open_device(None)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = SearchContext(model, example, scored, spec, "magnitude", target, backend, device, Path(tmp), say)
+        ctx.structure, ctx.latency_model = structure, latency
+        full = latency.predict(structure.full_widths())
+        for i, fraction in enumerate(np.linspace(0.85, 0.45, count)):
+            allocation = ("global", "uniform")[i % 2]
+            plan = allocate(scored, structure, latency.predict, fraction * full, target.channel_multiple, allocation,
+                            spec, shape, "magnitude")  # fmt: skip
+            predicted = latency.predict(structure.widths_of(plan))
+            measured, _ = ctx.measure(apply_plan(model, plan, example), f"candidate-{i}")
+            rows.append({"allocation": allocation, "predicted": predicted, "measured": measured.p50,
+                         "error": (predicted - measured.p50) / measured.p50})  # fmt: skip
+    return rows, baseline_p50
+
+
+def fidelity(spec: str, shape: tuple[int, ...], budget_ms: float, calib: Path, allocation: str, out: Path) -> dict:
+    """Build to ``budget_ms`` with ``allocation``; the pruned model's fidelity to the unpruned one on ``calib``."""
+    from edgeprune.data import load_dataset
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.model import load_model
+    from edgeprune.pipeline import BuildOptions, build
+    from edgeprune.rewrite.plan import Plan
+    from edgeprune.rewrite.prune import apply_plan
+    from edgeprune.target import Budget
+
+    options = BuildOptions(model=spec, input_shape=shape, budget=Budget(latency_ms=budget_ms), calib=str(calib),
+                           out=out, recover_steps=0, allocation=allocation, method="magnitude")  # fmt: skip
+    try:
+        report = build(options, say=lambda message: None)
+    except EdgepruneError as exc:
+        report = getattr(exc, "report", None)
+        if report is None:
+            return {"allocation": allocation, "error": str(exc)}
+    loaded = load_model(spec, input_shape=shape)
+    model = loaded.module
+    example = torch.zeros(shape)
+    if not (out / "plan.json").is_file():
+        return {"allocation": allocation, "error": "over budget on its final measurement", "report": report}
+    pruned = apply_plan(model, Plan.load(out / "plan.json"), example)
+    pruned.load_state_dict(torch.load(out / "pruned_state_dict.pt", weights_only=True))
+    data = load_dataset(str(calib), shape, loaded.input.mean, loaded.input.std, 256)
+    with torch.no_grad():
+        a, b = model(data.x), pruned.eval()(data.x)
+    return {
+        "allocation": allocation, "latency": report["result"]["comparable_p50"], "rounds": len(report["iterations"]),
+        "macs": report["result"]["macs"] / report["baseline"]["macs"],
+        "top1": float((a.argmax(1) == b.argmax(1)).float().mean()),
+        "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()),
+    }  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="SPEC@SIDE")
+    parser.add_argument("--samples", type=int, default=8, help="profile measurements per model")
+    parser.add_argument("--candidates", type=int, default=6, help="new plans predicted, then measured, per model")
+    parser.add_argument("--budget-fraction", type=float, default=0.6, help="of the unpruned p50, for (b)")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    err = Console(stderr=True)
+    predicted_rows, fidelity_rows = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-scorer-") as tmp:
+        os.environ["EDGEPRUNE_CACHE"] = str(Path(tmp) / "cache")  # every model starts from no measurement
+        calib = make_image_folder(Path(tmp) / "calib", classes=4, per_class=16, size=128)
+        for item in args.models:
+            spec, _, side = item.rpartition("@") if "@" in item else (item, "", "224")
+            shape = (1, 3, int(side), int(side))
+            err.print(f"{spec} at {side}: profiling and predicting ...")
+            rows, baseline = predictions(spec, shape, args.samples, args.candidates)
+            errors = [abs(r["error"]) for r in rows]
+            predicted_rows.append([spec, str(len(rows)), f"{sum(e <= 0.10 for e in errors)}/{len(rows)}",
+                                   f"{statistics.median(errors):.1%}", f"{max(errors):.1%}"])  # fmt: skip
+            budget = args.budget_fraction * baseline
+            for allocation in ("global", "uniform"):
+                err.print(f"{spec}: building to {budget:.3f} ms with {allocation} allocation ...")
+                r = fidelity(spec, shape, budget, calib, allocation, Path(tmp) / f"out-{len(fidelity_rows)}")
+                if "error" in r:
+                    fidelity_rows.append([spec, allocation, f"{budget:.3f}", "-", "-", "-", "-", "-", r["error"]])
+                    continue
+                fidelity_rows.append([spec, allocation, f"{budget:.3f}", f"{r['latency']:.3f}", f"{r['macs']:.0%}",
+                                      str(r["rounds"]), f"{r['top1']:.3f}", f"{r['cosine']:.4f}", ""])  # fmt: skip
+    heads = (
+        ["model", "candidates", "within ±10%", "median |error|", "worst |error|"],
+        ["model", "allocation", "budget ms", "measured ms", "MACs", "rounds", "top-1 agreement", "cosine", "note"],
+    )
+    for title, head, rows in zip(("(a) predicted vs measured latency", "(b) fidelity at equal measured latency"),
+                                 heads, (predicted_rows, fidelity_rows), strict=True):  # fmt: skip
+        if args.markdown:
+            print(f"\n{title}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+            print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+        else:
+            table = Table(*head, title=title)
+            for row in rows:
+                table.add_row(*row)
+            Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
