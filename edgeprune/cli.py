@@ -74,7 +74,9 @@ def build(
     weights: Annotated[str | None, typer.Option(help="State dict (.pt/.pth/.safetensors) to load.")] = None,
     latency_ms: Annotated[float | None, typer.Option(help="Budget: p50 latency in ms on the target.")] = None,
     speedup: Annotated[float | None, typer.Option(help="Budget: p50 speedup over the unpruned model.")] = None,
-    memory_mb: Annotated[float | None, typer.Option(help="Budget: peak memory in MB (not built yet).")] = None,
+    memory_mb: Annotated[
+        float | None, typer.Option(help="Budget: MB of weights (target precision) + peak live activations.")
+    ] = None,
     macs_ratio: Annotated[float | None, typer.Option(help="Budget: fraction of the unpruned MACs, in (0, 1].")] = None,
     params_ratio: Annotated[float | None, typer.Option(help="Budget: fraction of the unpruned params.")] = None,
     input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
@@ -215,7 +217,9 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     out.print(table)
     verdict = "met" if report["met_budget"] else "NOT met"
     budget = report["budget"]
-    if budget["latency_ms"] is None:  # a counted budget (MACs or params fraction)
+    if budget["kind"] == "memory_mb":
+        what = f"memory {budget['value']:g} MB ({report['result']['memory']['total_mb']:.2f} MB)"
+    elif budget["latency_ms"] is None:  # a counted budget (MACs or params fraction)
         what = f"{budget['kind'].replace('_', ' ')} {budget['value']:g} ({report['result'][budget['kind']]:.3f})"
     else:
         what = f"{budget['latency_ms']:.3f} ms p50"

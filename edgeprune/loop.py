@@ -28,8 +28,9 @@ from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import allocate, uniform_plan
 from edgeprune.score.costmodel import LatencyModel
 from edgeprune.score.importance import ScoredGroup
+from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import find_unprunable
-from edgeprune.score.structure import Structure
+from edgeprune.score.structure import BYTES_PER_ELEMENT, Structure
 from edgeprune.target import Target
 
 BAND_LOW = 0.9  # a round is accepted when its p50 is within [0.9·budget, 0.97·budget]
@@ -58,11 +59,13 @@ class Candidate:
     latency: float
     quality: float | None = None  # accuracy or fidelity on held-out data, before recovery
     predicted: float | None = None  # the cost model's latency for this plan, before it was measured
+    memory_mb: float | None = None  # weights + peak live activations of its graph (memory budgets only)
 
     def to_dict(self) -> dict:
         return {
             "step": self.step, "ratio": round(self.plan.ratio, 4), "latency_ms": self.measurement.latency(),
-            "comparable_p50": self.latency, "predicted_ms": self.predicted, "macs": self.macs, "params": self.params,
+            "comparable_p50": self.latency, "predicted_ms": self.predicted, "memory_mb": self.memory_mb,
+            "macs": self.macs, "params": self.params,
             "quality": self.quality,
         }  # fmt: skip
 
@@ -210,6 +213,31 @@ def fit_counted_budget(ctx: SearchContext, kind: str, value: float, base: tuple[
             break  # the allocator cannot cut further: floors and groups kept whole
         goal *= value / reached
     return None, reached
+
+
+def fit_memory_budget(ctx: SearchContext, value_mb: float, baseline_p50: float, max_rounds: int):
+    """The plan whose artifact needs at most ``value_mb`` (weights at the target precision + peak live activations
+    of its graph), and every measured round. The allocator aims at the structure's estimate; each round's exported
+    graph is then computed exactly, and the goal tightens by how far over it was."""
+    size = BYTES_PER_ELEMENT.get(ctx.target.precision, 4)
+
+    def estimate_mb(widths) -> float:
+        weights = ctx.structure.params(widths) * size
+        return (weights + ctx.structure.peak_activation_bytes(widths, ctx.target.precision)) / (1 << 20)
+
+    goal, candidates = value_mb, []
+    for step in range(1, max_rounds + 1):
+        plan, _, _ = ctx.plan_for(goal, estimate_mb)
+        candidate = measure_plan(ctx, plan, baseline_p50, step, math.inf)
+        memory = artifact_memory_mb(candidate.artifact.files["onnx"], ctx.target.precision)["total_mb"]
+        ctx.say(f"round {step}: the artifact needs {memory:.2f} MB (budget {value_mb:g} MB)")
+        candidates.append(replace(candidate, memory_mb=memory))
+        if memory <= value_mb:
+            return candidates[-1], candidates
+        if estimate_mb(ctx.structure.widths_of(plan)) > goal * 1.001:
+            break  # the allocator cannot cut further: floors and groups kept whole
+        goal *= value_mb / memory
+    return None, candidates
 
 
 def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int, budget_ms: float) -> Candidate:

@@ -27,6 +27,7 @@ from edgeprune.loop import (
     SearchContext,
     budget_latency_ms,
     fit_counted_budget,
+    fit_memory_budget,
     measure_plan,
     search,
     timed,
@@ -40,6 +41,7 @@ from edgeprune.rewrite.recover import distill, quality, recalibrate_batchnorm
 from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.importance import score_groups
+from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import find_unprunable
 from edgeprune.score.structure import read_structure
 from edgeprune.target import Budget, load_target
@@ -85,8 +87,6 @@ def build(options: BuildOptions, say=print) -> dict:
     torch.manual_seed(options.seed)
     target = load_target(options.target)
     budget = options.budget or target.budget
-    if budget.kind == "memory_mb":
-        raise BadInput("memory budgets are not built yet; use --latency-ms, --speedup, --macs-ratio or --params-ratio")
     if options.method not in METHODS:
         raise BadInput(f"unknown --method '{options.method}'; known: {', '.join(METHODS)}")
     if options.allocation not in ALLOCATIONS:
@@ -119,8 +119,10 @@ def build(options: BuildOptions, say=print) -> dict:
             baseline, baseline_artifact = ctx.measure(model, "baseline")
         base_macs, base_params = count_macs_params(model, example)
         base_size = baseline_artifact.size_bytes()
-        counted = budget.kind in COUNTED  # a MACs or params fraction: counted on the model, not measured
+        # MACs, params and memory budgets are counted or computed on the model, not timed: no latency judges them.
+        counted = budget.kind in (*COUNTED, "memory_mb")
         budget_ms = math.inf if counted else budget_latency_ms(budget.kind, budget.value, baseline)
+        base_memory = artifact_memory_mb(baseline_artifact.files["onnx"], target.precision)
         what = f"{budget.kind.replace('_', ' ')} {budget.value:g}" if counted else f"{budget_ms:.3f} ms p50"
         say(f"baseline p50 {baseline.p50:.3f} ms on {device.label}; budget {what}")
         if budget.kind == "speedup":
@@ -141,7 +143,19 @@ def build(options: BuildOptions, say=print) -> dict:
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
             try:
-                if counted:
+                if budget.kind == "memory_mb":
+                    if base_memory["total_mb"] <= budget.value:
+                        chosen, candidates = _unpruned(ctx, baseline, baseline_artifact, base_memory), None
+                    else:
+                        chosen, candidates = fit_memory_budget(ctx, budget.value, baseline.p50, options.max_rounds)
+                    if chosen is None:
+                        least = min(c.memory_mb for c in candidates)
+                        raise BudgetNotMet(
+                            f"memory budget of {budget.value:g} MB not reached: the smallest artifact needs"
+                            f" {least:.2f} MB (weights + peak activations); relax the budget or use a smaller model"
+                        )
+                    candidates = candidates or [chosen]
+                elif counted:
                     chosen, reached = fit_counted_budget(ctx, budget.kind, budget.value, (base_macs, base_params),
                                                          baseline.p50)  # fmt: skip
                     if chosen is None:
@@ -190,7 +204,7 @@ def build(options: BuildOptions, say=print) -> dict:
             "measured_on": device.label,
             "baseline": {
                 "latency_ms": baseline.latency(), "macs": base_macs, "params": base_params, "size_bytes": base_size,
-                "peak_memory_mb": baseline.peak_memory_mb,
+                "peak_memory_mb": baseline.peak_memory_mb, "memory": base_memory,
             },
             "result": {
                 "latency_ms": result.latency(), "macs": chosen.macs, "params": chosen.params,
@@ -198,6 +212,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 "speedup": speedup, "ratio": chosen.plan.ratio, "comparable_p50": latency,
                 "final_tries_p50": [m.p50 for m in finals],
                 "macs_ratio": chosen.macs / base_macs, "params_ratio": chosen.params / base_params,
+                "memory": artifact_memory_mb(artifact.files["onnx"], target.precision),
             },
             "met_budget": latency <= budget_ms,
             "iterations": [c.to_dict() for c in candidates],
@@ -217,7 +232,9 @@ def build(options: BuildOptions, say=print) -> dict:
             "versions": versions(),
             "build_seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
-        if counted:  # met by construction (counted exactly); the latency is reported, not judged
+        if budget.kind == "memory_mb":  # the shipped artifact's own graph, computed again
+            report["met_budget"] = report["result"]["memory"]["total_mb"] <= budget.value
+        elif counted:  # met by construction (counted exactly); the latency is reported, not judged
             report["met_budget"] = report["result"][budget.kind] <= budget.value
         if not report["met_budget"]:
             raise BudgetNotMet(
@@ -255,6 +272,14 @@ def _labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> 
     say(f"the data's {classes} classes are not the model's {outputs} outputs, so its labels are not used:"
         " importance uses the model's own predictions and quality is fidelity to the unpruned model")  # fmt: skip
     return replace(data, y=None)
+
+
+def _unpruned(ctx: SearchContext, baseline, baseline_artifact, memory: dict):
+    """The unpruned model as the chosen candidate: it already fits a memory budget."""
+    from edgeprune.loop import Candidate
+
+    plan, macs, params = ctx.plan_at(0.0)
+    return Candidate(0, plan, macs, params, baseline, baseline_artifact, baseline.p50, memory_mb=memory["total_mb"])
 
 
 def _pinned_plan(path: str, example: torch.Tensor) -> Plan:

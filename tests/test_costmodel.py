@@ -195,3 +195,36 @@ def test_a_profile_budget_ratio_must_be_a_fraction():
     assert Budget(macs_ratio=0.5).kind == "macs_ratio" and Budget(params_ratio=1).value == 1.0
     with pytest.raises(TargetError, match=r"\[budget\] macs_ratio is a fraction"):
         Budget(macs_ratio=1.5)
+
+
+def test_artifact_memory_is_weights_plus_the_peak_of_live_activations(tmp_path):
+    from torch import nn
+
+    from edgeprune.score.memory import artifact_memory_mb
+
+    # x (1·3·8·8) → conv a (1·16·8·8) → conv b (1·4·8·8); a's output is alive with x's while a runs, then alone
+    # with b's: the peak is max(x + a, a + b) = a + max(x, b) elements.
+    model = nn.Sequential(nn.Conv2d(3, 16, 1, bias=False), nn.Conv2d(16, 4, 1, bias=False)).eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 8, 8),), str(path), input_names=["x"], dynamo=False)
+    memory = artifact_memory_mb(path, "fp32")
+    mib = 1 << 20
+    assert memory["weights_mb"] * mib == pytest.approx((16 * 3 + 4 * 16) * 4)
+    assert memory["peak_activations_mb"] * mib == pytest.approx((16 * 64 + 4 * 64) * 4)
+    assert artifact_memory_mb(path, "int8")["weights_mb"] == pytest.approx(memory["weights_mb"] / 4)
+
+
+def test_a_memory_budget_is_met_on_the_artifacts_own_graph(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeprune.cli import app
+
+    args = ["build", "--model", "timm:resnet18", "--input-shape", "1,3,64,64"]
+    built = CliRunner().invoke(app, [*args, "--memory-mb", "20", "--out", str(tmp_path / "o"), "--json"])
+    assert built.exit_code == 0, built.stderr
+    report = json.loads(built.stdout)
+    assert report["baseline"]["memory"]["total_mb"] > 20 >= report["result"]["memory"]["total_mb"]
+    assert report["met_budget"] and report["result"]["peak_memory_mb"] > 0  # measured while it ran, reported too
+    far = CliRunner().invoke(app, [*args, "--memory-mb", "0.5", "--out", str(tmp_path / "p"), "--max-rounds", "2"])
+    assert far.exit_code == 1 and "memory budget of 0.5 MB not reached: the smallest artifact needs" in far.stderr
+    assert not (tmp_path / "p").exists()
