@@ -265,13 +265,20 @@ def budget_latency_ms(budget_kind: str, budget_value: float, baseline: Measureme
     raise ValueError(f"budget kind {budget_kind} is not a latency")
 
 
-def unreachable_message(candidates: list[Candidate], budget_ms: float, device: str, unreachable: bool) -> str:
-    """One line saying what was reached, for a budget no round met, and what to change."""
+def unreachable_message(
+    candidates: list[Candidate], budget_ms: float, device: str, unreachable: bool,
+    kept_whole: dict[str, str] | None = None, groups: int = 0,
+) -> str:  # fmt: skip
+    """One line saying what was reached, for a budget no round met, and why (groups kept whole), and what to change."""
     best = min(candidates, key=lambda c: c.latency)
     advice = "relax the budget or use a smaller model" if unreachable else "allow more --max-rounds or relax the budget"
+    why = ""
+    if unreachable and kept_whole:  # most often the cause: torch-pruning cannot follow much of this graph
+        first = next(iter(kept_whole.values()))
+        why = f"; {len(kept_whole)} of {groups} groups cannot be pruned safely and are kept whole ({first[:120]})"
     return (
         f"budget of {budget_ms:.3g} ms p50 not reached: the fastest candidate (ratio {best.plan.ratio:.2f}) ran at"
-        f" {best.latency:.3f} ms on {device} after {len(candidates)} round(s); {advice}"
+        f" {best.latency:.3f} ms on {device} after {len(candidates)} round(s){why}; {advice}"
     )
 
 

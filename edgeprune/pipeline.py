@@ -172,7 +172,8 @@ def build(options: BuildOptions, say=print) -> dict:
                 ctx.latency_model.save(profile_path(target, baseline.runtime, ctx.structure), baseline.runtime)
                 cost_model["after_build"] = ctx.latency_model.source
             if chosen is None:
-                raise BudgetNotMet(unreachable_message(candidates, budget_ms, device.label, unreachable))
+                raise BudgetNotMet(unreachable_message(candidates, budget_ms, device.label, unreachable,
+                                                       ctx.unprunable, len(ctx.scored)))  # fmt: skip
 
         with timed(say, "recovering accuracy on the chosen structure"):
             pruned, recovery = _recover(model, chosen.plan, example, score_set, eval_set, options.recover_steps)

@@ -72,6 +72,10 @@ def test_cli_keeps_them_whole_or_fails_with_strict(tmp_path, monkeypatch):
     kept = runner.invoke(app, [*args, "--out", "b", "--json"])
     assert kept.exit_code == 0, kept.stderr
     assert '"module": "conv1"' in kept.stdout and "kept whole: conv1" in kept.stderr
+    # A budget no cut reaches says how much of the model had to be kept whole, and why: the usual cause.
+    args[-1] = "0.00001"
+    far = runner.invoke(app, [*args, "--out", "c", "--max-rounds", "1"])
+    assert far.exit_code == 1 and "1 of 3 groups cannot be pruned safely and are kept whole (RuntimeError" in far.stderr
 
 
 class ThreeWay(nn.Module):
