@@ -228,3 +228,15 @@ def test_a_memory_budget_is_met_on_the_artifacts_own_graph(tmp_path):
     far = CliRunner().invoke(app, [*args, "--memory-mb", "0.5", "--out", str(tmp_path / "p"), "--max-rounds", "2"])
     assert far.exit_code == 1 and "memory budget of 0.5 MB not reached: the smallest artifact needs" in far.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_noise_that_fits_a_constant_latency_falls_back_to_the_scaled_roofline(r18, r18_scored, example):
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    model = new_model(structure, TARGET, "noisy")
+    rng = np.random.default_rng(2)
+    for _ in range(FULL_FIT_SAMPLES + 2):  # latency that does not depend on the widths at all: pure noise
+        widths = np.maximum(8, np.round(structure.channels * rng.uniform(0.3, 1.0) / 8) * 8)
+        model.add(widths, 5.0 + rng.normal(0, 0.2))
+    full = structure.full_widths()
+    half = structure.widths_of(uniform_plan(r18_scored, 0.5, 8, R18, tuple(example.shape), "m"))
+    assert model.predict(half) < 0.7 * model.predict(full)  # cutting still pays, so the allocator still cuts

@@ -92,6 +92,17 @@ COLUMNS = ("model", "family", "input", "exit", "pruned", "kept whole", "exported
            "met budget", "rounds", "build s", "failure")  # fmt: skip
 
 
+RUNNING: set[subprocess.Popen] = set()  # the builds under way (several with --jobs), for a stop to kill
+
+
+def stop(*_: object) -> None:
+    """SIGTERM: kill every build under way with its runner, then exit; queued models never start (see main)."""
+    for proc in list(RUNNING):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    sys.exit(143)
+
+
 def run_one(name: str, side: int, args: argparse.Namespace, out: Path) -> dict:
     """Build one model in a subprocess (its own process group, killed whole on timeout) and summarise the result."""
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", f"timm:{name}", "--target", args.target,
@@ -104,6 +115,7 @@ def run_one(name: str, side: int, args: argparse.Namespace, out: Path) -> dict:
         env["EDGEPRUNE_DEBUG"] = "1"  # an internal error raises: its traceback (and the frame) lands in the reason
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # fmt: skip
+    RUNNING.add(proc)
     try:
         stdout, stderr = proc.communicate(timeout=args.timeout)
         code, timed_out = proc.returncode, False
@@ -222,7 +234,7 @@ def main() -> int:
     args = parser.parse_args()
     models = parse_models(args.models)
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that a stopped sweep still removes its folder
+    signal.signal(signal.SIGTERM, stop)  # so that a stopped sweep stops its builds and still removes its folder
     err = Console(stderr=True, highlight=False)
     rows: list[tuple[dict, str]] = []
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp, ThreadPoolExecutor(args.jobs) as pool:
@@ -238,10 +250,15 @@ def main() -> int:
             return row
 
         futures = [pool.submit(one, i, *model) for i, model in enumerate(models, 1)]
-        for future in as_completed(futures):
-            rows.append((future.result(), future.result()["family"]))
-            if args.json:  # written after every model, so a long sweep that is stopped still leaves its rows
-                args.json.write_text(json.dumps([r for r, _ in rows], indent=2))
+        try:
+            for future in as_completed(futures):
+                rows.append((future.result(), future.result()["family"]))
+                if args.json:  # written after every model, so a long sweep that is stopped still leaves its rows
+                    args.json.write_text(json.dumps([r for r, _ in rows], indent=2))
+        except SystemExit:
+            for future in futures:
+                future.cancel()  # queued models never start; the running builds were killed by stop()
+            raise
         order = {name: i for i, (name, _, _) in enumerate(models)}
         rows.sort(key=lambda pair: order[pair[0]["model"]])
 

@@ -30,6 +30,7 @@ from edgeprune.target import Target
 
 FULL_FIT_SAMPLES = 8  # below this, the 5-coefficient fit is under-determined: scale the roofline instead
 MAX_SAMPLES = 64  # the newest are kept: a cache grows with every build of the same model
+MIN_VARIABLE = 0.3  # the share of the unpruned model's predicted latency that must depend on the widths
 
 
 @dataclass
@@ -86,12 +87,25 @@ class LatencyModel:
         roof = np.array([self.roofline_ms(w) for w in widths])
         self.scale, self.offset = _fit_scaled(roof, measured)
         if len(self.samples) < FULL_FIT_SAMPLES:
+            self._keep_responsive()
             return
         features = np.array([self.features(w) for w in widths])
         units = features.max(axis=0)
         units[units == 0] = 1.0  # features of very different magnitudes: fit in scaled units
         if _loo_error(features / units, measured, _fit_nnls) < _loo_error(roof[:, None], measured, _fit_scaled_rows):
             self.coefficients = _fit_nnls(features / units, measured) / units
+        self._keep_responsive()
+
+    def _keep_responsive(self) -> None:
+        """Noisy measurements of a small model can fit "latency is a constant": the allocator would then see nothing
+        worth cutting, and a build would stop at the unpruned model. Work must explain at least MIN_VARIABLE of the
+        unpruned model's predicted time; a fit that says otherwise gives way to the roofline, only scaled."""
+        full = self.structure.full_widths()
+        fixed = self.coefficients[0] if self.coefficients is not None else self.offset
+        if fixed > (1 - MIN_VARIABLE) * self.predict(full):
+            measured = np.array([ms for _, ms in self.samples])
+            roof = np.array([self.roofline_ms(np.array(w)) for w, _ in self.samples])
+            self.coefficients, self.offset, self.scale = None, 0.0, float(np.median(measured / roof))
 
     def relative_errors(self) -> list[float]:
         """(predicted − measured) / measured for each sample, with the current fit."""
