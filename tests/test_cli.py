@@ -66,7 +66,7 @@ def test_targets_show_prints_json_that_matches_the_profile():
         (["--target", "arm-tflite"], ["not built yet"]),
         (["--calib", "nowhere.npz"], ["nowhere.npz"]),
         (["--method", "guess"], ["--method"]),
-        (["--memory-mb", "10"], ["memory budgets"]),
+        (["--memory-mb", "-1"], ["--memory-mb must be positive"]),
         (["--device", "ssh://nobody@192.0.2.1"], ["ssh://nobody@192.0.2.1", "not supported yet"]),
     ],
 )
