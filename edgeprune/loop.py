@@ -175,10 +175,15 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         latency = candidate.latency
         if BAND_LOW * budget_ms <= latency <= GUARD * budget_ms:
             return candidate, candidates, False
-        if latency > GUARD * budget_ms and predicted > goal * 1.02:  # the allocator could not cut any further
-            if latency > budget_ms:
+        if latency > GUARD * budget_ms and predicted > goal * 1.02:  # the allocator did not reach the goal
+            deepest, _, _ = ctx.plan_for(0.0, model.roofline_ms)  # the most it can cut, whatever the fit says
+            if deepest.groups != plan.groups:
+                model.use_scaled_roofline()  # a fit with too large a fixed time on noisy samples: cut further
+                ctx.say("the fitted cost model cannot reach the budget; predicting with the scaled roofline")
+            elif latency > budget_ms:
                 return None, candidates, True  # the smallest model we make is still too slow
-            break  # marginal at the most pruning we do: nothing further to try
+            else:
+                break  # marginal at the most pruning we do: nothing further to try
         goal = AIM * budget_ms
     # Out of rounds: the least-pruned candidate under the guard still meets the budget, with more pruning than
     # needed; failing that, the marginal candidate with the most room under the budget.

@@ -135,11 +135,14 @@ def test_build_meets_a_speedup_and_its_plan_replays(tmp_path):
     """A real build on OpenVINO: the report contract, the files, and plan.json replayed weight for weight."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    done = subprocess.run(
-        [sys.executable, "-m", "edgeprune.cli", "build", "--model", "timm:resnet18", "--input-shape", "1,3,128,128",
-         "--speedup", "1.5", "--out", str(out), "--json"],
-        capture_output=True, text=True, timeout=420, env=env,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", "timm:resnet18", "--input-shape",
+               "1,3,128,128", "--speedup", "1.5", "--out", str(out), "--json"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env)
+    if done.returncode == 1 and "the device is noisy" in done.stderr:
+        # The accepted round met the budget and the shipped artifact measured over it three times: a busy shared
+        # machine (contention only adds time). What a user does, the test does: build again (nothing was written).
+        assert not out.exists()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report == json.loads((out / "report.json").read_text())

@@ -131,6 +131,7 @@ def test_profile_measures_fits_and_caches_and_a_build_starts_from_it(tmp_path):
     assert built.exit_code in (0, 1), built.stderr  # 1: the final measurement missed on a busy machine
     assert "cost model: profile (5 measurements" in built.stderr
     report = json.loads(built.stdout)
+    assert report is not None, built.stderr
     assert report["allocation"] == "global"
     assert report["cost_model"]["started_from"].startswith("profile (5 measurements")
     assert all(r["predicted_ms"] > 0 for r in report["iterations"])

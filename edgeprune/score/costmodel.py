@@ -103,9 +103,14 @@ class LatencyModel:
         full = self.structure.full_widths()
         fixed = self.coefficients[0] if self.coefficients is not None else self.offset
         if fixed > (1 - MIN_VARIABLE) * self.predict(full):
-            measured = np.array([ms for _, ms in self.samples])
-            roof = np.array([self.roofline_ms(np.array(w)) for w, _ in self.samples])
-            self.coefficients, self.offset, self.scale = None, 0.0, float(np.median(measured / roof))
+            self.use_scaled_roofline()
+
+    def use_scaled_roofline(self) -> None:
+        """Predict with the roofline's shape, only scaled to the samples: the model that always says cutting pays."""
+        measured = np.array([ms for _, ms in self.samples])
+        roof = np.array([self.roofline_ms(np.array(w)) for w, _ in self.samples])
+        self.coefficients, self.offset = None, 0.0
+        self.scale = float(np.median(measured / roof)) if len(roof) else 1.0
 
     def relative_errors(self) -> list[float]:
         """(predicted − measured) / measured for each sample, with the current fit."""
