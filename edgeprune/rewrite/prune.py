@@ -76,6 +76,13 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
         elif isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
 
+    forward_with_layer_hook(model, example, hook)
+    params = sum(p.numel() for p in model.parameters())
+    return int(total // example.shape[0]), int(params)
+
+
+def forward_with_layer_hook(model: nn.Module, example: torch.Tensor, hook) -> None:
+    """Run ``model`` once on ``example`` with ``hook`` on every conv and linear layer (subclasses included)."""
     counted = (nn.modules.conv._ConvNd, nn.Linear)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
     try:
@@ -84,5 +91,3 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
     finally:
         for handle in handles:
             handle.remove()
-    params = sum(p.numel() for p in model.parameters())
-    return int(total // example.shape[0]), int(params)

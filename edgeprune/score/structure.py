@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from edgeprune.rewrite.plan import Plan
+from edgeprune.rewrite.prune import forward_with_layer_hook
 from edgeprune.score.importance import build_graph, prunable_groups
 
 KINDS = ("conv", "depthwise", "linear")
@@ -107,10 +108,6 @@ class Structure:
     def kind_mask(self, kind: str) -> np.ndarray:
         return np.array([layer.kind == kind for layer in self.layers])
 
-    def touched(self) -> list[np.ndarray]:
-        """For each group, the indices of the layers whose widths it changes."""
-        return [np.nonzero((self.out_cut[:, g] != 0) | (self.in_cut[:, g] != 0))[0] for g in range(len(self.groups))]
-
 
 def read_structure(model: nn.Module, example: torch.Tensor, group_names: list[str]) -> Structure:
     """The structure of ``model`` for the prunable groups ``group_names`` (the scorer's groups, in its order)."""
@@ -122,14 +119,7 @@ def read_structure(model: nn.Module, example: torch.Tensor, group_names: list[st
         batch = example.shape[0]  # costs are per sample, as count_macs_params counts them
         shapes[module] = (inputs[0].numel() // (channels_in * batch), output.numel() // (channels_out * batch))
 
-    counted = (nn.modules.conv._ConvNd, nn.Linear)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_layer_hook(model, example, hook)
     names = {module: name for name, module in model.named_modules()}
     layers, index = [], {}
     for module, (in_positions, out_positions) in shapes.items():
