@@ -19,6 +19,10 @@ from rich.table import Column, Table
 
 from edgeprune.errors import EdgepruneError
 
+DEVICE_HELP = (
+    "Where to measure: 'local' (default) or ssh://[user@]host[:port][?identity=KEY&known_hosts=FILE&python=PATH&timeout=S]"
+    " (the board needs Python 3, numpy and the runtime)."
+)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune a PyTorch model to a budget on a target.")
 targets_app = typer.Typer(help="List the target profiles, or show one.", invoke_without_command=True)
 app.add_typer(targets_app, name="targets")
@@ -85,7 +89,7 @@ def build(
     allocation: Annotated[
         str | None, typer.Option(help="Widths: global (by cost on the target) or uniform [default: global].")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="Where to measure; 'local' (default).")] = None,
+    device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: out].")] = None,
     force: Annotated[bool, typer.Option(help="Replace an output folder that already holds files.")] = False,
     max_rounds: Annotated[int | None, typer.Option(help="Most measured rounds of the search [default: 4].")] = None,
@@ -187,7 +191,7 @@ def _print_targets(results: list) -> None:
 @app.command()
 def validate(
     out_dir: Annotated[Path, typer.Argument(help="A build's output folder.")],
-    device: Annotated[str | None, typer.Option(help="Where to run the artifact; 'local' (default).")] = None,
+    device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
     latency_ms: Annotated[float | None, typer.Option(help="Check against this budget, not the recorded one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -236,7 +240,7 @@ def profile(
     model: Annotated[str | None, typer.Option(help="timm:NAME, package.module:factory or file.py:factory.")] = None,
     weights: Annotated[str | None, typer.Option(help="State dict to load (latency does not depend on it).")] = None,
     input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
-    device: Annotated[str | None, typer.Option(help="Where to measure; 'local' (default).")] = None,
+    device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
     samples: Annotated[int, typer.Option(help="Plans to measure (at least 4).")] = 10,
     trust_pickle: Annotated[bool, typer.Option(help="Allow weights files that need unpickling.")] = False,
 ) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from edgeprune.backends import Artifact, Backend, Measurement
-from edgeprune.device import LocalDevice
+from edgeprune.device import Device
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import allocate, uniform_plan
@@ -81,7 +81,7 @@ class SearchContext:
     method: str
     target: Target
     backend: Backend
-    device: LocalDevice
+    device: Device
     workdir: Path
     say: Say = print
     reference: Artifact | None = None  # timed alongside every candidate (speedup budgets): the unpruned artifact

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeprune.device import LocalDevice
+from edgeprune.device import Device, LocalDevice
 from edgeprune.errors import BadInput
 from edgeprune.target import Target
 
@@ -123,7 +123,7 @@ class Backend(ABC):
         ]  # fmt: skip
 
     def benchmark(
-        self, artifact: Artifact, shape: tuple[int, ...], target: Target, device: LocalDevice | None = None,
+        self, artifact: Artifact, shape: tuple[int, ...], target: Target, device: Device | None = None,
         reference: Artifact | None = None,
     ) -> Measurement:  # fmt: skip
         """Time the artifact on ``device`` with the target's threads, after at least its warm-up runs and
@@ -151,7 +151,7 @@ class Backend(ABC):
         inputs: torch.Tensor,
         reference: torch.Tensor,
         target: Target,
-        device: LocalDevice | None = None,
+        device: Device | None = None,
     ) -> Validation:
         """Run the artifact on ``inputs`` and compare with PyTorch's ``reference`` outputs.
 
