@@ -25,6 +25,8 @@ RUNNER = Path(__file__).parent / "backends" / "runner.py"
 READS, WRITES = ("--model", "--reference", "--inputs"), ("--outputs",)
 # Files a model file needs beside it: OpenVINO's IR keeps its weights in model.bin next to model.xml.
 COMPANIONS = {".xml": (".bin",)}
+# Files of the artifact's folder the board's runtime reads beside the model: TensorRT's int8 calibration table.
+SIBLINGS = ("calibration.cache",)
 SSH_QUERY_KEYS = ("identity", "known_hosts", "python", "timeout")
 
 
@@ -151,6 +153,7 @@ class SshDevice:
                     # One sub-folder per flag: the model and the reference are both called model.xml.
                     sub = f"{folder}/{flag.strip('-')}"
                     files = [local, *(local.with_suffix(s) for s in COMPANIONS.get(local.suffix, ()))]
+                    files += [local.parent / name for name in SIBLINGS]
                     self._copy("upload", [str(f) for f in files if f.exists()], f"{self._destination}:{sub}/")
                     value = f"{sub}/{local.name}"
                 elif flag in WRITES:

@@ -90,6 +90,7 @@ class SearchContext:
     structure: Structure | None = None  # the layers and groups as numbers: costs of a plan without pruning a copy
     latency_model: LatencyModel | None = None
     allocation: str = "global"
+    calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
     _macs_cache: dict[float, tuple[Plan, int, int]] = field(default_factory=dict)
 
     def keep_whole(self, groups: dict[str, str]) -> None:
@@ -142,7 +143,7 @@ class SearchContext:
         """Export ``model`` into its own folder of the work dir and benchmark it on the device."""
         directory = self.workdir / name
         directory.mkdir(parents=True, exist_ok=True)
-        artifact = self.backend.export(model, self.example, directory, self.target)
+        artifact = self.backend.export(model, self.example, directory, self.target, self.calibration)
         shape = tuple(self.example.shape)
         return self.backend.benchmark(artifact, shape, self.target, self.device, self.reference), artifact
 

@@ -19,7 +19,7 @@ from typing import Any
 from edgeprune.errors import BadInput
 
 BACKENDS = ("onnx", "openvino", "tflite", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 BUDGET_KINDS = ("latency_ms", "speedup", "memory_mb", "macs_ratio", "params_ratio")
 
 _REQUIRED = ("name", "description", "backend", "precision", "channel_multiple", "threads", "budget")

@@ -19,6 +19,7 @@ import torch
 from edgeprune.backends import get_backend
 from edgeprune.device import open_device
 from edgeprune.errors import BadInput
+from edgeprune.estimate import measuring_device
 from edgeprune.target import load_target
 
 MANIFEST = "manifest.json"
@@ -78,7 +79,7 @@ def validate(folder: Path, device_url: str | None = None, latency_ms: float | No
     target = load_target(report["target"])
     backend = get_backend(report["backend"])
     backend.require()
-    device = open_device(device_url)
+    device = measuring_device(open_device(device_url), backend, target)
     artifact = _artifact(backend.name, model_file, folder, report)
     inputs = torch.from_numpy(np.load(folder / REFERENCE_INPUTS))
     expected = torch.from_numpy(np.load(folder / REFERENCE_OUTPUTS))

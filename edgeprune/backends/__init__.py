@@ -5,9 +5,6 @@ from __future__ import annotations
 from edgeprune.backends.base import Artifact, Backend, Measurement, Validation
 from edgeprune.errors import BadInput
 
-# Backends whose exporters later issues build; a target naming one loads, but a build says plainly it cannot run.
-PLANNED = {"tflite": "LiteRT/TFLite", "tensorrt": "TensorRT"}
-
 
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; a planned or unknown one is a one-line BadInput."""
@@ -19,9 +16,15 @@ def get_backend(name: str) -> Backend:
         from edgeprune.backends.onnx import OnnxBackend
 
         return OnnxBackend()
-    if name in PLANNED:
-        raise BadInput(f"the {PLANNED[name]} backend is not built yet; build for an openvino or onnx target for now")
-    raise BadInput(f"unknown backend '{name}'; known: openvino, onnx, {', '.join(PLANNED)}")
+    if name == "tflite":
+        from edgeprune.backends.litert import LiteRtBackend
+
+        return LiteRtBackend()
+    if name == "tensorrt":
+        from edgeprune.backends.tensorrt import TensorRtBackend
+
+        return TensorRtBackend()
+    raise BadInput(f"unknown backend '{name}'; known: openvino, onnx, tflite, tensorrt")
 
 
 __all__ = ["Artifact", "Backend", "Measurement", "Validation", "get_backend"]

@@ -22,7 +22,7 @@ from edgeprune.target import Target
 
 # Relative tolerance of an artifact's outputs against PyTorch, by precision: fp32 differs only by kernel order and
 # fusions; fp16 by rounding of every activation; int8 by quantisation.
-RELATIVE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8": 1e-1}
+RELATIVE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8-dynamic": 1e-1, "int8": 1e-1}
 # Time floors of a benchmark; the target's warm-up and iteration counts are minimums on top of them.
 MIN_WARMUP_S = 0.3
 MIN_TIMED_S = 0.5
@@ -108,8 +108,15 @@ class Backend(ABC):
         return True
 
     @abstractmethod
-    def export(self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target) -> Artifact:
-        """Write the artifact for ``model`` into ``out_dir``."""
+    def export(
+        self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target,
+        calibration: torch.Tensor | None = None,
+    ) -> Artifact:  # fmt: skip
+        """Write the artifact for ``model`` into ``out_dir``; ``calibration`` images set int8 ranges where needed."""
+
+    def can_measure_here(self) -> bool:
+        """Whether this machine runs the backend's runtime (else a build measures on a device or estimates)."""
+        return True
 
     def require(self) -> None:
         """Raise a one-line BadInput naming the extra to install when the SDK is missing."""

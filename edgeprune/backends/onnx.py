@@ -54,7 +54,10 @@ class OnnxBackend(Backend):
     package = "onnxruntime"
     extra = "all"
 
-    def export(self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target) -> Artifact:
+    def export(
+        self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target,
+        calibration: torch.Tensor | None = None,
+    ) -> Artifact:  # fmt: skip
         self.require()
         path = export_onnx(model, example, Path(out_dir) / "model.onnx")
         return Artifact(backend=self.name, model=path, files={"onnx": path})

@@ -34,11 +34,15 @@ class OpenVinoBackend(Backend):
     package = "openvino"
     extra = "openvino"
 
-    def export(self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target) -> Artifact:
+    def export(
+        self, model: nn.Module, example: torch.Tensor, out_dir: Path, target: Target,
+        calibration: torch.Tensor | None = None,
+    ) -> Artifact:  # fmt: skip
         self.require()
-        if target.precision == "int8":
+        if target.precision.startswith("int8"):
             raise BadInput(
-                f"target '{target.name}' asks for int8, which the openvino backend does not build yet; use fp32 or fp16"
+                f"target '{target.name}' asks for {target.precision}, which the openvino backend does not build yet;"
+                " use fp32 or fp16"
             )
         import openvino as ov
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 
 # Run as a script, Python puts this file's folder first on sys.path, where edgeprune's own openvino.py and onnx.py
@@ -77,7 +80,147 @@ def _onnxruntime(model: str, threads: int, precision: str):
     return run, f"onnxruntime {ort.__version__}", "CPU"
 
 
-RUNTIMES = {"openvino": _openvino, "onnxruntime": _onnxruntime}
+def _litert(model: str, threads: int, precision: str):
+    from ai_edge_litert import __version__ as version
+    from ai_edge_litert.interpreter import Interpreter
+
+    # XNNPACK with the target's threads, as LiteRT's benchmark_model runs it on a board.
+    interpreter = Interpreter(model_path=model, num_threads=threads, experimental_default_delegate_latest_features=True)
+    interpreter.allocate_tensors()
+    source, sink = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        # A fully integer model may take and give int8 tensors: quantise the input and dequantise the output with
+        # the model's own scale and zero point, so the caller always sees float32.
+        if source["dtype"] != np.float32:
+            scale, zero = source["quantization"]
+            info = np.iinfo(source["dtype"])
+            x = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(source["dtype"])
+        interpreter.set_tensor(source["index"], x)
+        interpreter.invoke()
+        y = interpreter.get_tensor(sink["index"])
+        if sink["dtype"] != np.float32:
+            scale, zero = sink["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return np.array(y, dtype=np.float32)
+
+    return run, f"litert {version}", "CPU (XNNPACK)"
+
+
+RUNTIMES = {"openvino": _openvino, "onnxruntime": _onnxruntime, "litert": _litert}
+
+
+# --- TensorRT: trtexec times engines itself; this runner drives it and reads its report ---------------------------
+
+_TRT_STATISTIC = re.compile(r"(min|max|mean|median|percentile\((\d+(?:\.\d+)?)%\))\s*=\s*([-+0-9.eE]+)\s*ms")
+_TRT_SECTIONS = {"Latency": "latency", "Enqueue Time": "enqueue", "H2D Latency": "h2d",
+                 "GPU Compute Time": "gpu_compute", "D2H Latency": "d2h"}  # fmt: skip
+
+
+def parse_trtexec(text: str) -> dict:
+    """trtexec's "Performance summary" as numbers: throughput (qps), and per section (latency, enqueue, h2d,
+    gpu_compute, d2h) min/max/mean/median and every percentile printed (p90, p95, p99 from TensorRT 8.5 on, p99 only
+    before), total host walltime and GPU compute time in s. Log prefixes ([date] [I]) and unknown lines are skipped;
+    text without a summary is a ValueError."""
+    if "=== Performance summary ===" not in text:
+        raise ValueError("trtexec printed no performance summary")
+    summary: dict = {}
+    for line in text.split("=== Performance summary ===", 1)[1].splitlines():
+        body = re.sub(r"^(\[[^\]]*\]\s*)+", "", line.strip())  # "[11/21/2026-10:00:00] [I] "
+        head, _, rest = body.partition(":")
+        if head == "Throughput":
+            summary["throughput_qps"] = float(rest.split()[0])
+        elif head in _TRT_SECTIONS:
+            stats = {}
+            for name, percentile, value in _TRT_STATISTIC.findall(rest):
+                stats[f"p{percentile.removesuffix('.0')}" if percentile else name] = float(value)
+            summary[_TRT_SECTIONS[head]] = stats
+        elif head in ("Total Host Walltime", "Total GPU Compute Time"):
+            summary[head.lower().replace(" ", "_") + "_s"] = float(rest.split()[0])
+    if "latency" not in summary or "median" not in summary["latency"]:
+        raise ValueError("trtexec's performance summary has no latency line")
+    return summary
+
+
+def _trtexec(arguments: list[str], timeout: float = 1800) -> str:
+    done = subprocess.run(["trtexec", *arguments], capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        errors = [line for line in done.stdout.splitlines() if "[E]" in line] or done.stderr.splitlines() or ["?"]
+        raise RuntimeError(f"trtexec {arguments[0]} failed: {errors[-1].strip()}")
+    return done.stdout
+
+
+def _engine(model: str, precision: str, folder: str) -> tuple[str, str]:
+    """An engine file for ``model`` (built from an ONNX with the precision's flags, or used as given) and the
+    TensorRT version trtexec reports."""
+    if not model.endswith(".onnx"):
+        return model, _trt_version(_trtexec([f"--loadEngine={model}", "--iterations=1", "--warmUp=0", "--duration=0"]))
+    engine = os.path.join(folder, os.path.basename(model)[: -len(".onnx")] + ".engine")
+    flags = {"fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}.get(precision, [])
+    calibration = os.path.join(os.path.dirname(model), "calibration.cache")
+    if precision == "int8" and "qdq" not in os.path.basename(model) and os.path.exists(calibration):
+        flags.append(f"--calib={calibration}")
+    out = _trtexec([f"--onnx={model}", f"--saveEngine={engine}", *flags, "--skipInference"])
+    return engine, _trt_version(out)
+
+
+def _trt_version(text: str) -> str:
+    found = re.search(r"TensorRT\.trtexec \[TensorRT v(\d+)\]", text)
+    if not found:
+        return "tensorrt (version not printed)"
+    code = found.group(1)  # 8601 for 8.6.1, 100300 for 10.3.0
+    major, minor, patch = (code[0], code[1], code[2:]) if len(code) == 4 else (code[:2], code[2:4], code[4:])
+    return f"tensorrt {int(major)}.{int(minor)}.{int(patch)}"
+
+
+def _trt_statistics(summary: dict, warmed_ms: int) -> dict:
+    latency = summary["latency"]
+    iterations = round(summary.get("throughput_qps", 0.0) * summary.get("total_host_walltime_s", 0.0))
+    return {"p50": latency["median"], "p90": latency.get("p90", latency.get("p99", latency["max"])),
+            "p99": latency.get("p99", latency["max"]), "mean": latency["mean"], "iterations": iterations,
+            "warmup": warmed_ms, "windows_p50": [latency["median"]], "trtexec": summary}  # fmt: skip
+
+
+def trtexec_main(args) -> int:
+    """The runner's contract (outputs for --inputs, latency for --iterations) with trtexec doing the work."""
+    shape = "x".join(args.shape.split(","))
+    with tempfile.TemporaryDirectory(prefix="edgeprune-trt-") as folder:
+        try:
+            engine, version = _engine(args.model, args.precision, folder)
+            reference = _engine(args.reference, args.precision, folder)[0] if args.reference else None
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(json.dumps({"error": f"tensorrt could not build or load {args.model}: {_one_line(exc)}"}))
+            return 3
+        result: dict = {"runtime": version, "device": "GPU (TensorRT)", "threads": args.threads, "peak_memory_mb": None}
+        if args.inputs:
+            inputs, outputs = np.load(args.inputs).astype(np.float32), []
+            for i in range(len(inputs)):
+                sample, exported = os.path.join(folder, f"in{i}.bin"), os.path.join(folder, f"out{i}.json")
+                np.ascontiguousarray(inputs[i : i + 1]).tofile(sample)
+                _trtexec([f"--loadEngine={engine}", f"--loadInputs=input:{sample}", f"--exportOutput={exported}",
+                          "--iterations=1", "--warmUp=0", "--duration=0", f"--shapes=input:{shape}"])  # fmt: skip
+                with open(exported) as f:
+                    outputs.append(np.asarray(json.load(f)[0]["values"], dtype=np.float32))
+            np.save(args.outputs, np.stack(outputs))
+            result["outputs"] = args.outputs
+        if args.iterations > 0:
+            # trtexec warms up by time (ms) and floors its run by duration (s); our floors are the same idea.
+            warm_ms = max(200, round(args.min_warmup_s * 1000))
+            timing = [f"--warmUp={warm_ms}", f"--iterations={args.iterations}", "--percentile=90,95,99",
+                      f"--duration={max(0, round(args.min_timed_s))}", "--useSpinWait", "--avgRuns=1"]  # fmt: skip
+            windows: dict[str, list[dict]] = {"latency_ms": []}
+            if reference:
+                windows["reference_latency_ms"] = []
+            for _ in range(max(1, args.windows)):
+                for key, path in (("latency_ms", engine), ("reference_latency_ms", reference)):
+                    if key in windows:
+                        windows[key].append(parse_trtexec(_trtexec([f"--loadEngine={path}", *timing])))
+            for key, summaries in windows.items():
+                best = min(summaries, key=lambda s: s["latency"]["median"])
+                result[key] = _trt_statistics(best, warm_ms)
+                result[key]["windows_p50"] = [s["latency"]["median"] for s in summaries]
+    print(json.dumps(result))
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -120,7 +263,7 @@ def _timed_window(run, x: np.ndarray, iterations: int, min_seconds: float) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runtime", required=True, choices=sorted(RUNTIMES))
+    parser.add_argument("--runtime", required=True, choices=sorted([*RUNTIMES, "tensorrt"]))
     parser.add_argument("--model", required=True)
     parser.add_argument("--shape", required=True, help="input shape, e.g. 1,3,224,224")
     parser.add_argument("--threads", type=int, default=1)
@@ -135,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outputs", help="where to save the outputs for --inputs, as .npy")
     args = parser.parse_args(argv)
     shape = tuple(int(d) for d in args.shape.split(","))
+    if args.runtime == "tensorrt":
+        return trtexec_main(args)
 
     rss_before = _memory_mb("VmRSS")
     try:
