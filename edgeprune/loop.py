@@ -131,7 +131,10 @@ class SearchContext:
                 raise
             self.say(f"at the widths of this plan, {len(found)} more groups cannot be pruned safely: kept whole")
             self.keep_whole(found)
+            # A plan made from fixed widths (edgeprune profile's samples) would cut them again: undo their cuts.
             plan = make()
+            whole = [replace(g, kept=tuple(range(g.channels))) if g.module in found else g for g in plan.groups]
+            plan = replace(plan, groups=tuple(whole))
             return (plan, *count_macs_params(apply_plan(self.model, plan, self.example), self.example))
 
     def _uniform(self, ratio: float) -> Plan:

@@ -131,19 +131,28 @@ def main() -> int:
             spec, _, side = item.rpartition("@") if "@" in item else (item, "", "224")
             shape = (1, 3, int(side), int(side))
             err.print(f"{spec} at {side}: profiling and predicting ...")
-            rows, baseline = predictions(spec, shape, args.samples, args.candidates)
+            try:
+                rows, baseline = predictions(spec, shape, args.samples, args.candidates)
+            except Exception as exc:  # one model's failure is a row of the table, not the end of the benchmark
+                predicted_rows.append([spec, "-", "-", "-", f"failed: {' '.join(str(exc).split())[:200]}"])
+                continue
             errors = [abs(r["error"]) for r in rows]
             predicted_rows.append([spec, str(len(rows)), f"{sum(e <= 0.10 for e in errors)}/{len(rows)}",
                                    f"{statistics.median(errors):.1%}", f"{max(errors):.1%}"])  # fmt: skip
+            err.print("  " + " | ".join(predicted_rows[-1]))
             budget = args.budget_fraction * baseline
             for allocation in ("global", "uniform"):
                 err.print(f"{spec}: building to {budget:.3f} ms with {allocation} allocation ...")
-                r = fidelity(spec, shape, budget, calib, allocation, Path(tmp) / f"out-{len(fidelity_rows)}")
+                try:
+                    r = fidelity(spec, shape, budget, calib, allocation, Path(tmp) / f"out-{len(fidelity_rows)}")
+                except Exception as exc:
+                    r = {"error": f"failed: {' '.join(str(exc).split())[:200]}"}
                 if "error" in r:
                     fidelity_rows.append([spec, allocation, f"{budget:.3f}", "-", "-", "-", "-", "-", r["error"]])
                     continue
                 fidelity_rows.append([spec, allocation, f"{budget:.3f}", f"{r['latency']:.3f}", f"{r['macs']:.0%}",
                                       str(r["rounds"]), f"{r['top1']:.3f}", f"{r['cosine']:.4f}", ""])  # fmt: skip
+                err.print("  " + " | ".join(fidelity_rows[-1]))
     heads = (
         ["model", "candidates", "within ±10%", "median |error|", "worst |error|"],
         ["model", "allocation", "budget ms", "measured ms", "MACs", "rounds", "top-1 agreement", "cosine", "note"],

@@ -17,9 +17,31 @@ from torch import nn
 
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.score.allocate import plan_from_widths, uniform_plan
-from edgeprune.score.importance import ScoredGroup
+from edgeprune.score.importance import ScoredGroup, build_graph, prunable_groups
 
 PROBE_RATIO = 0.5
+
+
+def grouped_conv_groups(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """Groups whose channels pass through a grouped convolution that is not depthwise (ResNeXt, RegNet): cutting
+    channels out of it leaves widths its ``groups`` does not divide, or mixes channels across its groups, at some
+    widths and not others. torch-pruning keeps only depthwise convolutions consistent, so these are kept whole."""
+    names = {module: name for name, module in model.named_modules()}
+    found = {}
+    for root, group in prunable_groups(model, build_graph(model, example)):
+        for dep, _ in group:
+            layer = dep.target.module
+            if (
+                isinstance(layer, nn.Conv2d)
+                and layer.groups > 1
+                and not layer.groups == layer.in_channels == layer.out_channels
+            ):
+                found[root] = (
+                    f"its channels pass through grouped convolution {names.get(layer, '?')} (groups={layer.groups},"
+                    " not depthwise), whose group structure torch-pruning does not keep"
+                )
+                break
+    return found
 
 
 def find_unprunable(
@@ -61,4 +83,5 @@ def find_unprunable(
         found = culprits(names[:half]) | culprits(names[half:])
         return found or dict.fromkeys(names, reason)  # they fail only together: keep them all whole
 
-    return culprits([g.module for g in scored if g.scores is not None])
+    grouped = grouped_conv_groups(model, example)
+    return grouped | culprits([g.module for g in scored if g.scores is not None and g.module not in grouped])
