@@ -101,6 +101,8 @@ def build(options: BuildOptions, say=print) -> dict:
     check_output_dir(out, options.force)
     loaded = load_model(options.model, options.weights, options.input_shape, options.trust_pickle)
     data = load_dataset(options.calib, loaded.input.shape, loaded.input.mean, loaded.input.std, options.calib_limit)
+    if target.precision == "int8" and data.synthetic:
+        raise BadInput(f"target '{target.name}' is int8, whose ranges are calibrated on real images: pass --calib DATA")
     method = options.method if options.method != "auto" else ("magnitude" if data.synthetic else "taylor")
     if data.synthetic:
         say(
@@ -235,6 +237,11 @@ def build(options: BuildOptions, say=print) -> dict:
             "versions": versions(),
             "build_seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
+        if device.label == "local" and backend.name == "tflite":  # LiteRT runs on the host too, not as on the board
+            report["host_measurement"] = (
+                f"measured with LiteRT on this machine's CPU, not on a {target.name} board; pass --device ssh://… to"
+                " measure on the board"
+            )
         if isinstance(device, EstimateDevice):
             report["not_measured"] = (
                 f"nothing was measured on a {target.name} device: every latency here is a roofline estimate from the"

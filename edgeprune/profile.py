@@ -18,6 +18,7 @@ import torch
 from edgeprune.backends import get_backend
 from edgeprune.device import open_device
 from edgeprune.errors import BadInput, EdgepruneError
+from edgeprune.estimate import EstimateDevice, measuring_device
 from edgeprune.loop import SearchContext
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.rewrite.prune import apply_plan
@@ -74,6 +75,8 @@ def run_profile(
         backend = get_backend(target.backend)
         backend.require()
         device = open_device(device_url or target.device)
+        if isinstance(measuring_device(device, backend, target), EstimateDevice):
+            raise BadInput(f"no device here runs {backend.name}; pass --device ssh://… to measure on the board")
     except EdgepruneError as exc:  # the runtime cannot run here: the roofline stands in, labelled as such
         latency = new_model(structure, target, "estimate")
         rows = [ProfileRow(name, structure.macs(structure.widths_of(p)) / structure.macs(full),

@@ -63,11 +63,12 @@ def test_targets_show_prints_json_that_matches_the_profile():
         (["--input-shape", "1,3,abc"], ["--input-shape"]),
         (["--speedup", "0.5"], ["--speedup"]),
         (["--latency-ms", "1", "--speedup", "2"], ["one budget"]),
-        (["--target", "arm-tflite"], ["not built yet"]),
+        (["--target", "arm-tflite-int8"], ["int8", "pass --calib DATA"]),
         (["--calib", "nowhere.npz"], ["nowhere.npz"]),
         (["--method", "guess"], ["--method"]),
         (["--memory-mb", "-1"], ["--memory-mb must be positive"]),
-        (["--device", "ssh://nobody@192.0.2.1"], ["ssh://nobody@192.0.2.1", "not supported yet"]),
+        (["--device", "ssh://nobody@127.0.0.1:1"], ["ssh://nobody@127.0.0.1:1", "step 'connect' failed"]),
+        (["--device", "telnet://board"], ["not supported"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, words):

@@ -62,10 +62,10 @@ def test_build_with_no_flags_builds_every_target(project):
 
 
 def test_exit_code_says_whether_every_target_built(project):
-    (project / "edgeprune.toml").write_text(PROJECT + '[[targets]]\nname = "arm-tflite"\n')
+    (project / "edgeprune.toml").write_text(PROJECT + '[[targets]]\nname = "jetson-orin-int8"\n')
     result = CliRunner().invoke(app, ["build"])
-    assert result.exit_code == 2  # the LiteRT backend is not built yet: that target fails, the others still build
-    assert "[arm-tflite] the LiteRT/TFLite backend is not built yet" in result.stderr
+    assert result.exit_code == 2  # an int8 target without calibration images fails, the others still build
+    assert "[jetson-orin-int8] target 'jetson-orin-int8' is int8" in result.stderr
     assert sorted(p.name for p in (project / "build").iterdir()) == ["x86-onnx", "x86-openvino"]
 
 

@@ -1,18 +1,19 @@
 """Benchmark of stage 2's cost model and global allocation on x86-openvino. The README's figures come from here.
 
-    python tools/bench_scorer.py [--models timm:resnet18@128 ...] [--samples 8] [--candidates 6] [--markdown]
+    python tools/bench_scorer.py [--models timm:resnet18@128 ...] [--samples 8] [--candidates 6] [--epochs 3]
+                                 [--markdown]
 
-Per model, in a fresh cache:
+Every model is first trained on a real task here, scikit-learn's handwritten digits upsampled to its input
+(tools/digits_task.py; EfficientNet-Lite0 from its ImageNet weights, the timm models from scratch): 1,200 digits
+to train, the other 597 held out for calibration and evaluation. Then, per model, in a fresh cache:
 (a) prediction: `edgeprune profile` measures --samples plans and fits the latency model; then --candidates new
     plans (global and uniform, from 85% down to 45% of the predicted baseline) are predicted by that fit *before*
     they are measured. The table gives how many land within ±10% of their measured p50, and the median error.
 (b) fidelity at equal measured latency: two builds to the same latency budget (0.6 × the unpruned p50 measured by
     the profile), one with global allocation, one with uniform L1 magnitude (Torch-Pruning's default: the same
     fraction of every group, rounded to the same multiple), no distillation, on the same calibration images. Fidelity
-    of each pruned model to the unpruned one on those images: top-1 agreement and mean cosine similarity of outputs.
-
-Only the default model (EfficientNet-Lite0) has pretrained weights here; timm models are built with random weights
-(nothing is downloaded), so their fidelity says how much the function changed, not how accurate it is.
+    of each pruned model to the unpruned one on the held-out digits: top-1 agreement and mean cosine similarity of
+    outputs, and the task accuracy of both.
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "calibration"))
-from make_sample import make_image_folder  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_task import accuracy, digits, task_model_spec, train  # noqa: E402
+
+TRAIN = 1200  # digits to train on; the other 597 are held out
 
 DEFAULT_MODELS = ["timm:resnet18@128", "timm:mobilenetv3_large_100@128", "edgeprune.zoo:efficientnet_lite0@160",
                   "timm:regnetx_002@128"]  # fmt: skip
 
 
-def predictions(spec: str, shape: tuple[int, ...], samples: int, count: int) -> tuple[list[dict], float]:
+def predictions(spec: str, weights: str, shape: tuple[int, ...], samples: int, count: int) -> tuple[list[dict], float]:
     """Profile, then predict and measure ``count`` new plans; return the rows and the unpruned p50."""
     from edgeprune.backends import get_backend
     from edgeprune.device import open_device
@@ -52,10 +55,10 @@ def predictions(spec: str, shape: tuple[int, ...], samples: int, count: int) -> 
     from edgeprune.target import load_target
 
     say = lambda message: None  # noqa: E731
-    profiled = run_profile("x86-openvino", spec, input_shape=shape, samples=samples, say=say)
+    profiled = run_profile("x86-openvino", spec, weights, input_shape=shape, samples=samples, say=say)
     baseline_p50 = profiled["rows"][0].measured_ms
     target = load_target("x86-openvino")
-    model = load_model(spec, input_shape=shape).module
+    model = load_model(spec, weights, input_shape=shape).module
     example = torch.zeros(shape)
     scored = [replace(g, scores=None) if g.module in profiled["kept_whole"] else g
               for g in score_groups(model, example, "magnitude")]  # fmt: skip
@@ -78,7 +81,8 @@ def predictions(spec: str, shape: tuple[int, ...], samples: int, count: int) -> 
     return rows, baseline_p50
 
 
-def fidelity(spec: str, shape: tuple[int, ...], budget_ms: float, calib: Path, allocation: str, out: Path) -> dict:
+def fidelity(spec: str, weights: str, shape: tuple[int, ...], budget_ms: float, calib: Path, allocation: str,
+             out: Path) -> dict:  # fmt: skip
     """Build to ``budget_ms`` with ``allocation``; the pruned model's fidelity to the unpruned one on ``calib``."""
     from edgeprune.data import load_dataset
     from edgeprune.errors import EdgepruneError
@@ -88,25 +92,27 @@ def fidelity(spec: str, shape: tuple[int, ...], budget_ms: float, calib: Path, a
     from edgeprune.rewrite.prune import apply_plan
     from edgeprune.target import Budget
 
-    options = BuildOptions(model=spec, input_shape=shape, budget=Budget(latency_ms=budget_ms), calib=str(calib),
-                           out=out, recover_steps=0, allocation=allocation, method="magnitude")  # fmt: skip
+    options = BuildOptions(model=spec, weights=weights, input_shape=shape, budget=Budget(latency_ms=budget_ms),
+                           calib=str(calib), out=out, recover_steps=0, allocation=allocation,
+                           method="magnitude")  # fmt: skip
     try:
         report = build(options, say=lambda message: None)
     except EdgepruneError as exc:
         report = getattr(exc, "report", None)
         if report is None:
             return {"allocation": allocation, "error": str(exc)}
-    loaded = load_model(spec, input_shape=shape)
+    loaded = load_model(spec, weights, input_shape=shape)
     model = loaded.module
     example = torch.zeros(shape)
     if not (out / "plan.json").is_file():
         return {"allocation": allocation, "error": "over budget on its final measurement", "report": report}
     pruned = apply_plan(model, Plan.load(out / "plan.json"), example)
     pruned.load_state_dict(torch.load(out / "pruned_state_dict.pt", weights_only=True))
-    data = load_dataset(str(calib), shape, loaded.input.mean, loaded.input.std, 256)
+    data = load_dataset(str(calib), shape, loaded.input.mean, loaded.input.std, 10_000)
     with torch.no_grad():
         a, b = model(data.x), pruned.eval()(data.x)
     return {
+        "accuracy": accuracy(pruned, data.x, data.y), "unpruned_accuracy": accuracy(model, data.x, data.y),
         "allocation": allocation, "latency": report["result"]["comparable_p50"], "rounds": len(report["iterations"]),
         "macs": report["result"]["macs"] / report["baseline"]["macs"],
         "top1": float((a.argmax(1) == b.argmax(1)).float().mean()),
@@ -120,45 +126,70 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=8, help="profile measurements per model")
     parser.add_argument("--candidates", type=int, default=6, help="new plans predicted, then measured, per model")
     parser.add_argument("--budget-fraction", type=float, default=0.6, help="of the unpruned p50, for (b)")
+    parser.add_argument("--epochs", type=int, default=3, help="of training on the digits before pruning")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     err = Console(stderr=True)
-    predicted_rows, fidelity_rows = [], []
+    predicted_rows, fidelity_rows, trained_rows = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-scorer-") as tmp:
         os.environ["EDGEPRUNE_CACHE"] = str(Path(tmp) / "cache")  # every model starts from no measurement
-        calib = make_image_folder(Path(tmp) / "calib", classes=4, per_class=16, size=128)
-        for item in args.models:
-            spec, _, side = item.rpartition("@") if "@" in item else (item, "", "224")
+        for index, item in enumerate(args.models):
+            name, _, side = item.rpartition("@") if "@" in item else (item, "", "224")
             shape = (1, 3, int(side), int(side))
-            err.print(f"{spec} at {side}: profiling and predicting ...")
+            x, y = digits(int(side))
+            calib = Path(tmp) / f"heldout-{side}.npz"
+            np.savez(calib, x=x[TRAIN:].numpy(), y=y[TRAIN:].numpy())
+            spec = task_model_spec(name, Path(tmp))
+            from edgeprune.model import load_model
+
+            err.print(f"{name} at {side}: training on {TRAIN} digits for {args.epochs} epochs ...")
+            model = train(load_model(spec, input_shape=shape).module, x[:TRAIN], y[:TRAIN], args.epochs)
+            weights = str(Path(tmp) / f"weights-{index}.pt")
+            torch.save(model.state_dict(), weights)
+            trained_rows.append([name, f"{accuracy(model, x[TRAIN:], y[TRAIN:]):.3f}"])
+            err.print(f"  held-out accuracy {trained_rows[-1][1]}; profiling and predicting ...")
             try:
-                rows, baseline = predictions(spec, shape, args.samples, args.candidates)
+                rows, baseline = predictions(spec, weights, shape, args.samples, args.candidates)
             except Exception as exc:  # one model's failure is a row of the table, not the end of the benchmark
-                predicted_rows.append([spec, "-", "-", "-", f"failed: {' '.join(str(exc).split())[:200]}"])
+                predicted_rows.append([name, "-", "-", "-", f"failed: {' '.join(str(exc).split())[:200]}"])
                 continue
             errors = [abs(r["error"]) for r in rows]
-            predicted_rows.append([spec, str(len(rows)), f"{sum(e <= 0.10 for e in errors)}/{len(rows)}",
+            predicted_rows.append([name, str(len(rows)), f"{sum(e <= 0.10 for e in errors)}/{len(rows)}",
                                    f"{statistics.median(errors):.1%}", f"{max(errors):.1%}"])  # fmt: skip
             err.print("  " + " | ".join(predicted_rows[-1]))
             budget = args.budget_fraction * baseline
             for allocation in ("global", "uniform"):
-                err.print(f"{spec}: building to {budget:.3f} ms with {allocation} allocation ...")
+                err.print(f"{name}: building to {budget:.3f} ms with {allocation} allocation ...")
                 try:
-                    r = fidelity(spec, shape, budget, calib, allocation, Path(tmp) / f"out-{len(fidelity_rows)}")
+                    out = Path(tmp) / f"out-{len(fidelity_rows)}"
+                    r = fidelity(spec, weights, shape, budget, calib, allocation, out)
                 except Exception as exc:
                     r = {"error": f"failed: {' '.join(str(exc).split())[:200]}"}
                 if "error" in r:
-                    fidelity_rows.append([spec, allocation, f"{budget:.3f}", "-", "-", "-", "-", "-", r["error"]])
+                    fidelity_rows.append([name, allocation, f"{budget:.3f}", *["-"] * 6, r["error"]])
                     continue
-                fidelity_rows.append([spec, allocation, f"{budget:.3f}", f"{r['latency']:.3f}", f"{r['macs']:.0%}",
-                                      str(r["rounds"]), f"{r['top1']:.3f}", f"{r['cosine']:.4f}", ""])  # fmt: skip
+                fidelity_rows.append([name, allocation, f"{budget:.3f}", f"{r['latency']:.3f}", f"{r['macs']:.0%}",
+                                      str(r["rounds"]), f"{r['top1']:.3f}", f"{r['cosine']:.4f}",
+                                      f"{r['accuracy']:.3f} ({r['unpruned_accuracy']:.3f})", ""])  # fmt: skip
                 err.print("  " + " | ".join(fidelity_rows[-1]))
     heads = (
         ["model", "candidates", "within ±10%", "median |error|", "worst |error|"],
-        ["model", "allocation", "budget ms", "measured ms", "MACs", "rounds", "top-1 agreement", "cosine", "note"],
+        [
+            "model",
+            "allocation",
+            "budget ms",
+            "measured ms",
+            "MACs",
+            "rounds",
+            "top-1 agreement",
+            "cosine",
+            "accuracy (unpruned)",
+            "note",
+        ],
+        ["model", "held-out accuracy after training"],
     )
-    for title, head, rows in zip(("(a) predicted vs measured latency", "(b) fidelity at equal measured latency"),
-                                 heads, (predicted_rows, fidelity_rows), strict=True):  # fmt: skip
+    titles = ("(a) predicted vs measured latency", "(b) fidelity at equal measured latency", "the trained models")
+    for title, head, rows in zip(titles, heads, (predicted_rows, fidelity_rows, trained_rows), strict=True):
         if args.markdown:
             print(f"\n{title}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
             print("\n".join("| " + " | ".join(row) + " |" for row in rows))
