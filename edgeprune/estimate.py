@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from edgeprune.score.structure import BYTES_PER_ELEMENT
+from edgeprune.score.structure import BYTES_PER_ELEMENT, WEIGHT_BYTES
 from edgeprune.target import Target
 
 ESTIMATE_LABEL = "estimate"
@@ -57,10 +57,12 @@ def graph_roofline_ms(onnx_path: Path, precision: str, peak_gflops: float, memor
     model = shape_inference.infer_shapes(onnx.load(str(onnx_path)))
     elements = _elements(model)
     weights = {t.name: tuple(numpy_helper.to_array(t).shape) for t in model.graph.initializer}
-    size = BYTES_PER_ELEMENT.get(precision, 4)
+    size, weight_size = BYTES_PER_ELEMENT.get(precision, 4), WEIGHT_BYTES.get(precision, 4)
     total = 0.0
     for node in model.graph.node:
-        moved = sum(elements.get(name, 0) for name in [*node.input, *node.output] if name) * size
+        moved = sum(
+            elements.get(n, 0) * (weight_size if n in weights else size) for n in [*node.input, *node.output] if n
+        )
         compute = 2 * node_macs(node, elements, weights) / (peak_gflops * 1e9)
         total += max(compute, moved / (memory_gbps * 1e9))
     return total * 1e3

@@ -30,7 +30,7 @@ from edgeprune.score.costmodel import LatencyModel
 from edgeprune.score.importance import ScoredGroup
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import find_unprunable
-from edgeprune.score.structure import BYTES_PER_ELEMENT, Structure
+from edgeprune.score.structure import WEIGHT_BYTES, Structure
 from edgeprune.target import Target
 
 BAND_LOW = 0.9  # a round is accepted when its p50 is within [0.9·budget, 0.97·budget]
@@ -228,7 +228,7 @@ def fit_memory_budget(ctx: SearchContext, value_mb: float, baseline_p50: float, 
     """The plan whose artifact needs at most ``value_mb`` (weights at the target precision + peak live activations
     of its graph), and every measured round. The allocator aims at the structure's estimate; each round's exported
     graph is then computed exactly, and the goal tightens by how far over it was."""
-    size = BYTES_PER_ELEMENT.get(ctx.target.precision, 4)
+    size = WEIGHT_BYTES.get(ctx.target.precision, 4)
 
     def estimate_mb(widths) -> float:
         weights = ctx.structure.params(widths) * size

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 from onnx import shape_inference
 
-from edgeprune.score.structure import BYTES_PER_ELEMENT
+from edgeprune.score.structure import BYTES_PER_ELEMENT, WEIGHT_BYTES
 
 MIB = 1 << 20
 
@@ -26,7 +26,7 @@ def artifact_memory_mb(onnx_path: Path, precision: str) -> dict:
     """{"weights_mb", "peak_activations_mb", "total_mb"} of the ONNX model at ``onnx_path`` run at ``precision``."""
     model = shape_inference.infer_shapes(onnx.load(str(onnx_path)))
     size = BYTES_PER_ELEMENT.get(precision, 4)
-    weights = sum(math.prod(t.dims) for t in model.graph.initializer) * size
+    weights = sum(math.prod(t.dims) for t in model.graph.initializer) * WEIGHT_BYTES.get(precision, 4)
     initializers = {t.name for t in model.graph.initializer}
     shapes = {}
     for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:

@@ -22,7 +22,9 @@ from edgeprune.rewrite.prune import forward_with_layer_hook
 from edgeprune.score.importance import build_graph, prunable_groups
 
 KINDS = ("conv", "depthwise", "linear")
-BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
+# Bytes per activation and per weight at a target precision; dynamic-range int8 keeps float activations.
+BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8-dynamic": 4, "int8": 1}
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8-dynamic": 1, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ class Structure:
         out_positions = np.array([layer.out_positions for layer in self.layers], dtype=float)
         in_positions = np.array([layer.in_positions for layer in self.layers], dtype=float)
         macs = out_positions * weights
-        moved = (ins * in_positions + outs * out_positions + weights) * BYTES_PER_ELEMENT.get(precision, 4)
+        moved = (ins * in_positions + outs * out_positions) * BYTES_PER_ELEMENT.get(precision, 4)
+        moved = moved + weights * WEIGHT_BYTES.get(precision, 4)
         return macs, weights + outs, moved  # + outs: the biases (or the norm's shift that folds into them)
 
     def macs(self, widths: np.ndarray) -> float:
