@@ -73,6 +73,8 @@ def test_each_precision_runs_and_matches_pytorch(artifacts, model_and_data, prec
     assert not (artifact.model.parent / "model_fp32.tflite").exists(), "the intermediate fp32 model is left behind"
     checked = get_backend("tflite").validate(artifact, images[:8], reference[:8], _target(precision), LocalDevice())
     assert checked.ok, (precision, checked)
+    # What the precision costs, as the report states it: top-1 agreement and cosine similarity with PyTorch.
+    assert checked.top1_agreement is not None and checked.top1_agreement >= 0.75 and checked.cosine > 0.98, checked
     if precision == "fp32":
         assert checked.max_abs_err < 1e-4  # the same arithmetic, kernel order aside
 

@@ -121,3 +121,21 @@ def test_a_build_measured_over_ssh_reports_the_device(server, tmp_path):
     report = json.loads(done.stdout)
     assert report["measured_on"] == parse_ssh_url(server.url()).label
     assert report["validation"]["ok"] and report["met_budget"] is True
+
+
+def test_litert_runs_on_the_device_too(server, tmp_path):
+    pytest.importorskip("litert_torch", reason="the tflite extra is not installed")
+    from edgeprune.backends import get_backend
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    target = replace(load_target("arm-tflite"), benchmark=BenchmarkSettings(warmup=2, iterations=10))
+    backend = get_backend("tflite")
+    artifact = backend.export(model, torch.zeros(1, 3, 16, 16), tmp_path, target)
+    inputs = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(inputs)
+    device = open_device(server.url())
+    assert backend.validate(artifact, inputs, reference, target, device).ok
+    measured = backend.benchmark(artifact, (1, 3, 16, 16), target, device)
+    assert measured.measured_on == device.label and measured.runtime.startswith("litert") and measured.threads == 4

@@ -81,13 +81,18 @@ class Validation:
     max_abs_err: float
     atol: float
     samples: int
+    # For classifier-like outputs (N×classes): how often the artifact's top-1 is PyTorch's, and the mean cosine
+    # similarity of the two; what an fp16 or int8 artifact loses, stated in the report.
+    top1_agreement: float | None = None
+    cosine: float | None = None
 
     @property
     def ok(self) -> bool:
         return bool(self.max_abs_err <= self.atol)
 
     def to_dict(self) -> dict:
-        return {"max_abs_err": self.max_abs_err, "atol": self.atol, "samples": self.samples, "ok": self.ok}
+        return {"max_abs_err": self.max_abs_err, "atol": self.atol, "samples": self.samples, "ok": self.ok,
+                "top1_agreement": self.top1_agreement, "cosine": self.cosine}  # fmt: skip
 
 
 class Backend(ABC):
@@ -175,4 +180,9 @@ class Backend(ABC):
         expected = reference.detach().cpu().numpy().reshape(outputs.shape)
         error = float(np.max(np.abs(outputs - expected)))
         atol = RELATIVE_TOLERANCE[target.precision] * max(1.0, float(np.max(np.abs(expected))))
-        return Validation(max_abs_err=error, atol=atol, samples=len(inputs))
+        agreement = cosine = None
+        if outputs.ndim == 2 and outputs.shape[1] > 1:
+            agreement = float(np.mean(outputs.argmax(1) == expected.argmax(1)))
+            norms = np.linalg.norm(outputs, axis=1) * np.linalg.norm(expected, axis=1)
+            cosine = float(np.mean(np.sum(outputs * expected, axis=1) / np.maximum(norms, 1e-12)))
+        return Validation(error, atol, len(inputs), agreement, cosine)
