@@ -17,7 +17,7 @@ def get_backend(name: str) -> Backend:
 
         return OnnxBackend()
     if name == "tflite":
-        from edgeprune.backends.litert import LiteRtBackend
+        from edgeprune.backends.tflite import LiteRtBackend
 
         return LiteRtBackend()
     if name == "tensorrt":

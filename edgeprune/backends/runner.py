@@ -81,11 +81,21 @@ def _onnxruntime(model: str, threads: int, precision: str):
 
 
 def _litert(model: str, threads: int, precision: str):
-    from ai_edge_litert import __version__ as version
-    from ai_edge_litert.interpreter import Interpreter
+    try:
+        from ai_edge_litert import __version__ as version
+        from ai_edge_litert.interpreter import Interpreter
 
-    # XNNPACK with the target's threads, as LiteRT's benchmark_model runs it on a board.
-    interpreter = Interpreter(model_path=model, num_threads=threads, experimental_default_delegate_latest_features=True)
+        # XNNPACK with the target's threads, as LiteRT's benchmark_model runs it on a board.
+        interpreter = Interpreter(
+            model_path=model, num_threads=threads, experimental_default_delegate_latest_features=True
+        )
+        version = f"litert {version}"
+    except ImportError:  # many boards ship only the older tflite_runtime wheel; same interpreter API, XNNPACK default
+        from tflite_runtime import __version__ as version
+        from tflite_runtime.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=model, num_threads=threads)
+        version = f"tflite_runtime {version}"
     interpreter.allocate_tensors()
     source, sink = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
 
@@ -104,7 +114,7 @@ def _litert(model: str, threads: int, precision: str):
             y = (y.astype(np.float32) - zero) * scale
         return np.array(y, dtype=np.float32)
 
-    return run, f"litert {version}", "CPU (XNNPACK)"
+    return run, version, "CPU (XNNPACK)"
 
 
 RUNTIMES = {"openvino": _openvino, "onnxruntime": _onnxruntime, "litert": _litert}
