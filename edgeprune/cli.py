@@ -189,6 +189,35 @@ def _print_targets(results: list) -> None:
 
 
 @app.command()
+def bench(
+    artifact: Annotated[
+        Path, typer.Argument(help="The model file a build wrote: model.xml, model.tflite, model.onnx.")
+    ],
+    target: Annotated[str, typer.Option(help="Target name or .toml path: runtime, threads, iterations.")],
+    device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Input shape; default: from model.onnx beside it.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Time an existing artifact on the target's runtime, here or on a device; no build."""
+    from edgeprune.bench import run_bench
+    from edgeprune.model import parse_input_shape
+
+    try:
+        shape = parse_input_shape(input_shape) if input_shape else None
+        result = run_bench(artifact, target, device, shape)
+    except EdgepruneError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    lat = result["latency_ms"]
+    what = "ESTIMATE (not measured)" if result["estimate"] else f"measured on {result['measured_on']}"
+    out.print(f"{result['artifact']} on {result['target']} ({result['runtime']}, {result['threads']} threads), {what}:"
+              f" p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, p99 {lat['p99']:.3f} ms over {lat['iterations']}"
+              " runs", markup=False, soft_wrap=True)  # fmt: skip
+
+
+@app.command()
 def validate(
     out_dir: Annotated[Path, typer.Argument(help="A build's output folder.")],
     device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
