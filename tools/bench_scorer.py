@@ -36,7 +36,7 @@ from digits_task import accuracy, digits, task_model_spec, train  # noqa: E402
 
 TRAIN = 1200  # digits to train on; the other 597 are held out
 
-DEFAULT_MODELS = ["timm:resnet18@128", "timm:mobilenetv3_large_100@128", "edgeprune.zoo:efficientnet_lite0@160",
+DEFAULT_MODELS = ["timm:resnet18@128", "timm:mobilenetv3_large_100@128", "edgeprune.zoo:efficientnet_lite0@128",
                   "timm:regnetx_002@128"]  # fmt: skip
 
 
@@ -126,14 +126,16 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=8, help="profile measurements per model")
     parser.add_argument("--candidates", type=int, default=6, help="new plans predicted, then measured, per model")
     parser.add_argument("--budget-fraction", type=float, default=0.6, help="of the unpruned p50, for (b)")
-    parser.add_argument("--epochs", type=int, default=3, help="of training on the digits before pruning")
+    parser.add_argument("--epochs", type=int, default=4, help="of training on the digits before pruning")
+    parser.add_argument("--weights-dir", help="keep trained weights here and reuse them")
+    parser.add_argument("--train-only", action="store_true", help="train (into --weights-dir) and stop")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     err = Console(stderr=True)
     predicted_rows, fidelity_rows, trained_rows = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-scorer-") as tmp:
         os.environ["EDGEPRUNE_CACHE"] = str(Path(tmp) / "cache")  # every model starts from no measurement
-        for index, item in enumerate(args.models):
+        for item in args.models:
             name, _, side = item.rpartition("@") if "@" in item else (item, "", "224")
             shape = (1, 3, int(side), int(side))
             x, y = digits(int(side))
@@ -142,12 +144,23 @@ def main() -> int:
             spec = task_model_spec(name, Path(tmp))
             from edgeprune.model import load_model
 
-            err.print(f"{name} at {side}: training on {TRAIN} digits for {args.epochs} epochs ...")
-            model = train(load_model(spec, input_shape=shape).module, x[:TRAIN], y[:TRAIN], args.epochs)
-            weights = str(Path(tmp) / f"weights-{index}.pt")
-            torch.save(model.state_dict(), weights)
+            # Trained weights are kept in --weights-dir (when given) so that training, which need not run on a
+            # quiet machine, can be done beforehand with --train-only.
+            folder = Path(args.weights_dir) if args.weights_dir else Path(tmp)
+            weights = str(folder / f"{name.replace(':', '_')}-{side}-e{args.epochs}.pt")
+            model = load_model(spec, input_shape=shape).module
+            if Path(weights).is_file():
+                model.load_state_dict(torch.load(weights, weights_only=True))
+                model.eval()
+            else:
+                err.print(f"{name} at {side}: training on {TRAIN} digits for {args.epochs} epochs ...")
+                model = train(model, x[:TRAIN], y[:TRAIN], args.epochs)
+                folder.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), weights)
             trained_rows.append([name, f"{accuracy(model, x[TRAIN:], y[TRAIN:]):.3f}"])
-            err.print(f"  held-out accuracy {trained_rows[-1][1]}; profiling and predicting ...")
+            err.print(f"  held-out accuracy {trained_rows[-1][1]}")
+            if args.train_only:
+                continue
             try:
                 rows, baseline = predictions(spec, weights, shape, args.samples, args.candidates)
             except Exception as exc:  # one model's failure is a row of the table, not the end of the benchmark
