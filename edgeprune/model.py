@@ -115,6 +115,10 @@ def _build_timm(name: str) -> tuple[nn.Module, dict]:
 
 
 def _load_factory(spec: str, source: str, name: str):
+    # A user's factory commonly builds a timm model, and timm imports torchvision: the same stand-in as for timm:.
+    from edgeprune._torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
     if source.endswith(".py"):
         path = Path(source)
         if not path.is_file():
