@@ -85,7 +85,13 @@ def build(
     params_ratio: Annotated[float | None, typer.Option(help="Budget: fraction of the unpruned params.")] = None,
     input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration data: ImageFolder dir or .npz.")] = None,
-    method: Annotated[str | None, typer.Option(help="Importance: auto, magnitude, taylor [default: auto].")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(help="auto, magnitude, taylor, or compensate (magnitude + least squares, no training)."),
+    ] = None,
+    compensate: Annotated[
+        bool, typer.Option(help="Refit layers by least squares after pruning (needs --calib).")
+    ] = False,
     allocation: Annotated[
         str | None, typer.Option(help="Widths: global (by cost on the target) or uniform [default: global].")
     ] = None,
@@ -113,6 +119,7 @@ def build(
         "method": method, "allocation": allocation,
         "device": device, "out": out_dir, "max_rounds": max_rounds, "recover_steps": recover_steps,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
+        "compensate": compensate or None,
     }  # fmt: skip
     budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb, "macs_ratio": macs_ratio,
               "params_ratio": params_ratio}  # fmt: skip

@@ -37,8 +37,8 @@ from edgeprune.loop import (
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.report import check_output_dir, new_workdir, publish, versions, write_json
 from edgeprune.rewrite.plan import Plan
-from edgeprune.rewrite.prune import apply_plan, count_macs_params
-from edgeprune.rewrite.recover import distill, quality, recalibrate_batchnorm
+from edgeprune.rewrite.prune import count_macs_params
+from edgeprune.rewrite.recover import quality, recover
 from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.importance import score_groups
@@ -48,7 +48,9 @@ from edgeprune.score.structure import read_structure
 from edgeprune.target import Budget, load_target
 from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, file_hashes, sha256, write_manifest
 
-METHODS = ("auto", "magnitude", "taylor")
+# compensate: zero-shot magnitude selection, then the closed-form least-squares refit; no gradient step.
+METHODS = ("auto", "magnitude", "taylor", "compensate")
+IMPORTANCE = {"compensate": "magnitude"}
 BATCH = 16
 VALIDATION_SAMPLES = 16
 FINAL_TRIES = 3
@@ -65,6 +67,7 @@ class BuildOptions:
     input_shape: tuple[int, ...] | None = None
     calib: str | None = None
     method: str = "auto"
+    compensate: bool = False  # the least-squares refit after pruning, for any method
     device: str | None = None
     out: Path = Path("out")
     force: bool = False
@@ -139,7 +142,7 @@ def build(options: BuildOptions, say=print) -> dict:
             candidates = [chosen]
         else:
             with timed(say, f"scoring channel groups ({method})"):
-                ctx.scored = _score(model, example, method, list(score_set.batches(BATCH))[:4])
+                ctx.scored = _score(model, example, IMPORTANCE.get(method, method), list(score_set.batches(BATCH))[:4])
                 _keep_unprunable_whole(ctx, options.strict)
             ctx.structure = read_structure(model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
@@ -180,7 +183,9 @@ def build(options: BuildOptions, say=print) -> dict:
                                                        ctx.unprunable, len(ctx.scored)))  # fmt: skip
 
         with timed(say, "recovering accuracy on the chosen structure"):
-            pruned, recovery = _recover(model, chosen.plan, example, score_set, eval_set, options.recover_steps)
+            compensating = options.compensate or method == "compensate"
+            steps = 0 if method == "compensate" else options.recover_steps
+            pruned, recovery = recover(model, chosen.plan, example, score_set, eval_set, steps, compensating, BATCH)
         with timed(say, "exporting and validating the final artifact"):
             artifact = backend.export(pruned, example, workdir, target, ctx.calibration)
             inputs = eval_set.x[:VALIDATION_SAMPLES]
@@ -368,25 +373,3 @@ def _split(data: Dataset) -> tuple[Dataset, Dataset]:
         return Dataset(x=data.x[sl], y=y, source=data.source, synthetic=data.synthetic, class_names=data.class_names)
 
     return part(slice(0, cut)), part(slice(cut, None))
-
-
-def _recover(model, plan: Plan, example, score_set: Dataset, eval_set: Dataset, steps: int):
-    """Prune by ``plan``; with real data, recalibrate BN and distil. Keep whichever weights score better held out."""
-    pruned = apply_plan(model, plan, example)
-    metric, before = quality(pruned, model, eval_set.batches(BATCH))
-    info = {"metric": metric, "baseline": quality(model, model, eval_set.batches(BATCH))[1], "pruned": before}
-    info["evaluated_on"] = "synthetic inputs" if eval_set.synthetic else f"{len(eval_set)} held-out samples"
-    if score_set.synthetic:
-        info.update(result=before, recovery="skipped: no real data")
-        return pruned, info
-    recovered = apply_plan(model, plan, example)
-    recalibrate_batchnorm(recovered, score_set.batches(BATCH))
-    losses = distill(recovered, model, list(score_set.batches(BATCH)), steps)
-    after = quality(recovered, model, eval_set.batches(BATCH))[1]
-    kept = after >= before
-    info.update(
-        result=max(before, after), recovered=after, distill_steps=len(losses),
-        recovery="batch-norm recalibration" + (f" + {len(losses)} distillation steps" if losses else "")
-        + ("" if kept else " (not kept: it scored lower held out)"),
-    )  # fmt: skip
-    return (recovered if kept else pruned), info

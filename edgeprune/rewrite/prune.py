@@ -32,6 +32,7 @@ def apply_plan(
     target = model if inplace else copy.deepcopy(model)
     graph = build_graph(target, example)
     modules = dict(target.named_modules())
+    names = {module: name for name, module in modules.items()}
     # A plan names every prunable group of the model it was made for; another model with the same module names
     # (resnet18's plan on resnet34) would otherwise be pruned in part, silently.
     expected = {name for name, _ in prunable_groups(target, graph)} if check_fit else set()
@@ -56,8 +57,29 @@ def apply_plan(
         kept = set(group_plan.kept)
         removed = [i for i in range(group_plan.channels) if i not in kept]
         if removed:
-            graph.get_pruning_group(module, pruner.prune_out_channels, removed).prune()
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, removed)
+            _record_kept(target, names, group)
+            group.prune()
     return target
+
+
+def _record_kept(model: nn.Module, names: dict, group) -> None:
+    """Note in ``model.edgeprune_kept[layer]["out" | "in"]`` which of the unpruned layer's channels each conv and
+    linear layer keeps, so that compensation can match a pruned layer to the unpruned one. Cuts of one dimension by
+    several groups (a concatenation's consumer) compose: each group's indices count what is left at that point."""
+    kept = model.__dict__.setdefault("edgeprune_kept", {})
+    for dep, indices in group:
+        layer = dep.target.module
+        if not isinstance(layer, nn.modules.conv._ConvNd | nn.Linear) or layer not in names:
+            continue
+        side = "out" if dep.handler.__name__ == "prune_out_channels" else "in"
+        if isinstance(layer, nn.Linear):
+            size = layer.out_features if side == "out" else layer.in_features
+        else:
+            size = layer.out_channels if side == "out" else layer.in_channels
+        current = kept.setdefault(names[layer], {}).setdefault(side, list(range(size)))
+        cut = set(indices)
+        kept[names[layer]][side] = [k for i, k in enumerate(current) if i not in cut]
 
 
 def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:

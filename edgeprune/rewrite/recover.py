@@ -85,3 +85,38 @@ def quality(model: nn.Module, reference: nn.Module, batches: Batches) -> tuple[s
     if total == 0:
         return "fidelity", float("nan")
     return ("accuracy", correct / total) if labelled else ("fidelity", agree / total)
+
+
+def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, steps: int, compensating: bool,
+            batch: int = 16) -> tuple[nn.Module, dict]:  # fmt: skip
+    """Prune ``model`` by ``plan`` and, with real data, recover: batch-norm recalibration (or, ``compensating``, the
+    closed-form least-squares refit, which aims every layer at the unpruned model's outputs so the original
+    batch-norm statistics stay right), then ``steps`` of distillation. The recovered weights are kept only if they
+    score better on ``eval_set`` than the pruned weights; the returned dict says what was done and measured."""
+    from edgeprune.rewrite.compensate import compensate
+    from edgeprune.rewrite.prune import apply_plan
+
+    pruned = apply_plan(model, plan, example)
+    metric, before = quality(pruned, model, eval_set.batches(batch))
+    info = {"metric": metric, "baseline": quality(model, model, eval_set.batches(batch))[1], "pruned": before}
+    info["evaluated_on"] = "synthetic inputs" if eval_set.synthetic else f"{len(eval_set)} held-out samples"
+    if score_set.synthetic:
+        info.update(result=before, recovery="skipped: no real data")
+        return pruned, info
+    recovered = apply_plan(model, plan, example)
+    if compensating:
+        refits = compensate(model, recovered, [x for x, _ in score_set.batches(batch)])
+        info["compensated_layers"] = len(refits)
+        done = f"least-squares compensation of {len(refits)} layers"
+    else:
+        recalibrate_batchnorm(recovered, score_set.batches(batch))
+        done = "batch-norm recalibration"
+    losses = distill(recovered, model, list(score_set.batches(batch)), steps)
+    after = quality(recovered, model, eval_set.batches(batch))[1]
+    kept = after >= before
+    info.update(
+        result=max(before, after), recovered=after, distill_steps=len(losses),
+        recovery=done + (f" + {len(losses)} distillation steps" if losses else "")
+        + ("" if kept else " (not kept: it scored lower held out)"),
+    )  # fmt: skip
+    return (recovered if kept else pruned), info

@@ -1,0 +1,119 @@
+"""Stage 3: closed-form compensation of a pruned model, in place of retraining (no gradient step).
+
+After channels are removed, each conv or linear layer whose inputs were cut is refitted by least squares so that,
+on calibration images, its output from the pruned network's activations matches what the unpruned layer produced
+from the unpruned network's: W = argmin ||A W - Y||² + λ||W||², with A the pruned layer's (unfolded) inputs plus a
+column of ones where the layer has a bias (which then also corrects the shift of the mean; a layer without one keeps
+its parameters' names, so plan.json and the saved weights still replay), Y the unpruned layer's outputs at the
+channels the pruned layer keeps. Layers are refitted in forward order, each on the
+activations of the already-refitted layers before it, so errors do not pile up. The normal equations are summed
+batch by batch (AᵀA is d×d for d = inputs × kernel size), so memory does not grow with the calibration set.
+λ is ``ridge`` × the mean of diag(AᵀA): scale-free. Grouped and depthwise convolutions are left as they are (a cut
+input of a depthwise conv removes its output too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+RIDGE = 1e-3
+
+
+def _capture(module: nn.Module, what: str):
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_, inputs, output):
+        store["value"] = inputs[0] if what == "input" else output
+
+    return store, module.register_forward_hook(hook)
+
+
+def _rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of what each output position multiplies: unfolded patches for a conv."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # N × (C·k·k) × L
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def _targets(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    return (
+        y.reshape(-1, y.shape[-1])
+        if isinstance(layer, nn.Linear)
+        else y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    )
+
+
+def compensable(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear):
+        return True
+    # Exactly nn.Conv2d: subclasses (timm's same-padding conv) pad inside forward, so their hooked input is not
+    # what the kernel slides over.
+    return type(layer) is nn.Conv2d and layer.groups == 1 and isinstance(layer.padding, tuple)
+
+
+def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.Tensor], ridge: float = RIDGE) -> dict:
+    """Refit, in place, every layer of ``pruned`` (made by apply_plan) whose inputs were cut; return per layer its
+    relative output error on the calibration images before its refit."""
+    kept = getattr(pruned, "edgeprune_kept", {})
+    batches = [b for b in batches]
+    modules, reference_modules = dict(pruned.named_modules()), dict(original.named_modules())
+    order = _forward_order(pruned, batches[0][:1])
+    report = {}
+    original.eval(), pruned.eval()
+    for name in order:
+        layer = modules[name]
+        if "in" not in kept.get(name, {}) or not compensable(layer) or name not in reference_modules:
+            continue
+        outputs = kept[name].get("out", list(range(_out_size(layer))))
+        inputs, handle = _capture(layer, "input")
+        produced, handle_out = _capture(layer, "output")
+        expected, handle_ref = _capture(reference_modules[name], "output")
+        gram = moment = None
+        err_before = total = 0.0
+        try:
+            with torch.no_grad():
+                for x in batches:
+                    pruned(x), original(x)
+                    a = _rows(layer, inputs["value"])
+                    if layer.bias is not None:
+                        a = torch.cat([a, torch.ones(len(a), 1)], dim=1)
+                    a = a.double()
+                    y = _targets(layer, expected["value"])[:, outputs].double()
+                    gram = a.T @ a if gram is None else gram + a.T @ a
+                    moment = a.T @ y if moment is None else moment + a.T @ y
+                    err_before += float(((_targets(layer, produced["value"]).double() - y) ** 2).sum())
+                    total += float((y**2).sum())
+        finally:
+            handle.remove(), handle_out.remove(), handle_ref.remove()
+        damping = ridge * float(gram.diagonal().mean())
+        solution = torch.linalg.solve(gram + damping * torch.eye(len(gram), dtype=gram.dtype), moment).float()
+        with torch.no_grad():
+            if layer.bias is not None:
+                layer.bias.copy_(solution[-1])
+                solution = solution[:-1]
+            layer.weight.copy_(solution.T.reshape(layer.weight.shape))
+        report[name] = {"relative_error_before": (err_before / max(total, 1e-12)) ** 0.5}
+    return report
+
+
+def _out_size(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    names = {module: name for name, module in model.named_modules()}
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda m, i, o: order.append(names[m]))
+               for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
