@@ -36,6 +36,7 @@ from edgeprune.loop import (
 )
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.report import check_output_dir, new_workdir, publish, versions, write_json
+from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decomposition
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import count_macs_params
 from edgeprune.rewrite.recover import quality, recover
@@ -49,8 +50,9 @@ from edgeprune.target import Budget, load_target
 from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, file_hashes, sha256, write_manifest
 
 # compensate: zero-shot magnitude selection, then the closed-form least-squares refit; no gradient step.
-METHODS = ("auto", "magnitude", "taylor", "compensate")
-IMPORTANCE = {"compensate": "magnitude"}
+# lowrank: prune SVD basis vectors; double: basis vectors and channels under one budget (rewrite/lowrank.py).
+METHODS = ("auto", "magnitude", "taylor", "compensate", "lowrank", "double")
+IMPORTANCE = {"compensate": "magnitude", "lowrank": "l2", "double": "l2"}
 BATCH = 16
 VALIDATION_SAMPLES = 16
 FINAL_TRIES = 3
@@ -141,10 +143,17 @@ def build(options: BuildOptions, say=print) -> dict:
             chosen = measure_plan(ctx, _pinned_plan(options.plan, example), baseline.p50, 1, budget_ms)
             candidates = [chosen]
         else:
+            decomposed: list[str] = []
+            if method in ("lowrank", "double"):
+                ctx.model, decomposed = decomposed_copy(model, example)
+                say(f"{len(decomposed)} layers in SVD form (basis + mix): their basis vectors prune like channels")
             with timed(say, f"scoring channel groups ({method})"):
-                ctx.scored = _score(model, example, IMPORTANCE.get(method, method), list(score_set.batches(BATCH))[:4])
+                batches = list(score_set.batches(BATCH))[:4]
+                ctx.scored = _score(ctx.model, example, IMPORTANCE.get(method, method), batches)
+                if method == "lowrank":
+                    ctx.scored = basis_only(ctx.scored, decomposed)
                 _keep_unprunable_whole(ctx, options.strict)
-            ctx.structure = read_structure(model, example, [g.module for g in ctx.scored])
+            ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
             ctx.allocation = options.allocation
             cost_model = {"started_from": ctx.latency_model.source}
@@ -181,6 +190,8 @@ def build(options: BuildOptions, say=print) -> dict:
             if chosen is None:
                 raise BudgetNotMet(unreachable_message(candidates, budget_ms, device.label, unreachable,
                                                        ctx.unprunable, len(ctx.scored)))  # fmt: skip
+            if decomposed:  # plan.json replays on the original model: it decomposes these layers first
+                chosen = replace(chosen, plan=with_decomposition(chosen.plan, decomposed))
 
         with timed(say, "recovering accuracy on the chosen structure"):
             compensating = options.compensate or method == "compensate"

@@ -30,6 +30,10 @@ def apply_plan(
     touched by pruning other groups, so applying groups one after another is exact.
     """
     target = model if inplace else copy.deepcopy(model)
+    if plan.notes.get("decomposed"):  # lowrank / double: the plan's groups are those of the SVD form
+        from edgeprune.rewrite.lowrank import decompose
+
+        decompose(target, list(plan.notes["decomposed"]))
     graph = build_graph(target, example)
     modules = dict(target.named_modules())
     names = {module: name for name, module in modules.items()}

@@ -15,7 +15,9 @@ from torch import nn
 from torch.nn import functional as F
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-METHODS = ("magnitude", "taylor")
+# magnitude: group L1 of the weights; l2: group squared L2, which for an SVD basis vector (√s·v, u·√s) is exactly
+# its singular value s, so lowrank and double rank basis vectors by singular value; taylor: |w·∂L/∂w|.
+METHODS = ("magnitude", "l2", "taylor")
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ def score_groups(
         importance = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
         _accumulate_gradients(model, batches)
     else:
-        importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+        p = 2 if method == "l2" else 1
+        importance = tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer=None)
     scored = []
     for name, group in prunable_groups(model, graph):
         root = group[0].dep.target.module
