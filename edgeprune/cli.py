@@ -87,11 +87,14 @@ def build(
     calib: Annotated[str | None, typer.Option(help="Calibration data: ImageFolder dir or .npz.")] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="auto, magnitude, taylor, or compensate (magnitude + least squares, no training)."),
+        typer.Option(help="auto, magnitude, taylor, compensate, lowrank, double or vote (see the README)."),
     ] = None,
     compensate: Annotated[
         bool, typer.Option(help="Refit layers by least squares after pruning (needs --calib).")
     ] = False,
+    bank: Annotated[
+        str | None, typer.Option(help="Mask bank folder: store this task's kept channels (vote reads it).")
+    ] = None,
     allocation: Annotated[
         str | None, typer.Option(help="Widths: global (by cost on the target) or uniform [default: global].")
     ] = None,
@@ -119,7 +122,7 @@ def build(
         "method": method, "allocation": allocation,
         "device": device, "out": out_dir, "max_rounds": max_rounds, "recover_steps": recover_steps,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
-        "compensate": compensate or None,
+        "compensate": compensate or None, "bank": bank,
     }  # fmt: skip
     budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb, "macs_ratio": macs_ratio,
               "params_ratio": params_ratio}  # fmt: skip

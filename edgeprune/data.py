@@ -7,7 +7,7 @@ documented in calibration/README.md.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +256,37 @@ def _check_y(name: str, y: np.ndarray | None, n: int) -> np.ndarray | None:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> Dataset:
+    """Drop labels that cannot be the model's classes, saying so: they would make Taylor's loss and accuracy noise.
+
+    ImageFolder labels count when there are as many classes as the model has outputs (folders in the model's class
+    order); .npz labels count when every label is a valid output index.
+    """
+    if data.y is None:
+        return data
+    with torch.no_grad():
+        output = model(example)
+    outputs = output.shape[-1] if output.dim() == 2 else 0
+    fits = len(data.class_names) == outputs if data.class_names else int(data.y.max()) < outputs
+    if fits:
+        return data
+    classes = len(data.class_names) or int(data.y.max()) + 1
+    say(f"the data's {classes} classes are not the model's {outputs} outputs, so its labels are not used:"
+        " importance uses the model's own predictions and quality is fidelity to the unpruned model")  # fmt: skip
+    return replace(data, y=None)
+
+
+def split_held_out(data: Dataset) -> tuple[Dataset, Dataset]:
+    """A scoring/recovery part and a held-out evaluation part (a quarter, at least 8 samples when possible)."""
+    held = min(len(data) // 2, max(8, len(data) // 4)) if len(data) >= 2 else 0
+    if held == 0:
+        return data, data
+    cut = len(data) - held
+
+    def part(sl: slice) -> Dataset:
+        y = None if data.y is None else data.y[sl]
+        return Dataset(x=data.x[sl], y=y, source=data.source, synthetic=data.synthetic, class_names=data.class_names)
+
+    return part(slice(0, cut)), part(slice(cut, None))

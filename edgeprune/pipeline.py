@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from edgeprune.backends import get_backend
-from edgeprune.data import Dataset, load_dataset
+from edgeprune.data import Dataset, labels_in_label_space, load_dataset, split_held_out
 from edgeprune.device import open_device
 from edgeprune.errors import BadInput, BudgetNotMet
 from edgeprune.estimate import EstimateDevice, measuring_device
@@ -46,13 +46,15 @@ from edgeprune.score.importance import score_groups
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import find_unprunable
 from edgeprune.score.structure import read_structure
+from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_scores
 from edgeprune.target import Budget, load_target
 from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, file_hashes, sha256, write_manifest
 
 # compensate: zero-shot magnitude selection, then the closed-form least-squares refit; no gradient step.
 # lowrank: prune SVD basis vectors; double: basis vectors and channels under one budget (rewrite/lowrank.py).
-METHODS = ("auto", "magnitude", "taylor", "compensate", "lowrank", "double")
-IMPORTANCE = {"compensate": "magnitude", "lowrank": "l2", "double": "l2"}
+# vote: the kept channels of the nearest earlier tasks in --bank (score/vote.py).
+METHODS = ("auto", "magnitude", "taylor", "compensate", "lowrank", "double", "vote")
+IMPORTANCE = {"compensate": "magnitude", "lowrank": "l2", "double": "l2", "vote": "magnitude"}
 BATCH = 16
 VALIDATION_SAMPLES = 16
 FINAL_TRIES = 3
@@ -70,6 +72,7 @@ class BuildOptions:
     calib: str | None = None
     method: str = "auto"
     compensate: bool = False  # the least-squares refit after pruning, for any method
+    bank: str | None = None  # mask bank folder: store this build's kept channels; vote reads it
     device: str | None = None
     out: Path = Path("out")
     force: bool = False
@@ -106,6 +109,8 @@ def build(options: BuildOptions, say=print) -> dict:
     check_output_dir(out, options.force)
     loaded = load_model(options.model, options.weights, options.input_shape, options.trust_pickle)
     data = load_dataset(options.calib, loaded.input.shape, loaded.input.mean, loaded.input.std, options.calib_limit)
+    if options.method == "vote" and (not options.bank or data.synthetic):
+        raise BadInput("--method vote needs --bank DIR (earlier builds' kept channels) and the task's --calib DATA")
     if target.precision == "int8" and data.synthetic:
         raise BadInput(f"target '{target.name}' is int8, whose ranges are calibrated on real images: pass --calib DATA")
     method = options.method if options.method != "auto" else ("magnitude" if data.synthetic else "taylor")
@@ -116,8 +121,8 @@ def build(options: BuildOptions, say=print) -> dict:
             " little about accuracy on real images; pass --calib DATA (see calibration/README.md)"
         )
     model, example = loaded.module, torch.zeros(loaded.input.shape)
-    data = _labels_in_label_space(data, model, example, say)
-    score_set, eval_set = _split(data)
+    data = labels_in_label_space(data, model, example, say)
+    score_set, eval_set = split_held_out(data)
 
     workdir = new_workdir(out)
     try:
@@ -152,6 +157,15 @@ def build(options: BuildOptions, say=print) -> dict:
                 ctx.scored = _score(ctx.model, example, IMPORTANCE.get(method, method), batches)
                 if method == "lowrank":
                     ctx.scored = basis_only(ctx.scored, decomposed)
+                if method == "vote":
+                    embedding = task_embedding(model, example, (x for x, _ in score_set.batches(BATCH)))
+                    ctx.scored, neighbours = vote_scores(
+                        ctx.scored, load_entries(Path(options.bank), options.model, tuple(example.shape)), embedding
+                    )
+                    say(
+                        f"votes from {len(neighbours)} earlier tasks, similarity "
+                        + ", ".join(f"{n['similarity']:.3f}" for n in neighbours)
+                    )
                 _keep_unprunable_whole(ctx, options.strict)
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
@@ -274,6 +288,13 @@ def build(options: BuildOptions, say=print) -> dict:
                 f" (the accepted round measured {chosen.latency:.3f} ms); the device is noisy or the budget tight",
                 report,
             )
+        if method == "vote":
+            report["vote"] = {"neighbours": neighbours}
+        if options.bank and not data.synthetic:  # this task's kept channels, for later vote builds
+            embedding = task_embedding(model, example, (x for x, _ in score_set.batches(BATCH)))
+            info = {"method": method, "target": target.name, "data": data.source, "quality": recovery.get("result")}
+            report["bank_entry"] = str(save_entry(Path(options.bank), options.model, tuple(example.shape), embedding,
+                                                  chosen.plan.to_dict(), info))  # fmt: skip
         write_json(workdir / "report.json", report)
         files = file_hashes(workdir)
         write_html(workdir / "report.html", report, chosen.plan.widths(), files)  # shows every file but itself
@@ -284,26 +305,6 @@ def build(options: BuildOptions, say=print) -> dict:
     finally:
         if workdir.exists():
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> Dataset:
-    """Drop labels that cannot be the model's classes, saying so: they would make Taylor's loss and accuracy noise.
-
-    ImageFolder labels count when there are as many classes as the model has outputs (folders in the model's class
-    order); .npz labels count when every label is a valid output index.
-    """
-    if data.y is None:
-        return data
-    with torch.no_grad():
-        output = model(example)
-    outputs = output.shape[-1] if output.dim() == 2 else 0
-    fits = len(data.class_names) == outputs if data.class_names else int(data.y.max()) < outputs
-    if fits:
-        return data
-    classes = len(data.class_names) or int(data.y.max()) + 1
-    say(f"the data's {classes} classes are not the model's {outputs} outputs, so its labels are not used:"
-        " importance uses the model's own predictions and quality is fidelity to the unpruned model")  # fmt: skip
-    return replace(data, y=None)
 
 
 def _unpruned(ctx: SearchContext, baseline, baseline_artifact, memory: dict):
@@ -370,17 +371,3 @@ def _score(model, example: torch.Tensor, method: str, batches: list) -> list:
         raise BadInput(
             f"torch-pruning cannot follow this model's graph: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         ) from None
-
-
-def _split(data: Dataset) -> tuple[Dataset, Dataset]:
-    """A scoring/recovery part and a held-out evaluation part (a quarter, at least 8 samples when possible)."""
-    held = min(len(data) // 2, max(8, len(data) // 4)) if len(data) >= 2 else 0
-    if held == 0:
-        return data, data
-    cut = len(data) - held
-
-    def part(sl: slice) -> Dataset:
-        y = None if data.y is None else data.y[sl]
-        return Dataset(x=data.x[sl], y=y, source=data.source, synthetic=data.synthetic, class_names=data.class_names)
-
-    return part(slice(0, cut)), part(slice(cut, None))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from edgeprune import build
-from edgeprune.data import Dataset, load_dataset
+from edgeprune.data import Dataset, labels_in_label_space, load_dataset
 from edgeprune.model import load_model
-from edgeprune.pipeline import BuildOptions, _labels_in_label_space, _recover
-from edgeprune.rewrite.recover import quality
+from edgeprune.pipeline import BuildOptions
+from edgeprune.rewrite.recover import quality, recover
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import score_groups
 from edgeprune.target import Budget
@@ -69,7 +69,7 @@ def test_build_with_an_image_folder_uses_taylor_and_recovers(tmp_path):
 
 
 def test_recovery_after_pruning_keeps_the_better_weights():
-    """_recover on a real 50% plan with real images: it reports before/after and ships the better of the two."""
+    """recover() on a real 50% plan with real images: it reports before/after and ships the better of the two."""
     torch.manual_seed(0)
     loaded = load_model("timm:mobilenetv3_small_100", input_shape=(1, 3, 64, 64))
     example = torch.zeros(1, 3, 64, 64)
@@ -79,7 +79,7 @@ def test_recovery_after_pruning_keeps_the_better_weights():
     data = replace(data, y=None)
     scored = score_groups(loaded.module, example, "taylor", list(data.batches(8)))
     plan = uniform_plan(scored, 0.5, 8, "m", (1, 3, 64, 64), "taylor")
-    shipped, info = _recover(loaded.module, plan, example, data, data, steps=5)
+    shipped, info = recover(loaded.module, plan, example, data, data, steps=5, compensating=False)
     assert info["metric"] == "fidelity" and info["distill_steps"] == 5 and info["baseline"] == 1.0
     assert info["result"] == max(info["pruned"], info["recovered"])
     assert sum(p.numel() for p in shipped.parameters()) < sum(p.numel() for p in loaded.module.parameters())
@@ -113,7 +113,7 @@ def test_labels_count_only_in_the_models_label_space(y, class_names, kept):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
     data = Dataset(x=torch.zeros(3, 3, 2, 2), y=torch.tensor(y), source="d", synthetic=False, class_names=class_names)
     said: list[str] = []
-    result = _labels_in_label_space(data, model, torch.zeros(1, 3, 2, 2), said.append)
+    result = labels_in_label_space(data, model, torch.zeros(1, 3, 2, 2), said.append)
     assert (result.y is not None) is kept
     assert bool(said) is not kept
 

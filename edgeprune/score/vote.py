@@ -1,0 +1,110 @@
+"""Stage 2: ``vote``, pruning that reuses the masks of similar earlier tasks (a mask bank).
+
+Every build given ``--bank DIR`` stores what it kept (plan.json's kept channels per group) with an embedding of its
+task: the mean of the pretrained model's penultimate features (the input of its output layer) over the task's
+images, L2-normalised. A ``--method vote`` build embeds its own task the same way, takes the K nearest stored tasks
+of the same model and input shape by cosine similarity, and scores each channel by the similarity-weighted share of
+those tasks that kept it (a small magnitude term breaks ties). Channels that similar tasks needed are kept; the
+search, allocation and budget are the usual ones, so the votes only decide *which* channels, not how many.
+
+Bank entries are plain JSON files named by their content hash; one that cannot be read is skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeprune.errors import BadInput
+from edgeprune.score.importance import ScoredGroup, build_graph, output_layers
+
+K_NEAREST = 3
+TIE_BREAK = 1e-3  # weight of the normalised magnitude score against the votes
+
+
+@torch.no_grad()
+def task_embedding(model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Mean penultimate features of ``model`` over the batches (the inputs of its output layers), L2-normalised."""
+    heads = output_layers(build_graph(model, example))
+    if not heads:
+        raise BadInput("vote needs a model with an output layer to embed a task; this model has none")
+    total, count = None, 0
+    captured: list[torch.Tensor] = []
+    handle = heads[0].register_forward_hook(lambda m, inputs, out: captured.append(inputs[0]))
+    try:
+        model.eval()
+        for x in batches:
+            captured.clear()
+            model(x)
+            features = captured[-1].flatten(2).mean(2) if captured[-1].dim() > 2 else captured[-1]
+            total = features.sum(0) if total is None else total + features.sum(0)
+            count += len(features)
+    finally:
+        handle.remove()
+    if not count:
+        raise BadInput("vote needs task data to embed: pass --calib DATA (or --train)")
+    mean = total / count
+    return mean / mean.norm().clamp_min(1e-12)
+
+
+def save_entry(bank: Path, spec: str, shape: tuple[int, ...], embedding: torch.Tensor, plan_dict: dict,
+               info: dict) -> Path:  # fmt: skip
+    """Store this build's kept channels and task embedding in ``bank``; the file is written whole or not at all."""
+    bank.mkdir(parents=True, exist_ok=True)
+    entry = {"model": spec, "input_shape": list(shape), "embedding": [float(v) for v in embedding],
+             "kept": {g["module"]: g["kept"] for g in plan_dict["groups"]},
+             "channels": {g["module"]: g["channels"] for g in plan_dict["groups"]}, "info": info}  # fmt: skip
+    text = json.dumps(entry, sort_keys=True)
+    path = bank / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+    return path
+
+
+def load_entries(bank: Path, spec: str, shape: tuple[int, ...]) -> list[dict]:
+    """The bank's entries for this model and input shape; unreadable files are skipped."""
+    entries = []
+    for path in sorted(Path(bank).glob("*.json")) if Path(bank).is_dir() else []:
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if entry.get("model") == spec and tuple(entry.get("input_shape", ())) == tuple(shape):
+            entries.append(entry)
+    return entries
+
+
+def vote_scores(scored: list[ScoredGroup], entries: list[dict], embedding: torch.Tensor,
+                k: int = K_NEAREST) -> tuple[list[ScoredGroup], list[dict]]:  # fmt: skip
+    """Scores from the K nearest entries' kept channels, weighted by similarity; returns the new scores and the
+    neighbours used (similarity and info). Groups no neighbour covers keep their own scores."""
+    if not entries:
+        raise BadInput("--method vote found no earlier build of this model and input shape in the bank; build some"
+                       " tasks with --bank DIR first (any method), or use another method")  # fmt: skip
+    similarity = [float(torch.dot(embedding, torch.tensor(e["embedding"], dtype=embedding.dtype))) for e in entries]
+    nearest = sorted(range(len(entries)), key=lambda i: -similarity[i])[:k]
+    weights = {i: max(similarity[i], 0.0) + 1e-6 for i in nearest}
+    voted = []
+    for group in scored:
+        votes = torch.zeros(group.channels)
+        covered = 0.0
+        for i, weight in weights.items():
+            kept = entries[i]["kept"].get(group.module)
+            if kept is not None and entries[i]["channels"].get(group.module) == group.channels:
+                votes[kept] += weight
+                covered += weight
+        if group.scores is None or not covered:
+            voted.append(group)
+            continue
+        own = group.scores / group.scores.abs().max().clamp_min(1e-12)
+        voted.append(replace(group, scores=votes / covered + TIE_BREAK * own))
+    used = [{"similarity": similarity[i], **entries[i].get("info", {})} for i in nearest]
+    return voted, used
