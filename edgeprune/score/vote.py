@@ -29,10 +29,9 @@ K_NEAREST = 3
 TIE_BREAK = 1e-3  # weight of the normalised magnitude score against the votes
 
 
-@torch.no_grad()
 def task_embedding(model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """Mean penultimate features of ``model`` over the batches (the inputs of its output layers), L2-normalised."""
-    heads = output_layers(build_graph(model, example))
+    heads = output_layers(build_graph(model, example))  # torch-pruning traces with autograd: not under no_grad
     if not heads:
         raise BadInput("vote needs a model with an output layer to embed a task; this model has none")
     total, count = None, 0
@@ -41,8 +40,10 @@ def task_embedding(model: nn.Module, example: torch.Tensor, batches: Iterable[to
     try:
         model.eval()
         for x in batches:
+            x = x.detach()
             captured.clear()
-            model(x)
+            with torch.no_grad():
+                model(x)
             features = captured[-1].flatten(2).mean(2) if captured[-1].dim() > 2 else captured[-1]
             total = features.sum(0) if total is None else total + features.sum(0)
             count += len(features)

@@ -1,0 +1,60 @@
+"""vote: a bank of earlier tasks' kept channels, the nearest tasks by embedding, and their votes as scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TinyDeeper
+
+from edgeprune.errors import BadInput
+from edgeprune.score.importance import ScoredGroup
+from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_scores
+
+SHAPE = (1, 3, 16, 16)
+
+
+def _plan(kept: list[int]) -> dict:
+    return {"groups": [{"module": "pw", "channels": 8, "kept": kept}]}
+
+
+def test_embedding_is_the_normalised_mean_of_the_penultimate_features():
+    torch.manual_seed(0)
+    model = TinyDeeper().eval()
+    x = torch.randn(10, *SHAPE[1:])
+    embedding = task_embedding(model, torch.zeros(SHAPE), [x[:6], x[6:]])
+    assert embedding.shape == (16,) and float(embedding.norm()) == pytest.approx(1.0)
+    captured = []
+    handle = model.head.register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    mean = captured[0].mean(0)
+    assert torch.allclose(embedding, mean / mean.norm(), atol=1e-5)
+
+
+def test_the_nearest_tasks_decide_which_channels_are_kept(tmp_path):
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    save_entry(tmp_path, "m", SHAPE, a, _plan([0, 1, 2, 3]), {"task": "a"})
+    save_entry(tmp_path, "m", SHAPE, b, _plan([4, 5, 6, 7]), {"task": "b"})
+    save_entry(tmp_path, "other-model", SHAPE, a, _plan([7]), {"task": "c"})
+    (tmp_path / "broken.json").write_text("{not json")
+    entries = load_entries(tmp_path, "m", SHAPE)
+    assert sorted(e["info"]["task"] for e in entries) == ["a", "b"]  # other models and broken files are skipped
+    own = [ScoredGroup("pw", 8, torch.arange(8, dtype=torch.float32))]  # magnitude would keep 4..7
+    near_a = torch.tensor([0.9, 0.1]) / torch.tensor([0.9, 0.1]).norm()
+    voted, used = vote_scores(own, entries, near_a, k=1)
+    assert [u["task"] for u in used] == ["a"]
+    assert set(voted[0].scores.topk(4).indices.tolist()) == {0, 1, 2, 3}
+    voted, used = vote_scores(own, entries, near_a, k=2)  # both vote, a counts more
+    assert used[0]["task"] == "a" and used[0]["similarity"] > used[1]["similarity"]
+    assert set(voted[0].scores.topk(4).indices.tolist()) == {0, 1, 2, 3}
+    with pytest.raises(BadInput, match="no earlier build"):
+        vote_scores(own, [], near_a)
+
+
+def test_bank_entries_are_whole_json_files(tmp_path):
+    path = save_entry(tmp_path, "m", SHAPE, torch.tensor([1.0]), _plan([0]), {})
+    assert json.loads(path.read_text())["kept"] == {"pw": [0]}
+    assert not list(tmp_path.glob("*.tmp"))
