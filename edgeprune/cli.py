@@ -85,6 +85,11 @@ def build(
     params_ratio: Annotated[float | None, typer.Option(help="Budget: fraction of the unpruned params.")] = None,
     input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration data: ImageFolder dir or .npz.")] = None,
+    train: Annotated[
+        str | None, typer.Option(help="The task's labelled data (a new head if its classes differ).")
+    ] = None,
+    aux: Annotated[str | None, typer.Option(help="Auxiliary data for recovery, labelled or not.")] = None,
+    adapt_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps of a new head [default: 100].")] = None,
     method: Annotated[
         str | None,
         typer.Option(help="auto, magnitude, taylor, compensate, lowrank, double or vote (see the README)."),
@@ -122,7 +127,7 @@ def build(
         "method": method, "allocation": allocation,
         "device": device, "out": out_dir, "max_rounds": max_rounds, "recover_steps": recover_steps,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
-        "compensate": compensate or None, "bank": bank,
+        "compensate": compensate or None, "bank": bank, "train": train, "aux": aux, "adapt_steps": adapt_steps,
     }  # fmt: skip
     budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb, "macs_ratio": macs_ratio,
               "params_ratio": params_ratio}  # fmt: skip

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgeprune.adapt import adapt_to_task
 from edgeprune.backends import get_backend
 from edgeprune.data import Dataset, labels_in_label_space, load_dataset, split_held_out
 from edgeprune.device import open_device
@@ -73,6 +74,9 @@ class BuildOptions:
     method: str = "auto"
     compensate: bool = False  # the least-squares refit after pruning, for any method
     bank: str | None = None  # mask bank folder: store this build's kept channels; vote reads it
+    train: str | None = None  # the task's labelled data: a new head when its classes are not the model's outputs
+    aux: str | None = None  # auxiliary data for recovery (labelled or not)
+    adapt_steps: int = 100
     device: str | None = None
     out: Path = Path("out")
     force: bool = False
@@ -108,7 +112,13 @@ def build(options: BuildOptions, say=print) -> dict:
     out = Path(options.out)
     check_output_dir(out, options.force)
     loaded = load_model(options.model, options.weights, options.input_shape, options.trust_pickle)
-    data = load_dataset(options.calib, loaded.input.shape, loaded.input.mean, loaded.input.std, options.calib_limit)
+    shape, mean, std = loaded.input.shape, loaded.input.mean, loaded.input.std
+    # --train: the task's labelled data; --calib: unlabelled images (int8 ranges, BN, compensation) where given.
+    data = load_dataset(options.train or options.calib, shape, mean, std, options.calib_limit)
+    calib = (
+        load_dataset(options.calib, shape, mean, std, options.calib_limit) if options.train and options.calib else None
+    )
+    aux = load_dataset(options.aux, shape, mean, std, options.calib_limit) if options.aux else None
     if options.method == "vote" and (not options.bank or data.synthetic):
         raise BadInput("--method vote needs --bank DIR (earlier builds' kept channels) and the task's --calib DATA")
     if target.precision == "int8" and data.synthetic:
@@ -121,13 +131,15 @@ def build(options: BuildOptions, say=print) -> dict:
             " little about accuracy on real images; pass --calib DATA (see calibration/README.md)"
         )
     model, example = loaded.module, torch.zeros(loaded.input.shape)
+    adapted = adapt_to_task(model, example, data, options.adapt_steps, BATCH, say) if options.train else None
     data = labels_in_label_space(data, model, example, say)
+    aux = labels_in_label_space(aux, model, example, say) if aux is not None else None
     score_set, eval_set = split_held_out(data)
 
     workdir = new_workdir(out)
     try:
         ctx = SearchContext(model, example, [], options.model, method, target, backend, device, workdir / "rounds", say)
-        ctx.calibration = score_set.x
+        ctx.calibration = calib.x if calib is not None else score_set.x
         ctx.evaluate = lambda pruned: quality(pruned, model, eval_set.batches(BATCH))[1]
         with timed(say, "measuring the unpruned model"):
             baseline, baseline_artifact = ctx.measure(model, "baseline")
@@ -210,7 +222,9 @@ def build(options: BuildOptions, say=print) -> dict:
         with timed(say, "recovering accuracy on the chosen structure"):
             compensating = options.compensate or method == "compensate"
             steps = 0 if method == "compensate" else options.recover_steps
-            pruned, recovery = recover(model, chosen.plan, example, score_set, eval_set, steps, compensating, BATCH)
+            pruned, recovery = recover(
+                model, chosen.plan, example, score_set, eval_set, steps, compensating, BATCH, aux
+            )
         with timed(say, "exporting and validating the final artifact"):
             artifact = backend.export(pruned, example, workdir, target, ctx.calibration)
             inputs = eval_set.x[:VALIDATION_SAMPLES]
@@ -253,7 +267,7 @@ def build(options: BuildOptions, say=print) -> dict:
             "iterations": [c.to_dict() for c in candidates],
             "accepted_step": chosen.step,
             "validation": validation.to_dict(),
-            "quality": recovery,
+            "quality": recovery, "adapted": adapted,
             "method": method, "seed": options.seed, "allocation": None if options.plan else options.allocation,
             "cost_model": None if options.plan else cost_model,
             "unprunable": [{"module": name, "reason": reason} for name, reason in sorted(ctx.unprunable.items())],

@@ -35,36 +35,65 @@ def recalibrate_batchnorm(model: nn.Module, batches: Batches) -> int:
     return len(norms)
 
 
+def _loss(output: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None, temperature: float,
+          task_weight: float) -> torch.Tensor:  # fmt: skip
+    """Distillation (KL on softened logits for classifiers, MSE otherwise), mixed with cross-entropy on labels."""
+    if output.dim() != 2:
+        return F.mse_loss(output, target)
+    soft_target = F.softmax(target / temperature, dim=1)
+    loss = F.kl_div(F.log_softmax(output / temperature, dim=1), soft_target, reduction="batchmean")
+    loss = loss * temperature**2  # keeps gradient size independent of the temperature (Hinton et al.)
+    if labels is not None:
+        loss = (1 - task_weight) * loss + task_weight * F.cross_entropy(output, labels)
+    return loss
+
+
 def distill(
     student: nn.Module, teacher: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], steps: int,
-    lr: float = 1e-4, temperature: float = 2.0,
+    lr: float = 1e-4, temperature: float = 2.0, aux: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    aux_weight: float = 0.5, held_out: list | None = None, patience: int = 3, task_weight: float = 0.5,
 ) -> list[float]:  # fmt: skip
-    """Fine-tune ``student`` for ``steps`` steps to match ``teacher``'s softened outputs; return the losses.
+    """Fine-tune ``student`` for at most ``steps`` steps to match ``teacher`` (and the labels, where a batch has
+    them, with weight ``task_weight``); return the losses.
 
-    Batch-norm layers stay in eval mode: with a few small batches, updating their statistics adds noise. The loss is
-    KL divergence on logits for classifiers and mean squared error for other outputs.
+    ``aux`` batches (auxiliary data, labelled or not) add a distillation term whose weight starts at ``aux_weight``
+    and decays linearly to 0 over the steps: the extra data steers the first steps, the task's own data the last
+    ones. With ``held_out`` batches, quality is checked every tenth of the steps; the best weights are kept and the
+    run stops after ``patience`` checks without improvement (early stopping). Batch-norm layers stay in eval mode:
+    with a few small batches, updating their statistics adds noise.
     """
     if steps <= 0 or not batches:
         return []
     teacher.eval()
     student.eval()
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-    losses = []
+    losses: list[float] = []
+    every = max(1, steps // 10)
+    best, best_state, waited = (quality(student, teacher, held_out)[1], None, 0) if held_out else (None, None, 0)
     for step in range(steps):
-        x, _ = batches[step % len(batches)]
+        x, y = batches[step % len(batches)]
         with torch.no_grad():
             target = teacher(x)
-        output = student(x)
-        if output.dim() == 2:
-            soft_target = F.softmax(target / temperature, dim=1)
-            loss = F.kl_div(F.log_softmax(output / temperature, dim=1), soft_target, reduction="batchmean")
-            loss = loss * temperature**2  # keeps gradient size independent of the temperature (Hinton et al.)
-        else:
-            loss = F.mse_loss(output, target)
+        loss = _loss(student(x), target, y, temperature, task_weight)
+        if aux:
+            xa, ya = aux[step % len(aux)]
+            with torch.no_grad():
+                aux_target = teacher(xa)
+            loss = loss + aux_weight * (1 - step / steps) * _loss(student(xa), aux_target, ya, temperature, task_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if held_out and ((step + 1) % every == 0 or step + 1 == steps):
+            score = quality(student, teacher, held_out)[1]
+            if score > best:
+                best, best_state, waited = score, {k: v.clone() for k, v in student.state_dict().items()}, 0
+            else:
+                waited += 1
+                if waited >= patience:
+                    break
+    if held_out and best_state is not None:
+        student.load_state_dict(best_state)
     student.eval()
     return losses
 
@@ -88,7 +117,7 @@ def quality(model: nn.Module, reference: nn.Module, batches: Batches) -> tuple[s
 
 
 def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, steps: int, compensating: bool,
-            batch: int = 16) -> tuple[nn.Module, dict]:  # fmt: skip
+            batch: int = 16, aux=None) -> tuple[nn.Module, dict]:  # fmt: skip
     """Prune ``model`` by ``plan`` and, with real data, recover: batch-norm recalibration (or, ``compensating``, the
     closed-form least-squares refit, which aims every layer at the unpruned model's outputs so the original
     batch-norm statistics stay right), then ``steps`` of distillation. The recovered weights are kept only if they
@@ -111,7 +140,13 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
     else:
         recalibrate_batchnorm(recovered, score_set.batches(batch))
         done = "batch-norm recalibration"
-    losses = distill(recovered, model, list(score_set.batches(batch)), steps)
+    # Early stopping watches the held-out split that quality is reported on: with a few samples per class there is
+    # no third split to spare, and the report says the recovery kept its best held-out step.
+    aux_batches = list(aux.batches(batch)) if aux is not None and not aux.synthetic else None
+    losses = distill(recovered, model, list(score_set.batches(batch)), steps, aux=aux_batches,
+                     held_out=list(eval_set.batches(batch)))  # fmt: skip
+    if aux_batches:
+        info["aux"] = f"{aux.source}: {len(aux)} samples, distillation weight 0.5 decaying to 0"
     after = quality(recovered, model, eval_set.batches(batch))[1]
     kept = after >= before
     info.update(
