@@ -279,14 +279,25 @@ def labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> D
 
 
 def split_held_out(data: Dataset) -> tuple[Dataset, Dataset]:
-    """A scoring/recovery part and a held-out evaluation part (a quarter, at least 8 samples when possible)."""
+    """A scoring/recovery part and a held-out evaluation part (a quarter, at least 8 samples when possible).
+
+    Stratified by label when there are labels (the same share of every class held out), shuffled with a fixed seed
+    otherwise: an ImageFolder is read class by class, so its last quarter would otherwise be its last classes only.
+    """
     held = min(len(data) // 2, max(8, len(data) // 4)) if len(data) >= 2 else 0
     if held == 0:
         return data, data
-    cut = len(data) - held
+    order = np.random.default_rng(0).permutation(len(data))
+    if data.y is not None:
+        # Round-robin over the classes, each in shuffled order: the tail of this order holds every class evenly.
+        by_class = [[i for i in order if int(data.y[i]) == c] for c in sorted(set(data.y.tolist()))]
+        rounds = max(len(members) for members in by_class)
+        order = [members[r] for r in range(rounds) for members in by_class if r < len(members)]
+    keep, hold = np.asarray(order[: len(data) - held]), np.asarray(order[len(data) - held :])
 
-    def part(sl: slice) -> Dataset:
-        y = None if data.y is None else data.y[sl]
-        return Dataset(x=data.x[sl], y=y, source=data.source, synthetic=data.synthetic, class_names=data.class_names)
+    def part(indices: np.ndarray) -> Dataset:
+        index = torch.from_numpy(np.sort(indices))
+        y = None if data.y is None else data.y[index]
+        return Dataset(x=data.x[index], y=y, source=data.source, synthetic=data.synthetic, class_names=data.class_names)
 
-    return part(slice(0, cut)), part(slice(cut, None))
+    return part(keep), part(hold)

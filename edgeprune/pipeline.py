@@ -131,6 +131,10 @@ def build(options: BuildOptions, say=print) -> dict:
             " little about accuracy on real images; pass --calib DATA (see calibration/README.md)"
         )
     model, example = loaded.module, torch.zeros(loaded.input.shape)
+    # The task's embedding for the mask bank: the *pretrained* model's features, comparable across tasks.
+    embedding = None
+    if options.bank and not data.synthetic:
+        embedding = task_embedding(model, example, (x for x, _ in data.batches(BATCH)))
     adapted = adapt_to_task(model, example, data, options.adapt_steps, BATCH, say) if options.train else None
     data = labels_in_label_space(data, model, example, say)
     aux = labels_in_label_space(aux, model, example, say) if aux is not None else None
@@ -170,7 +174,6 @@ def build(options: BuildOptions, say=print) -> dict:
                 if method == "lowrank":
                     ctx.scored = basis_only(ctx.scored, decomposed)
                 if method == "vote":
-                    embedding = task_embedding(model, example, (x for x, _ in score_set.batches(BATCH)))
                     ctx.scored, neighbours = vote_scores(
                         ctx.scored, load_entries(Path(options.bank), options.model, tuple(example.shape)), embedding
                     )
@@ -305,7 +308,6 @@ def build(options: BuildOptions, say=print) -> dict:
         if method == "vote":
             report["vote"] = {"neighbours": neighbours}
         if options.bank and not data.synthetic:  # this task's kept channels, for later vote builds
-            embedding = task_embedding(model, example, (x for x, _ in score_set.batches(BATCH)))
             info = {"method": method, "target": target.name, "data": data.source, "quality": recovery.get("result")}
             report["bank_entry"] = str(save_entry(Path(options.bank), options.model, tuple(example.shape), embedding,
                                                   chosen.plan.to_dict(), info))  # fmt: skip

@@ -1,0 +1,54 @@
+"""Limited task data, end to end: a pretrained model adapted to a 10-class task with a new head, pruned with
+least-squares compensation into a mask bank, then a second, similar task pruned by votes from that bank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+sklearn = pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
+
+
+def _digits(path, classes: range, side: int = 32, per_class: int = 20) -> None:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    chosen = np.concatenate([np.flatnonzero(data.target == c)[:per_class] for c in classes])
+    images = data.images[chosen].astype(np.float32) / 16.0
+    x = np.repeat(np.kron(images, np.ones((side // 8, side // 8), np.float32))[:, None], 3, axis=1)
+    np.savez(path, x=(x - 0.5) / 0.5, y=data.target[chosen].astype(np.int64))
+
+
+def _build(tmp_path, name: str, *args: str) -> dict:
+    command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", "timm:mobilenetv3_small_100",
+               "--input-shape", "1,3,32,32", "--macs-ratio", "0.7", "--out", str(tmp_path / name), "--json",
+               "--adapt-steps", "40", "--recover-steps", "10", *args]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_adapt_compensate_into_a_bank_then_vote(tmp_path):
+    _digits(tmp_path / "task_a.npz", range(10), per_class=10)
+    _digits(tmp_path / "task_b.npz", range(10), per_class=8)
+    bank = tmp_path / "bank"
+    first = _build(
+        tmp_path, "a", "--train", str(tmp_path / "task_a.npz"), "--method", "compensate", "--bank", str(bank)
+    )
+    # A new 10-class head on the 1000-class model, fine-tuned with held-out early stopping.
+    assert first["adapted"]["classes"] == 10 and first["adapted"]["steps"] >= 1
+    assert first["quality"]["metric"] == "accuracy"
+    assert "least-squares compensation" in first["quality"]["recovery"] and first["quality"]["distill_steps"] == 0
+    assert first["quality"]["compensated_layers"] > 0
+    assert len(list(bank.glob("*.json"))) == 1 and first["bank_entry"].startswith(str(bank))
+    second = _build(tmp_path, "b", "--train", str(tmp_path / "task_b.npz"), "--method", "vote", "--bank", str(bank))
+    neighbours = second["vote"]["neighbours"]
+    assert len(neighbours) == 1 and neighbours[0]["method"] == "compensate" and neighbours[0]["similarity"] > 0.8
+    assert second["met_budget"] and second["result"]["macs_ratio"] <= 0.7
+    assert len(list(bank.glob("*.json"))) == 2  # the vote build is in the bank too
