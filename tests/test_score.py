@@ -9,9 +9,11 @@ import torch
 from conftest import MBV3, R18, SHAPE, Tiny, TinyDeeper, _assert_same_state, _load, _randomise_norms, _snapshot, _tiny  # noqa: F401
 from torch import nn
 
+from edgeprune.model import load_model
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.score.allocate import MAX_RATIO, kept_width, uniform_plan
 from edgeprune.score.importance import build_graph, output_layers, prunable_groups, score_groups
+from edgeprune.score.probe import find_unprunable
 
 # ---------------------------------------------------------------------------------------------------- score_groups
 
@@ -174,3 +176,18 @@ def test_uniform_plan_ties_keep_the_lower_index_and_ratio_is_checked():
     for bad in (-0.1, MAX_RATIO + 0.01, 1.0):
         with pytest.raises(ValueError, match="ratio"):
             uniform_plan([tied], bad, 8, "m", SHAPE, "magnitude")
+
+
+def test_weight_standardised_convs_with_a_gain_prune():
+    """NF-ResNet's ScaledStdConv2d carries a per-channel gain torch-pruning does not know: a pruner of our own cuts
+    it with the weight, so every group prunes (all 21 of them were kept whole before)."""
+    example = torch.zeros(1, 3, 32, 32)
+    model = load_model("timm:nf_resnet26", input_shape=tuple(example.shape)).module.eval()
+    scored = score_groups(model, example, "magnitude")
+    assert all(g.scores is not None for g in scored) and len(scored) == 21
+    assert find_unprunable(model, example, scored, 8) == {}
+    pruned = apply_plan(model, uniform_plan(scored, 0.5, 8, "nf", tuple(example.shape), "magnitude"), example)
+    layer = next(m for m in pruned.modules() if hasattr(m, "gain") and m.out_channels < 64)
+    assert layer.gain.shape[0] == layer.out_channels
+    with torch.no_grad():
+        assert pruned(example).shape == (1, 1000)

@@ -34,9 +34,36 @@ class ScoredGroup:
     reason: str = ""
 
 
+class GainConvPruner(tp.pruner.function.ConvPruner):
+    """A conv with a per-output-channel ``gain`` parameter (timm's weight-standardised ScaledStdConv2d, used by
+    NF-ResNets and NFNets): torch-pruning slices its weight and bias; the gain must lose the same channels."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+        keep = [i for i in range(layer.out_channels) if i not in set(idxs)]
+        super().prune_out_channels(layer, idxs)
+        layer.gain = nn.Parameter(layer.gain.data[keep].clone(), requires_grad=layer.gain.requires_grad)
+        return layer
+
+
+def _root_scores(layer: nn.Module, method: str) -> torch.Tensor:
+    """Per-output-channel importance of one layer with a GainConvPruner (its effective filters are standardised,
+    then scaled by the gain): |gain|, times |∂L/∂gain| for taylor."""
+    gain = layer.gain.detach().flatten().abs()
+    if method == "taylor" and layer.gain.grad is not None:
+        return gain * layer.gain.grad.detach().flatten().abs()
+    return gain ** (2 if method == "l2" else 1)
+
+
+def _custom_pruners(model: nn.Module) -> dict:
+    return {type(m): GainConvPruner() for m in model.modules()
+            if isinstance(m, nn.Conv2d) and isinstance(getattr(m, "gain", None), nn.Parameter)
+            and m.gain.shape[0] == m.out_channels}  # fmt: skip
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """Trace ``model`` on ``example`` into torch-pruning's dependency graph."""
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                 customized_pruners=_custom_pruners(model) or None)  # fmt: skip
 
 
 def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
@@ -116,6 +143,8 @@ def score_groups(
                     scores = importance(group)
             except Exception as exc:  # the index mapping fails on some graphs
                 reason = f"torch-pruning cannot score it: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        if scores is None and not reason and isinstance(graph.get_pruner_of_module(root), GainConvPruner):
+            scores = _root_scores(root, method)  # torch-pruning's importances only know their own pruners
         # A group the importance cannot score stays in the list (a plan names every group), unscored: kept whole.
         scores = None if scores is None else scores.detach().float().cpu()
         scored.append(ScoredGroup(module=name, channels=channels, scores=scores, reason=reason[:200]))
