@@ -23,6 +23,7 @@ from torch import nn
 
 from edgeprune.backends import Artifact, Backend, Measurement
 from edgeprune.device import Device
+from edgeprune.errors import BadInput
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import allocate, uniform_plan
@@ -68,6 +69,9 @@ class Candidate:
             "macs": self.macs, "params": self.params,
             "quality": self.quality,
         }  # fmt: skip
+
+
+MAX_REPROBES = 4  # plans re-made after keeping newly found culprits whole, before the build gives up
 
 
 @dataclass
@@ -122,20 +126,25 @@ class SearchContext:
         another (grouped convs, split/concat), so a plan that fails to prune or run is probed at its own widths;
         the culprits are kept whole and the plan is made again without them."""
         plan = make()
-        try:
-            return (plan, *count_macs_params(apply_plan(self.model, plan, self.example), self.example))
-        except Exception:
+        for _ in range(MAX_REPROBES):
+            try:
+                return (plan, *count_macs_params(apply_plan(self.model, plan, self.example), self.example))
+            except Exception as exc:  # whatever the model's own code raises at these widths
+                failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
             widths = {g.module: g.width for g in plan.groups}
             found = find_unprunable(self.model, self.example, self.scored, self.target.channel_multiple, widths=widths)
             if not found:
-                raise
+                break
             self.say(f"at the widths of this plan, {len(found)} more groups cannot be pruned safely: kept whole")
             self.keep_whole(found)
             # A plan made from fixed widths (edgeprune profile's samples) would cut them again: undo their cuts.
             plan = make()
-            whole = [replace(g, kept=tuple(range(g.channels))) if g.module in found else g for g in plan.groups]
+            whole = [
+                replace(g, kept=tuple(range(g.channels))) if g.module in self.unprunable else g for g in plan.groups
+            ]
             plan = replace(plan, groups=tuple(whole))
-            return (plan, *count_macs_params(apply_plan(self.model, plan, self.example), self.example))
+        raise BadInput(f"torch-pruning cannot prune this model consistently at the widths the budget needs"
+                       f" ({failure}); relax the budget, or pass --strict to list the groups")  # fmt: skip
 
     def _uniform(self, ratio: float) -> Plan:
         return uniform_plan(
