@@ -271,9 +271,13 @@ def _print_summary(report: dict, out_dir: Path) -> None:
         what = f"{budget['kind'].replace('_', ' ')} {budget['value']:g} ({report['result'][budget['kind']]:.3f})"
     else:
         what = f"{budget['latency_ms']:.3f} ms p50"
+    for key in ("not_measured", "host_measurement"):  # an estimate or a host figure says so wherever it appears
+        if report.get(key):
+            out.print(f"NOTE: {report[key]}", markup=False, soft_wrap=True)
+    rounds = "estimated" if report.get("not_measured") else "measured"
     out.print(
         f"budget {what} {verdict}: {report['result']['speedup']:.2f}x faster"
-        f" in {len(report['iterations'])} measured round(s); outputs match PyTorch within"
+        f" in {len(report['iterations'])} {rounds} round(s); outputs match PyTorch within"
         f" {report['validation']['atol']:.2g} (max error {report['validation']['max_abs_err']:.2g}); wrote {out_dir}/"
     )
 

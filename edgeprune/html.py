@@ -38,7 +38,7 @@ def write_html(path: Path, report: dict, widths: dict[str, tuple[int, int]], fil
             f"{report['baseline']['latency_ms']['p50']:.3f} → {report['result']['comparable_p50']:.3f}"
             f" ms{estimate}{_aside(report)}",
         ),  # fmt: skip
-        ("speedup", f"{report['result']['speedup']:.2f}x"),
+        ("speedup", f"{report['result']['speedup']:.2f}x{estimate}"),
         ("MACs", f"{report['baseline']['macs'] / 1e6:.1f} M → {report['result']['macs'] / 1e6:.1f} M"),
         ("params", f"{report['baseline']['params'] / 1e6:.2f} M → {report['result']['params'] / 1e6:.2f} M"),
         (
@@ -55,7 +55,12 @@ def write_html(path: Path, report: dict, widths: dict[str, tuple[int, int]], fil
     verdict = "met" if met else "NOT met"
     parts = [
         f"<h1>edgeprune build: {html.escape(report['target'])}</h1>",
-        f"<p class='{'ok' if met else 'bad'}'>Budget {verdict}.</p>",
+        f"<p class='{'ok' if met else 'bad'}'>Budget {verdict}{' (by the estimate)' if estimate else ''}.</p>",
+        *(
+            f"<p class='bad'>{html.escape(report[key])}.</p>"
+            for key in ("not_measured", "host_measurement")
+            if report.get(key)
+        ),
         _table(rows),
         "<h2>Latency per measured round</h2>",
         _img(_rounds_plot(report)),

@@ -159,12 +159,12 @@ def build(options: BuildOptions, say=print) -> dict:
             # A speedup is a ratio: time every candidate in windows alternating with the unpruned model, so that a
             # slow spell of the machine slows both and cancels out of the comparison.
             ctx.reference = baseline_artifact
+        decomposed, neighbours = [], []
         if options.plan:  # a pinned plan: no scoring, no search; the same plan gives the same artifact bytes
             say(f"replaying {options.plan} instead of searching")
             chosen = measure_plan(ctx, _pinned_plan(options.plan, example), baseline.p50, 1, budget_ms)
             candidates = [chosen]
         else:
-            decomposed: list[str] = []
             if method in ("lowrank", "double"):
                 ctx.model, decomposed = decomposed_copy(model, example)
                 say(f"{len(decomposed)} layers in SVD form (basis + mix): their basis vectors prune like channels")
