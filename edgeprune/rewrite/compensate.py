@@ -106,14 +106,10 @@ def _out_size(layer: nn.Module) -> int:
 
 
 def _forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Conv and linear layers in the order the forward pass runs them (module order can differ)."""
+    from edgeprune.rewrite.prune import forward_with_layer_hook
+
     names = {module: name for name, module in model.named_modules()}
     order: list[str] = []
-    handles = [m.register_forward_hook(lambda m, i, o: order.append(names[m]))
-               for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]  # fmt: skip
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_layer_hook(model, example, lambda m, i, o: order.append(names[m]))
     return list(dict.fromkeys(order))
