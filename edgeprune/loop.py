@@ -193,10 +193,10 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
             if deepest.groups != plan.groups:
                 model.use_scaled_roofline()  # a fit with too large a fixed time on noisy samples: cut further
                 ctx.say("the fitted cost model cannot reach the budget; predicting with the scaled roofline")
-            elif latency > budget_ms:
+            elif latency > budget_ms and not any(c.latency <= budget_ms for c in candidates):
                 return None, candidates, True  # the smallest model we make is still too slow
             else:
-                break  # marginal at the most pruning we do: nothing further to try
+                break  # marginal at the most pruning we do, or an earlier round already met the budget
         goal = AIM * budget_ms
     # Out of rounds: the least-pruned candidate under the guard still meets the budget, with more pruning than
     # needed; failing that, the marginal candidate with the most room under the budget.
