@@ -139,3 +139,10 @@ def r18_pruned(r18, r18_plan, example) -> nn.Module:
 def _private_cache(tmp_path_factory) -> None:
     """Builds cache their latency measurements; in tests, in a folder of the session, never the user's cache."""
     os.environ["EDGEPRUNE_CACHE"] = str(tmp_path_factory.mktemp("edgeprune-cache"))
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Run the tests that convert with litert-torch in this process last: it imports JAX, whose threads make any
+    later os.fork() in the test process (multiprocessing in libraries the earlier tests use) unsafe."""
+    uses_litert = [item for item in items if "litert" in item.nodeid]
+    items[:] = [item for item in items if item not in uses_litert] + uses_litert

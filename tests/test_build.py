@@ -80,7 +80,8 @@ def test_recovery_after_pruning_keeps_the_better_weights():
     scored = score_groups(loaded.module, example, "taylor", list(data.batches(8)))
     plan = uniform_plan(scored, 0.5, 8, "m", (1, 3, 64, 64), "taylor")
     shipped, info = recover(loaded.module, plan, example, data, data, steps=5, compensating=False)
-    assert info["metric"] == "fidelity" and info["distill_steps"] == 5 and info["baseline"] == 1.0
+    # At most 5 steps: early stopping ends the run after 3 held-out checks without improvement.
+    assert info["metric"] == "fidelity" and 1 <= info["distill_steps"] <= 5 and info["baseline"] == 1.0
     assert info["result"] == max(info["pruned"], info["recovered"])
     assert sum(p.numel() for p in shipped.parameters()) < sum(p.numel() for p in loaded.module.parameters())
     metric, shipped_quality = quality(shipped, loaded.module, data.batches(8))

@@ -99,7 +99,7 @@ def test_build_for_arm_tflite_meets_a_measured_speedup(tmp_path):
     """The issue's check: a .tflite LiteRT runs, outputs matching PyTorch, a measured (host) speedup of 2."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--target", "arm-tflite", "--model", "timm:resnet18",
-               "--input-shape", "1,3,96,96", "--speedup", "2", "--out", str(out), "--json"]  # fmt: skip
+               "--input-shape", "1,3,64,64", "--speedup", "2", "--out", str(out), "--json"]  # fmt: skip
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     done = subprocess.run(command, capture_output=True, text=True, timeout=500, env=env)
     if done.returncode == 1 and "the device is noisy" in done.stderr:  # as in test_cli: a busy machine, build again
