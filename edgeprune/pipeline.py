@@ -235,9 +235,11 @@ def build(options: BuildOptions, say=print) -> dict:
                 reference = torch.cat([pruned(inputs[i : i + 1]) for i in range(len(inputs))])
             validation = backend.validate(artifact, inputs, reference, target, device)
         if not validation.ok:
+            limit = (f"cosine similarity {validation.cosine:.3f} below {validation.min_cosine}" if validation.min_cosine
+                     else f"beyond the tolerance {validation.atol:.3g}")  # fmt: skip
             raise BudgetNotMet(
-                f"the {backend.name} artifact's outputs differ from PyTorch by {validation.max_abs_err:.3g}, beyond"
-                f" the tolerance {validation.atol:.3g} for {target.precision}; nothing was written"
+                f"the {backend.name} artifact's outputs differ from PyTorch by {validation.max_abs_err:.3g}, {limit}"
+                f" for {target.precision}; nothing was written"
             )
         with timed(say, "measuring the final artifact"):
             finals = _measure_final(ctx, artifact, baseline.p50, chosen.latency, budget_ms)

@@ -91,7 +91,8 @@ def test_quantised_models_are_smaller_and_full_int8_is_integer(artifacts):
 def test_benchmark_uses_litert_with_the_targets_threads(artifacts):
     target = _target("fp32")
     measured = get_backend("tflite").benchmark(artifacts["fp32"], SHAPE, target, LocalDevice())
-    assert measured.runtime.startswith("litert ") and measured.threads == target.threads == 4
+    # The target's 4 threads, at most one per core of this machine (more would oversubscribe it).
+    assert measured.runtime.startswith("litert ") and measured.threads == min(4, os.cpu_count()) and target.threads == 4
     assert measured.p50 > 0 and measured.iterations >= 10 and measured.measured_on == "local"
 
 
