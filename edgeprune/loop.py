@@ -170,20 +170,25 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         candidate = Candidate(0, plan, macs, params, baseline, baseline_artifact, baseline.p50)
         return candidate, [candidate], False
     model.add(ctx.structure.full_widths(), baseline.p50)  # calibrate on what the unpruned model measured
+    # Today's machine against the fit: samples cached on a quieter or busier day outnumber this build's, so the
+    # fit alone can miss by the same factor round after round. Each round aims by the ratio of the last
+    # measurement to the fit's prediction for it.
+    correction = baseline.p50 / max(model.predict(ctx.structure.full_widths()), 1e-9)
     goal = AIM * budget_ms
     for step in range(1, max_rounds + 1):
-        plan, macs, _ = ctx.plan_for(goal)
+        plan, macs, _ = ctx.plan_for(goal / correction)
         widths = ctx.structure.widths_of(plan)
         repeat = next((c for c in candidates if c.plan.groups == plan.groups), None)
         if repeat is not None:  # the refitted model still picks a plan measured already: aim past it
             goal *= (1 - NUDGE) if repeat.latency > GUARD * budget_ms else (1 + NUDGE)
-            plan, macs, _ = ctx.plan_for(goal)
+            plan, macs, _ = ctx.plan_for(goal / correction)
             widths = ctx.structure.widths_of(plan)
-        predicted = model.predict(widths)
+        predicted = model.predict(widths) * correction
         ctx.say(f"round {step}: {macs / ctx.structure.macs(ctx.structure.full_widths()):.0%} of the MACs,"
                 f" predicted {predicted:.3f} ms; exporting and measuring ...")  # fmt: skip
         candidate = replace(measure_plan(ctx, plan, baseline.p50, step, budget_ms), predicted=predicted)
         candidates.append(candidate)
+        correction = candidate.latency / max(model.predict(widths), 1e-9)
         model.add(widths, candidate.latency)
         latency = candidate.latency
         if BAND_LOW * budget_ms <= latency <= GUARD * budget_ms:

@@ -138,4 +138,5 @@ def test_litert_runs_on_the_device_too(server, tmp_path):
     device = open_device(server.url())
     assert backend.validate(artifact, inputs, reference, target, device).ok
     measured = backend.benchmark(artifact, (1, 3, 16, 16), target, device)
-    assert measured.measured_on == device.label and measured.runtime.startswith("litert") and measured.threads == 4
+    assert measured.measured_on == device.label and measured.runtime.startswith("litert")
+    assert measured.threads == min(4, os.cpu_count())  # the target's 4, at most one per core
