@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgeprune.errors import BadInput
+from edgeprune.rewrite.recover import EarlyStopping
 from edgeprune.score.importance import build_graph, output_layers
 
 ADAPT_LR = 3e-4
@@ -40,7 +41,7 @@ def fine_tune(model: nn.Module, batches: list, held_out: list, steps: int, lr: f
     (checked every tenth of the steps; stop after ``patience`` checks without improvement). Batch norms stay in
     eval mode: a few small batches would only add noise to their statistics."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    every, best, best_state, waited, done = max(1, steps // 10), -1.0, None, 0, 0
+    every, watch, done = max(1, steps // 10), EarlyStopping(model, patience), 0
     model.eval()
     for step in range(steps):
         x, y = batches[step % len(batches)]
@@ -49,17 +50,10 @@ def fine_tune(model: nn.Module, batches: list, held_out: list, steps: int, lr: f
         loss.backward()
         optimizer.step()
         done = step + 1
-        if done % every == 0 or done == steps:
-            score = accuracy(model, held_out)
-            if score > best:
-                best, best_state, waited = score, {k: v.clone() for k, v in model.state_dict().items()}, 0
-            else:
-                waited += 1
-                if waited >= patience:
-                    break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return {"steps": done, "held_out_accuracy": best}
+        if (done % every == 0 or done == steps) and watch.stop(accuracy(model, held_out)):
+            break
+    watch.restore()
+    return {"steps": done, "held_out_accuracy": watch.best}
 
 
 @torch.no_grad()

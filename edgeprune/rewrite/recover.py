@@ -35,6 +35,24 @@ def recalibrate_batchnorm(model: nn.Module, batches: Batches) -> int:
     return len(norms)
 
 
+class EarlyStopping:
+    """Keeps the weights that scored best held out, and says when ``patience`` checks in a row brought nothing."""
+
+    def __init__(self, model: nn.Module, patience: int, best: float = -1.0) -> None:
+        self.model, self.patience, self.best, self.state, self.waited = model, patience, best, None, 0
+
+    def stop(self, score: float) -> bool:
+        if score > self.best:
+            self.best, self.state, self.waited = score, {k: v.clone() for k, v in self.model.state_dict().items()}, 0
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+    def restore(self) -> None:
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
+
+
 def _loss(output: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None, temperature: float,
           task_weight: float) -> torch.Tensor:  # fmt: skip
     """Distillation (KL on softened logits for classifiers, MSE otherwise), mixed with cross-entropy on labels."""
@@ -69,7 +87,7 @@ def distill(
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     losses: list[float] = []
     every = max(1, steps // 10)
-    best, best_state, waited = (quality(student, teacher, held_out)[1], None, 0) if held_out else (None, None, 0)
+    watch = EarlyStopping(student, patience, quality(student, teacher, held_out)[1]) if held_out else None
     for step in range(steps):
         x, y = batches[step % len(batches)]
         with torch.no_grad():
@@ -84,16 +102,11 @@ def distill(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        if held_out and ((step + 1) % every == 0 or step + 1 == steps):
-            score = quality(student, teacher, held_out)[1]
-            if score > best:
-                best, best_state, waited = score, {k: v.clone() for k, v in student.state_dict().items()}, 0
-            else:
-                waited += 1
-                if waited >= patience:
-                    break
-    if held_out and best_state is not None:
-        student.load_state_dict(best_state)
+        if watch and ((step + 1) % every == 0 or step + 1 == steps):
+            if watch.stop(quality(student, teacher, held_out)[1]):
+                break
+    if watch:
+        watch.restore()
     student.eval()
     return losses
 
