@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from edgeprune.errors import BadInput
 from edgeprune.rewrite.recover import EarlyStopping
 from edgeprune.score.importance import build_graph, output_layers
+from edgeprune.text import is_embedding
 
 ADAPT_LR = 3e-4
 
@@ -75,9 +76,13 @@ def adapt_to_task(model: nn.Module, example: torch.Tensor, data, steps: int, bat
     classes = len(data.class_names) or int(data.y.max()) + 1
     with torch.no_grad():
         outputs = model(example).shape[-1]
-    if classes == outputs:
+    if is_embedding(model):  # a sentence encoder: a classifier on its embedding (edgeprune/text.py)
+        model.attach_classifier(classes)
+        name = "classifier"
+    elif classes == outputs:
         return None
-    name = replace_head(model, example, classes)
+    else:
+        name = replace_head(model, example, classes)
     train, held_out = split_held_out(data)
     say(f"the task has {classes} classes, the model {outputs} outputs: a new head '{name}', fine-tuned for at most"
         f" {steps} steps on {len(train)} samples")  # fmt: skip

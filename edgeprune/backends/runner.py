@@ -62,7 +62,8 @@ def _openvino(model: str, threads: int, precision: str):
     def run(x: np.ndarray) -> np.ndarray:
         return np.array(request.infer([x])[compiled.output(0)])
 
-    return run, f"openvino {ov.get_version()}", core.get_property("CPU", "FULL_DEVICE_NAME")
+    ids = compiled.input(0).get_element_type().is_integral()
+    return run, f"openvino {ov.get_version()}", core.get_property("CPU", "FULL_DEVICE_NAME"), ids
 
 
 def _onnxruntime(model: str, threads: int, precision: str):
@@ -77,7 +78,8 @@ def _onnxruntime(model: str, threads: int, precision: str):
     def run(x: np.ndarray) -> np.ndarray:
         return session.run(None, {name: x})[0]
 
-    return run, f"onnxruntime {ort.__version__}", "CPU"
+    ids = session.get_inputs()[0].type in ("tensor(int64)", "tensor(int32)")
+    return run, f"onnxruntime {ort.__version__}", "CPU", ids
 
 
 def _litert(model: str, threads: int, precision: str):
@@ -98,11 +100,14 @@ def _litert(model: str, threads: int, precision: str):
         version = f"tflite_runtime {version}"
     interpreter.allocate_tensors()
     source, sink = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    ids = source["dtype"] in (np.int32, np.int64)  # token ids, not a quantised image
 
     def run(x: np.ndarray) -> np.ndarray:
         # A fully integer model may take and give int8 tensors: quantise the input and dequantise the output with
         # the model's own scale and zero point, so the caller always sees float32.
-        if source["dtype"] != np.float32:
+        if ids:
+            x = x.astype(source["dtype"])
+        elif source["dtype"] != np.float32:
             scale, zero = source["quantization"]
             info = np.iinfo(source["dtype"])
             x = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(source["dtype"])
@@ -114,7 +119,13 @@ def _litert(model: str, threads: int, precision: str):
             y = (y.astype(np.float32) - zero) * scale
         return np.array(y, dtype=np.float32)
 
-    return run, version, "CPU (XNNPACK)"
+    return run, version, "CPU (XNNPACK)", ids
+
+
+def _load_inputs(path: str) -> np.ndarray:
+    """Saved model inputs: token ids stay int64, anything else becomes float32."""
+    inputs = np.load(path)
+    return inputs.astype(np.int64) if inputs.dtype.kind in "iu" else inputs.astype(np.float32)
 
 
 RUNTIMES = {"openvino": _openvino, "onnxruntime": _onnxruntime, "litert": _litert}
@@ -203,7 +214,7 @@ def trtexec_main(args) -> int:
             return 3
         result: dict = {"runtime": version, "device": "GPU (TensorRT)", "threads": args.threads, "peak_memory_mb": None}
         if args.inputs:
-            inputs, outputs = np.load(args.inputs).astype(np.float32), []
+            inputs, outputs = _load_inputs(args.inputs), []
             for i in range(len(inputs)):
                 sample, exported = os.path.join(folder, f"in{i}.bin"), os.path.join(folder, f"out{i}.json")
                 np.ascontiguousarray(inputs[i : i + 1]).tofile(sample)
@@ -297,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rss_before = _memory_mb("VmRSS")
     try:
-        run, runtime, device = RUNTIMES[args.runtime](args.model, args.threads, args.precision)
+        run, runtime, device, ids = RUNTIMES[args.runtime](args.model, args.threads, args.precision)
     except Exception as exc:  # the runtime's message, on one line, for the caller to report
         print(json.dumps({"error": f"{args.runtime} could not load {args.model}: {_one_line(exc)}"}))
         return 3
@@ -306,14 +317,16 @@ def main(argv: list[str] | None = None) -> int:
         result["threads_requested"] = requested
 
     if args.inputs:
-        inputs = np.load(args.inputs).astype(np.float32)
+        inputs = _load_inputs(args.inputs)
         batch = shape[0]
         outputs = [run(np.ascontiguousarray(inputs[i : i + batch])) for i in range(0, len(inputs), batch)]
         np.save(args.outputs, np.concatenate(outputs, axis=0))
         result["outputs"] = args.outputs
 
     if args.iterations > 0:
-        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        generator = np.random.default_rng(0)
+        # Token ids for a text model: any id is as fast as another, and 1-99 fit every vocabulary.
+        x = generator.integers(1, 100, shape) if ids else generator.standard_normal(shape).astype(np.float32)
         warmed = _warm_up(run, x, args.warmup, args.min_warmup_s)
     # Growth of the process's peak resident memory from before the model was loaded: the runtime's own footprint
     # for this model (weights, compiled kernels, activations), measured, not estimated; taken before a reference

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from edgeprune.errors import BadInput
+from edgeprune.rewrite.heads import sync_head_counts
 from edgeprune.rewrite.plan import Plan
 from edgeprune.score.importance import build_graph, prunable_groups
 
@@ -64,6 +65,7 @@ def apply_plan(
             group = graph.get_pruning_group(module, pruner.prune_out_channels, removed)
             _record_kept(target, names, group)
             group.prune()
+    sync_head_counts(target)  # attention modules whose heads were cut read their head count from attributes
     return target
 
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgeprune.text import is_embedding
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
 
 
@@ -54,8 +56,11 @@ class EarlyStopping:
 
 
 def _loss(output: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None, temperature: float,
-          task_weight: float) -> torch.Tensor:  # fmt: skip
-    """Distillation (KL on softened logits for classifiers, MSE otherwise), mixed with cross-entropy on labels."""
+          task_weight: float, embedding: bool = False) -> torch.Tensor:  # fmt: skip
+    """Distillation (KL on softened logits for classifiers, cosine distance for embeddings, MSE otherwise), mixed
+    with cross-entropy on labels."""
+    if embedding:
+        return (1 - F.cosine_similarity(output, target, dim=-1)).mean()
     if output.dim() != 2:
         return F.mse_loss(output, target)
     soft_target = F.softmax(target / temperature, dim=1)
@@ -84,6 +89,7 @@ def distill(
         return []
     teacher.eval()
     student.eval()
+    embedding = is_embedding(student)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     losses: list[float] = []
     every = max(1, steps // 10)
@@ -92,12 +98,13 @@ def distill(
         x, y = batches[step % len(batches)]
         with torch.no_grad():
             target = teacher(x)
-        loss = _loss(student(x), target, y, temperature, task_weight)
+        loss = _loss(student(x), target, y, temperature, task_weight, embedding)
         if aux:
             xa, ya = aux[step % len(aux)]
             with torch.no_grad():
                 aux_target = teacher(xa)
-            loss = loss + aux_weight * (1 - step / steps) * _loss(student(xa), aux_target, ya, temperature, task_weight)
+            aux_loss = _loss(student(xa), aux_target, ya, temperature, task_weight, embedding)
+            loss = loss + aux_weight * (1 - step / steps) * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -113,7 +120,13 @@ def distill(
 
 @torch.no_grad()
 def quality(model: nn.Module, reference: nn.Module, batches: Batches) -> tuple[str, float]:
-    """Accuracy when the batches have labels, else fidelity: top-1 agreement with ``reference`` (1.0 = same)."""
+    """Accuracy when the batches have labels, else fidelity: top-1 agreement with ``reference`` (1.0 = same), or for
+    an embedding model the mean cosine similarity of its embeddings to ``reference``'s."""
+    if is_embedding(model):
+        pairs = [(model(x), reference(x)) for x, _ in batches]
+        if not pairs:
+            return "cosine", float("nan")
+        return "cosine", float(torch.cat([F.cosine_similarity(a, b, dim=-1) for a, b in pairs]).mean())
     correct = agree = total = 0
     labelled = True
     for x, y in batches:

@@ -49,7 +49,7 @@ def uniform_plan(
         if group.scores is None:
             groups.append(GroupPlan(module=group.module, channels=group.channels, kept=tuple(range(group.channels))))
             continue
-        width = kept_width(group.channels, ratio, multiple)
+        width = kept_width(group.channels, ratio, group.unit or multiple)
         # topk then sort: the kept channels in their original order, ties broken by index for reproducibility
         order = torch.argsort(group.scores, descending=True, stable=True)[:width]
         groups.append(GroupPlan(module=group.module, channels=group.channels, kept=tuple(sorted(order.tolist()))))
@@ -84,16 +84,18 @@ def global_widths(
     """
     widths = structure.full_widths()
     order: dict[int, np.ndarray] = {}  # group index → its normalised scores, ascending (removal order)
+    steps: dict[int, int] = {}  # group index → channels cut at a time: the target's multiple, or one attention head
     for group in scored:
-        if group.scores is not None and group.channels > multiple:
+        if group.scores is not None and group.channels > (group.unit or multiple):
             scores = group.scores.double().numpy()
-            order[structure.groups.index(group.module)] = np.sort(scores / max(scores.mean(), 1e-12))
+            g = structure.groups.index(group.module)
+            order[g], steps[g] = np.sort(scores / max(abs(scores.mean()), 1e-12)), group.unit or multiple
     current = cost(widths)
 
     def next_width(g: int) -> int | None:
-        channels = int(structure.channels[g])
-        floor = max(multiple, math.ceil(channels * GLOBAL_MIN_KEEP / multiple) * multiple)
-        step = (int(widths[g]) - 1) // multiple * multiple  # the next aligned width below
+        channels, unit = int(structure.channels[g]), steps[g]
+        floor = max(unit, math.ceil(channels * GLOBAL_MIN_KEEP / unit) * unit)
+        step = (int(widths[g]) - 1) // unit * unit  # the next aligned width below
         return step if step >= floor else None
 
     def priority(g: int) -> float | None:

@@ -14,6 +14,9 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn import functional as F
 
+from edgeprune.rewrite.heads import head_of, head_scores
+from edgeprune.text import is_embedding, similarity_loss
+
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # magnitude: group L1 of the weights; l2: group squared L2, which for an SVD basis vector (√s·v, u·√s) is exactly
 # its singular value s, so lowrank and double rank basis vectors by singular value; taylor: |w·∂L/∂w|.
@@ -25,13 +28,16 @@ class ScoredGroup:
     """One dependency group: its root module's name, its channel count, and a score per channel (higher = keep).
 
     ``scores`` is None for a group the importance cannot score; it is kept whole, and ``reason`` says why when
-    torch-pruning failed on it (empty when the group simply has no weights of a scored kind).
+    torch-pruning failed on it (empty when the group simply has no weights of a scored kind). ``unit`` is how many
+    channels go together: one attention head's channels for a group of attention projections (rewrite/heads.py),
+    else 0, and the target's channel multiple applies.
     """
 
     module: str
     channels: int
     scores: torch.Tensor | None
     reason: str = ""
+    unit: int = 0
 
 
 class GainConvPruner(tp.pruner.function.ConvPruner):
@@ -124,6 +130,7 @@ def score_groups(
     if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r}; known: {', '.join(METHODS)}")
     graph = build_graph(model, example)
+    heads = head_of(model)
     if method == "taylor":
         importance = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
         _accumulate_gradients(model, batches)
@@ -147,7 +154,12 @@ def score_groups(
             scores = _root_scores(root, method)  # torch-pruning's importances only know their own pruners
         # A group the importance cannot score stays in the list (a plan names every group), unscored: kept whole.
         scores = None if scores is None else scores.detach().float().cpu()
-        scored.append(ScoredGroup(module=name, channels=channels, scores=scores, reason=reason[:200]))
+        unit = 0
+        if root in heads and scores is not None:  # attention projections: whole heads or nothing
+            scores, unit = head_scores(scores, heads[root]), channels // (int(heads[root].max()) + 1)
+        elif any(dep.target.module in heads and dep.handler.__name__ == "prune_out_channels" for dep, _ in group):
+            scores, reason = None, "attention projections whose group is rooted elsewhere: heads cannot be cut whole"
+        scored.append(ScoredGroup(module=name, channels=channels, scores=scores, reason=reason[:200], unit=unit))
     model.zero_grad(set_to_none=True)
     return scored
 
@@ -157,7 +169,9 @@ def _accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor
     count = 0
     for x, y in batches:
         output = model(x)
-        if output.dim() == 2:
+        if is_embedding(model):
+            loss = similarity_loss(output)
+        elif output.dim() == 2:
             target = y if y is not None else output.detach().argmax(dim=1)
             loss = F.cross_entropy(output, target)
         else:  # not a classifier: keep the output's energy, a label-free objective with a useful gradient

@@ -1,0 +1,188 @@
+"""Text models: Hugging Face BERT-family encoders run as sentence encoders, and text files turned into token ids.
+
+A sentence encoder here takes one int64 tensor of token ids (batch × sequence length, 0 = padding) and returns the
+mean-pooled embedding of the non-padding tokens, L2-normalised as sentence-transformers does. The attention mask is
+derived from the ids inside the model, so every backend sees one fixed-shape input, as an edge runtime wants: the
+sequence length is the budget's, set by ``--input-shape 1,L``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edgeprune.errors import BadInput
+
+DEFAULT_LENGTH = 128
+TEXT_SUFFIXES = (".txt", ".tsv")
+
+
+class SentenceEncoder(nn.Module):
+    """A transformer encoder with mean pooling over non-padding tokens (and optional L2 normalisation)."""
+
+    edgeprune_output = "embedding"  # judged by cosine similarity, distilled with a cosine loss
+
+    def __init__(self, encoder: nn.Module, pad_id: int = 0, normalize: bool = True) -> None:
+        super().__init__()
+        self.encoder, self.pad_id, self.normalize = encoder, pad_id, normalize
+        self.classifier: nn.Linear | None = None
+
+    def attach_classifier(self, classes: int) -> None:
+        """Put a fresh linear classifier on the embedding (a labelled task): the model's output becomes logits."""
+        width = self.encoder.config.hidden_size
+        self.classifier = nn.Linear(width, classes)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+        self.edgeprune_output = "logits"
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = input_ids != self.pad_id
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        embedding = F.normalize(pooled, dim=-1) if self.normalize else pooled
+        return embedding if self.classifier is None else self.classifier(embedding)
+
+
+def is_embedding(model: nn.Module) -> bool:
+    """Whether ``model`` outputs embeddings (judged by cosine similarity), not class logits."""
+    return getattr(model, "edgeprune_output", "") == "embedding"
+
+
+def similarity_loss(embeddings: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """A label-free loss on a batch of embeddings: each must stay most similar to itself among the batch's (the
+    in-batch contrastive objective of sentence encoders, against the batch's own detached embeddings). Unlike a
+    distillation loss against the unpruned model, its gradient is not zero at the unpruned model, so first-order
+    (Taylor) importance can use it."""
+    logits = F.normalize(embeddings, dim=-1) @ F.normalize(embeddings, dim=-1).detach().T / temperature
+    return F.cross_entropy(logits, torch.arange(len(embeddings)))
+
+
+def load_hf_encoder(directory: str | Path) -> tuple[nn.Module, dict]:
+    """Load the BERT-family encoder saved in ``directory`` (config.json + weights, as ``save_pretrained`` or a
+    sentence-transformers folder writes it) as a SentenceEncoder, with what its input is: int64 ids, the vocabulary
+    size, and the tokenizer folder. Nothing is downloaded (HF_HUB_OFFLINE); a folder that is not such a model is a
+    one-line BadInput."""
+    folder = Path(directory)
+    if not (folder / "config.json").is_file():
+        raise BadInput(f"hf:{directory}: no config.json there; pass the folder a Hugging Face model was saved in")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from edgeprune._torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # transformers imports torchvision when it is installed
+    try:
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        # eager attention: plain matmul and softmax, which torch-pruning traces and every exporter lowers;
+        # no pooler: the sentence embedding is the mean of the tokens, the pooler's output is never used.
+        encoder = AutoModel.from_pretrained(str(folder), attn_implementation="eager", add_pooling_layer=False)
+    except ImportError:
+        raise BadInput("hf: models need the transformers package: pip install 'edgeprune[text]'") from None
+    except Exception as exc:
+        raise BadInput(f"hf:{directory} cannot be loaded: {' '.join(str(exc).split())[:200]}") from None
+    model = SentenceEncoder(encoder.eval(), pad_id=int(encoder.config.pad_token_id or 0),
+                            normalize=_normalizes(folder))  # fmt: skip
+    declared = {"shape": (1, DEFAULT_LENGTH), "dtype": "int64", "vocab_size": int(encoder.config.vocab_size),
+                "tokenizer": str(folder) if (folder / "tokenizer.json").is_file() else ""}  # fmt: skip
+    return model, declared
+
+
+def _normalizes(folder: Path) -> bool:
+    """Whether the sentence-transformers pipeline saved with the model ends in a Normalize module."""
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return True
+    return any("Normalize" in str(entry.get("type", "")) for entry in json.loads(modules.read_text()))
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tokenize(tokenizer_dir: str, sentences: list[str], length: int) -> torch.Tensor:
+    """Token ids of ``sentences`` padded or truncated to ``length`` (int64, N × length, padding 0)."""
+    if not tokenizer_dir:
+        raise BadInput("this model declares no tokenizer, so text files cannot be read; pass an .npz of token ids")
+    encoded = _tokenizer(tokenizer_dir)(sentences, padding="max_length", truncation=True, max_length=length,
+                                        return_tensors="pt")  # fmt: skip
+    return encoded["input_ids"].to(torch.int64)
+
+
+def read_text(path: Path) -> tuple[list[str], list[str] | None]:
+    """Sentences of a text file: ``.txt`` one per line (unlabelled), ``.tsv`` ``label<TAB>sentence`` per line.
+    Blank lines are skipped; a file with no sentence, or a .tsv line without a tab, is a one-line BadInput."""
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: cannot be read as UTF-8 text: {' '.join(str(exc).split())[:120]}") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise BadInput(f"{path}: no sentences; write one sentence per line")
+    if path.suffix.lower() != ".tsv":
+        return lines, None
+    labels, sentences = [], []
+    for number, line in enumerate(lines, 1):
+        label, tab, sentence = line.partition("\t")
+        if not tab or not sentence.strip() or not label.strip():
+            raise BadInput(f"{path}: line {number} is not 'label<TAB>sentence'")
+        labels.append(label.strip())
+        sentences.append(sentence.strip())
+    return sentences, labels
+
+
+def load_token_dataset(path: str | None, shape: tuple[int, ...], vocab_size: int, tokenizer_dir: str,
+                       limit: int | None, seed: int):  # fmt: skip
+    """Calibration or task data for a token-id model whose input is ``shape`` (1 × L): a ``.txt`` or ``.tsv`` file
+    tokenised with the model's tokenizer, an ``.npz`` whose int ``x`` holds ids (N × L, optional int ``y``), or
+    None for ``limit`` seeded random ids. At most ``limit`` samples, balanced over labels; every problem is a
+    one-line DataError naming the file."""
+    import numpy as np
+
+    from edgeprune.data import SYNTHETIC_SAMPLES, DataError, Dataset, _check_y, _load_npz_arrays, _subset
+
+    length = int(shape[-1])
+    if len(shape) != 2:
+        raise DataError(f"a token-id model takes input shape 1,L (sequence length L), not {','.join(map(str, shape))}")
+    if path is None:
+        generator = torch.Generator().manual_seed(seed)
+        low = min(1000, max(vocab_size - 1, 1))  # above BERT's special and unused tokens
+        x = torch.randint(low, max(vocab_size, low + 1), (limit or SYNTHETIC_SAMPLES, length), generator=generator)
+        return Dataset(x=x, y=None, source="synthetic", synthetic=True)
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{path}: no such file; text data is a .txt (one sentence per line), a .tsv"
+                        " (label<TAB>sentence) or an .npz of token ids")  # fmt: skip
+    class_names: tuple[str, ...] = ()
+    if file.suffix.lower() in TEXT_SUFFIXES:
+        sentences, names = read_text(file)
+        labels = None
+        if names is not None:
+            class_names = tuple(sorted(set(names)))
+            labels = np.array([class_names.index(n) for n in names], dtype=np.int64)
+        keep = _subset(len(sentences), labels, limit, seed)
+        x = tokenize(tokenizer_dir, [sentences[i] for i in keep.tolist()], length)
+        y = None if labels is None else torch.from_numpy(labels[keep])
+        return Dataset(x=x, y=y, source=path, synthetic=False, class_names=class_names)
+    if file.suffix.lower() != ".npz":
+        raise DataError(f"{path}: unsupported text data '{file.suffix}'; use .txt, .tsv or an .npz of token ids")
+    ids, y = _load_npz_arrays(file, path)
+    if ids.dtype.kind not in "iu" or ids.ndim != 2 or ids.shape[1] != length or len(ids) == 0:
+        raise DataError(f"{path}: 'x' must be integer token ids of shape N×{length}, not {ids.dtype} {ids.shape}")
+    if int(ids.min()) < 0 or (vocab_size and int(ids.max()) >= vocab_size):
+        raise DataError(f"{path}: token ids must lie in [0, {vocab_size}), the model's vocabulary")
+    labels = _check_y(path, y, len(ids))
+    keep = _subset(len(ids), labels, limit, seed)
+    y_t = None if labels is None else torch.from_numpy(labels[keep].copy())
+    return Dataset(x=torch.from_numpy(ids[keep].astype(np.int64)), y=y_t, source=path, synthetic=False)
