@@ -103,6 +103,9 @@ def build(
     allocation: Annotated[
         str | None, typer.Option(help="Widths: global (by cost on the target) or uniform [default: global].")
     ] = None,
+    structures: Annotated[
+        str | None, typer.Option(help="What may be cut: all, heads or neurons (transformers) [default: all].")
+    ] = None,
     device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: out].")] = None,
     force: Annotated[bool, typer.Option(help="Replace an output folder that already holds files.")] = False,
@@ -124,7 +127,7 @@ def build(
     say = _progress()
     flags = {
         "target": target, "model": model, "weights": weights, "input_shape": input_shape, "calib": calib,
-        "method": method, "allocation": allocation,
+        "method": method, "allocation": allocation, "structures": structures,
         "device": device, "out": out_dir, "max_rounds": max_rounds, "recover_steps": recover_steps,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
         "compensate": compensate or None, "bank": bank, "train": train, "aux": aux, "adapt_steps": adapt_steps,

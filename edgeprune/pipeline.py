@@ -43,7 +43,7 @@ from edgeprune.rewrite.prune import count_macs_params
 from edgeprune.rewrite.recover import quality, recover
 from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path
-from edgeprune.score.importance import score_groups
+from edgeprune.score.importance import STRUCTURES, score_groups, select_structures
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import find_unprunable
 from edgeprune.score.structure import read_structure
@@ -88,6 +88,7 @@ class BuildOptions:
     strict: bool = False  # a group that cannot be pruned safely is an error, not kept whole
     plan: str | None = None  # replay this plan.json instead of searching (reproducible builds)
     allocation: str = "global"  # or "uniform": the same fraction of every group (for comparison)
+    structures: str = "all"  # or "heads" / "neurons": only attention heads, or all but them (score/importance.py)
 
 
 def build(options: BuildOptions, say=print) -> dict:
@@ -104,6 +105,8 @@ def build(options: BuildOptions, say=print) -> dict:
         raise BadInput(f"unknown --method '{options.method}'; known: {', '.join(METHODS)}")
     if options.allocation not in ALLOCATIONS:
         raise BadInput(f"unknown --allocation '{options.allocation}'; known: {', '.join(ALLOCATIONS)}")
+    if options.structures not in STRUCTURES:
+        raise BadInput(f"unknown --structures '{options.structures}'; known: {', '.join(STRUCTURES)}")
     if options.max_rounds < 1:
         raise BadInput(f"--max-rounds must be at least 1, got {options.max_rounds}")
     backend = get_backend(target.backend)
@@ -181,6 +184,7 @@ def build(options: BuildOptions, say=print) -> dict:
                         f"votes from {len(neighbours)} earlier tasks, similarity "
                         + ", ".join(f"{n['similarity']:.3f}" for n in neighbours)
                     )
+                ctx.scored = select_structures(ctx.scored, options.structures)
                 _keep_unprunable_whole(ctx, options.strict)
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)

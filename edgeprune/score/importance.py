@@ -7,7 +7,7 @@ must be removed together; torch-pruning's DependencyGraph finds them. Each group
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch_pruning as tp
@@ -162,6 +162,18 @@ def score_groups(
         scored.append(ScoredGroup(module=name, channels=channels, scores=scores, reason=reason[:200], unit=unit))
     model.zero_grad(set_to_none=True)
     return scored
+
+
+STRUCTURES = ("all", "heads", "neurons")
+
+
+def select_structures(scored: list[ScoredGroup], which: str) -> list[ScoredGroup]:
+    """Only attention heads (``heads``), or everything but them (``neurons``: MLP neurons, and conv channels in a
+    CNN), left prunable; the other groups lose their scores and are kept whole. ``all`` changes nothing."""
+    if which == "all":
+        return scored
+    wanted = (lambda g: g.unit > 0) if which == "heads" else (lambda g: g.unit == 0)
+    return [g if wanted(g) else replace(g, scores=None) for g in scored]
 
 
 def _accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
