@@ -58,11 +58,11 @@ def load_dataset(
     spec=None,
 ) -> Dataset:
     """Load calibration or task data for a model whose input (batch included) is ``input_shape``. ``path`` is an
-        ImageFolder directory (images resized, centre-cropped, scaled to [0, 1], normalised with mean/std; labels by
-        sorted class name), an .npz file (float x used as is, uint8 x scaled and normalised, optional integer y), or None
-        for ``limit`` (default 64) seeded standard-normal samples. At most ``limit`` samples are kept (None keeps all),
-        chosen with ``seed`` and balanced over classes when there are labels. For a token-id model (``spec`` an InputSpec
-    that takes ids), text files or ids instead (edgeprune/text.py). Raises DataError for any bad data."""
+    ImageFolder directory (images resized, centre-cropped, scaled to [0, 1], normalised with mean/std; labels by
+    sorted class name), an .npz file (float x used as is, uint8 x scaled and normalised, optional integer y), or None
+    for ``limit`` (default 64) seeded standard-normal samples. At most ``limit`` samples are kept (None keeps all),
+    chosen with ``seed`` and balanced over classes when there are labels. For a token-id model (``spec``, an
+    InputSpec that takes ids): text files or ids instead (edgeprune/text.py). Raises DataError for any bad data."""
     if len(input_shape) < 2 or any(int(d) < 1 for d in input_shape):
         raise DataError(f"input shape {tuple(input_shape)} is not a batch shape; pass --input-shape like 1,3,224,224")
     if limit is not None and limit < 1:

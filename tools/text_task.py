@@ -19,7 +19,8 @@ import re
 from pathlib import Path
 
 # Packages with many documented functions and a vocabulary of their own.
-PACKAGES = ("email", "http", "logging", "unittest", "asyncio", "xml", "importlib", "mailbox", "multiprocessing", "urllib")
+PACKAGES = ("email", "http", "logging", "unittest", "asyncio", "xml", "importlib", "mailbox", "multiprocessing",
+            "urllib")  # fmt: skip
 MIN_WORDS, MAX_WORDS = 6, 40
 
 
