@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgeprune.data import DataError
 from edgeprune.errors import BadInput
 
 DEFAULT_LENGTH = 128
@@ -114,7 +115,7 @@ def _tokenizer(folder: str):
 def tokenize(tokenizer_dir: str, sentences: list[str], length: int) -> torch.Tensor:
     """Token ids of ``sentences`` padded or truncated to ``length`` (int64, N × length, padding 0)."""
     if not tokenizer_dir:
-        raise BadInput("this model declares no tokenizer, so text files cannot be read; pass an .npz of token ids")
+        raise DataError("this model declares no tokenizer, so text files cannot be read; pass an .npz of token ids")
     encoded = _tokenizer(tokenizer_dir)(sentences, padding="max_length", truncation=True, max_length=length,
                                         return_tensors="pt")  # fmt: skip
     return encoded["input_ids"].to(torch.int64)
@@ -126,17 +127,17 @@ def read_text(path: Path) -> tuple[list[str], list[str] | None]:
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{path}: cannot be read as UTF-8 text: {' '.join(str(exc).split())[:120]}") from None
+        raise DataError(f"{path}: cannot be read as UTF-8 text: {' '.join(str(exc).split())[:120]}") from None
     lines = [line for line in lines if line]
     if not lines:
-        raise BadInput(f"{path}: no sentences; write one sentence per line")
+        raise DataError(f"{path}: no sentences; write one sentence per line")
     if path.suffix.lower() != ".tsv":
         return lines, None
     labels, sentences = [], []
     for number, line in enumerate(lines, 1):
         label, tab, sentence = line.partition("\t")
         if not tab or not sentence.strip() or not label.strip():
-            raise BadInput(f"{path}: line {number} is not 'label<TAB>sentence'")
+            raise DataError(f"{path}: line {number} is not 'label<TAB>sentence'")
         labels.append(label.strip())
         sentences.append(sentence.strip())
     return sentences, labels
@@ -150,7 +151,7 @@ def load_token_dataset(path: str | None, shape: tuple[int, ...], vocab_size: int
     one-line DataError naming the file."""
     import numpy as np
 
-    from edgeprune.data import SYNTHETIC_SAMPLES, DataError, Dataset, _check_y, _load_npz_arrays, _subset
+    from edgeprune.data import SYNTHETIC_SAMPLES, Dataset, _check_y, _load_npz_arrays, _subset
 
     length = int(shape[-1])
     if len(shape) != 2:
