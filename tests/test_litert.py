@@ -113,3 +113,25 @@ def test_build_for_arm_tflite_meets_a_measured_speedup(tmp_path):
     assert report["met_budget"] is True and report["result"]["speedup"] >= 2.0
     assert report["validation"]["ok"] and (out / "model.tflite").is_file()
     assert "not on a arm-tflite board" in report["host_measurement"] or "arm-tflite board" in report["host_measurement"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit"])
+def test_transformers_with_heads_cut_run_on_litert(kind, tmp_path):
+    """A BERT encoder (int64 token ids in) and a timm ViT, each with two heads cut, convert and match PyTorch."""
+    pytest.importorskip("transformers", reason="the text extra is not installed")
+    from test_transformer import _head_plan, _ids, _tiny_bert, _tiny_vit
+
+    from edgeprune.rewrite.prune import apply_plan
+
+    model = _tiny_bert() if kind == "bert" else _tiny_vit()
+    example = _ids() if kind == "bert" else torch.randn(1, 3, 32, 32)
+    root = "encoder.encoder.layer.0.attention.self.value" if kind == "bert" else "blocks.0.attn.qkv"
+    pruned = apply_plan(model, _head_plan(model, example, {root: [1, 3]}), example)
+    backend, target = get_backend("tflite"), _target("fp32")
+    artifact = backend.export(pruned, example, tmp_path, target, None)
+    inputs = _ids(4, seed=5) if kind == "bert" else torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = torch.cat([pruned(inputs[i : i + 1]) for i in range(len(inputs))])
+    validation = backend.validate(artifact, inputs, reference, target)
+    assert validation.ok and validation.max_abs_err < 1e-4, validation
+    assert backend.benchmark(artifact, tuple(example.shape), target).p50 > 0
