@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from edgeprune.errors import BadInput
 from edgeprune.rewrite.recover import EarlyStopping
 from edgeprune.score.importance import build_graph, output_layers
-from edgeprune.text import is_embedding
+from edgeprune.text import is_embedding, trim_padding
 
 ADAPT_LR = 3e-4
 
@@ -46,7 +46,7 @@ def fine_tune(model: nn.Module, batches: list, held_out: list, steps: int, lr: f
     model.eval()
     for step in range(steps):
         x, y = batches[step % len(batches)]
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(trim_padding(model, x)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -61,7 +61,7 @@ def fine_tune(model: nn.Module, batches: list, held_out: list, steps: int, lr: f
 def accuracy(model: nn.Module, batches: list) -> float:
     correct = total = 0
     for x, y in batches:
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((model(trim_padding(model, x)).argmax(1) == y).sum())
         total += len(y)
     return correct / max(total, 1)
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgeprune.text import is_embedding
+from edgeprune.rewrite.heads import head_of
+from edgeprune.text import is_embedding, trim_padding
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -71,10 +72,44 @@ def _loss(output: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | Non
     return loss
 
 
+CNN_LR, TRANSFORMER_LR = 1e-4, 5e-4
+
+
+class BlockOutputs:
+    """Records the outputs of a transformer's blocks (the members of its longest ModuleList: BERT's layers, a ViT's
+    blocks) on every forward pass, for distillation of the hidden states as well as the output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+        blocks = max(lists, key=len) if lists else []
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [block.register_forward_hook(self._record) for block in blocks]
+
+    def _record(self, module: nn.Module, inputs: tuple, output) -> None:
+        self.outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    def take(self) -> list[torch.Tensor]:
+        taken, self.outputs = self.outputs, []
+        return taken
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor | float:
+    """Mean over blocks of the squared error between the student's and the teacher's hidden states, relative to the
+    teacher's (blocks whose width was cut are left out: nothing to compare them with)."""
+    pairs = [(s, t) for s, t in zip(student, teacher, strict=False) if s.shape == t.shape]
+    if not pairs:
+        return 0.0
+    return sum(F.mse_loss(s, t) / t.pow(2).mean().clamp(min=1e-12) for s, t in pairs) / len(pairs)
+
+
 def distill(
     student: nn.Module, teacher: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], steps: int,
-    lr: float = 1e-4, temperature: float = 2.0, aux: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
-    aux_weight: float = 0.5, held_out: list | None = None, patience: int = 3, task_weight: float = 0.5,
+    lr: float | None = None, temperature: float = 2.0, aux: list | None = None, aux_weight: float = 0.5,
+    held_out: list | None = None, patience: int = 3, task_weight: float = 0.5, hidden_states: bool | None = None,
 ) -> list[float]:  # fmt: skip
     """Fine-tune ``student`` for at most ``steps`` steps to match ``teacher`` (and the labels, where a batch has
     them, with weight ``task_weight``); return the losses.
@@ -83,24 +118,48 @@ def distill(
     and decays linearly to 0 over the steps: the extra data steers the first steps, the task's own data the last
     ones. With ``held_out`` batches, quality is checked every tenth of the steps; the best weights are kept and the
     run stops after ``patience`` checks without improvement (early stopping). Batch-norm layers stay in eval mode:
-    with a few small batches, updating their statistics adds noise.
+    with a few small batches, updating their statistics adds noise. ``hidden_states`` (default: for transformers)
+    also matches every block's output to the teacher's, as TinyBERT-style distillation does: the pruned heads and
+    neurons sit inside blocks whose outputs keep their width, so each block gets a target of its own.
     """
     if steps <= 0 or not batches:
         return []
     teacher.eval()
     student.eval()
     embedding = is_embedding(student)
+    transformer = bool(head_of(student))
+    hidden_states = transformer if hidden_states is None else hidden_states
+    # A pruned transformer has far more to recover than a CNN: on MiniLM at 2x, 200 steps reached a cosine of 0.869
+    # at 5e-4 against 0.847 at 1e-4 (CNNs keep 1e-4, where larger steps undo the pretrained filters).
+    lr = lr or (TRANSFORMER_LR if transformer else CNN_LR)
+    taps = (BlockOutputs(student), BlockOutputs(teacher)) if hidden_states else None
+    try:
+        return _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_weight, held_out, patience,
+                              task_weight, embedding, taps)  # fmt: skip
+    finally:
+        for tap in taps or ():
+            tap.close()
+
+
+def _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_weight, held_out, patience,
+                   task_weight, embedding, taps) -> list[float]:  # fmt: skip
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     losses: list[float] = []
     every = max(1, steps // 10)
     watch = EarlyStopping(student, patience, quality(student, teacher, held_out)[1]) if held_out else None
     for step in range(steps):
         x, y = batches[step % len(batches)]
+        x = trim_padding(student, x)
+        for tap in taps or ():
+            tap.take()  # drop what the held-out checks recorded
         with torch.no_grad():
             target = teacher(x)
         loss = _loss(student(x), target, y, temperature, task_weight, embedding)
+        if taps:
+            loss = loss + hidden_state_loss(taps[0].take(), taps[1].take())
         if aux:
             xa, ya = aux[step % len(aux)]
+            xa = trim_padding(student, xa)
             with torch.no_grad():
                 aux_target = teacher(xa)
             aux_loss = _loss(student(xa), aux_target, ya, temperature, task_weight, embedding)
@@ -123,13 +182,14 @@ def quality(model: nn.Module, reference: nn.Module, batches: Batches) -> tuple[s
     """Accuracy when the batches have labels, else fidelity: top-1 agreement with ``reference`` (1.0 = same), or for
     an embedding model the mean cosine similarity of its embeddings to ``reference``'s."""
     if is_embedding(model):
-        pairs = [(model(x), reference(x)) for x, _ in batches]
+        pairs = [(model(x), reference(x)) for x in (trim_padding(model, x) for x, _ in batches)]
         if not pairs:
             return "cosine", float("nan")
         return "cosine", float(torch.cat([F.cosine_similarity(a, b, dim=-1) for a, b in pairs]).mean())
     correct = agree = total = 0
     labelled = True
     for x, y in batches:
+        x = trim_padding(model, x)
         predicted = model(x).argmax(dim=1)
         agree += int((predicted == reference(x).argmax(dim=1)).sum())
         if y is None:
@@ -164,8 +224,8 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
         info["compensated_layers"] = len(refits)
         done = f"least-squares compensation of {len(refits)} layers"
     else:
-        recalibrate_batchnorm(recovered, score_set.batches(batch))
-        done = "batch-norm recalibration"
+        norms = recalibrate_batchnorm(recovered, score_set.batches(batch))
+        done = "batch-norm recalibration" if norms else ""  # a transformer has none
     # Early stopping watches the held-out split that quality is reported on: with a few samples per class there is
     # no third split to spare, and the report says the recovery kept its best held-out step.
     aux_batches = list(aux.batches(batch)) if aux is not None and not aux.synthetic else None
@@ -177,7 +237,8 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
     kept = after >= before
     info.update(
         result=max(before, after), recovered=after, distill_steps=len(losses),
-        recovery=done + (f" + {len(losses)} distillation steps" if losses else "")
+        recovery=" + ".join(part for part in (done, f"{len(losses)} distillation steps" if losses else "") if part)
+        + ("none" if not done and not losses else "")
         + ("" if kept else " (not kept: it scored lower held out)"),
     )  # fmt: skip
     return (recovered if kept else pruned), info

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgeprune.rewrite.heads import head_of, head_scores
-from edgeprune.text import is_embedding, similarity_loss
+from edgeprune.text import is_embedding, similarity_loss, trim_padding
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # magnitude: group L1 of the weights; l2: group squared L2, which for an SVD basis vector (√s·v, u·√s) is exactly
@@ -180,7 +180,7 @@ def _accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor
     model.zero_grad(set_to_none=True)
     count = 0
     for x, y in batches:
-        output = model(x)
+        output = model(trim_padding(model, x))
         if is_embedding(model):
             loss = similarity_loss(output)
         elif output.dim() == 2:
