@@ -73,7 +73,8 @@ def calibrate(onnx_path: Path, images: np.ndarray) -> dict[str, float]:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.samples = iter([{"input": images[i : i + 1].astype(np.float32)} for i in range(len(images))])
+            dtype = images.dtype if images.dtype.kind in "iu" else np.float32  # token ids stay integers
+            self.samples = iter([{"input": images[i : i + 1].astype(dtype)} for i in range(len(images))])
 
         def get_next(self):
             return next(self.samples, None)

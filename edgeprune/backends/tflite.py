@@ -76,7 +76,8 @@ def _quantize(fp32: Path, path: Path, precision: str, calibration: np.ndarray | 
             raise BadInput("a full int8 LiteRT build needs calibration images: pass --calib DATA")
         engine.load_quantization_recipe(recipe.static_wi8_ai8())
         key, name = _input_name(fp32)
-        samples = [{name: calibration[i : i + 1].astype(np.float32)} for i in range(len(calibration))]
+        dtype = calibration.dtype if calibration.dtype.kind in "iu" else np.float32  # token ids stay integers
+        samples = [{name: calibration[i : i + 1].astype(dtype)} for i in range(len(calibration))]
         result = engine.quantize(engine.calibrate({key: samples}))
     result.export_model(str(path), overwrite=True)
 

@@ -6,6 +6,7 @@ must be removed together; torch-pruning's DependencyGraph finds them. Each group
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -68,8 +69,12 @@ def _custom_pruners(model: nn.Module) -> dict:
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """Trace ``model`` on ``example`` into torch-pruning's dependency graph."""
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example,
-                                                 customized_pruners=_custom_pruners(model) or None)  # fmt: skip
+    with warnings.catch_warnings():
+        # Parameters outside a layer (a ViT's cls_token and pos_embed) are cut along their last dimension, the
+        # embedding width, which is right for every model we know; torch-pruning warns about it on every build.
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                     customized_pruners=_custom_pruners(model) or None)  # fmt: skip
 
 
 def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
