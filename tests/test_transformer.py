@@ -198,3 +198,10 @@ def test_build_of_a_bert_encoder_cuts_heads_and_neurons_and_matches(tmp_path):
     assert all(w % (HIDDEN // HEADS) == 0 for name, w in widths.items() if name.endswith("value"))
     assert np.load(out / "reference_inputs.npy").dtype == np.int64
     assert os.path.getsize(out / "model.bin") < 0.9 * report["baseline"]["size_bytes"]
+
+
+def test_unknown_structures_is_one_line_bad_input(tmp_path):
+    result = CliRunner().invoke(app, ["build", "--structures", "layers", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "unknown --structures 'layers'; known: all, heads, neurons" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
