@@ -35,7 +35,7 @@ class SentenceEncoder(nn.Module):
         self.classifier: nn.Linear | None = None
 
     def attach_classifier(self, classes: int) -> None:
-        """Put a fresh linear classifier on the embedding (a labelled task): the model's output becomes logits."""
+        """Put a fresh linear classifier on the mean-pooled features (a labelled task): the output becomes logits."""
         width = self.encoder.config.hidden_size
         self.classifier = nn.Linear(width, classes)
         nn.init.normal_(self.classifier.weight, std=0.01)
@@ -47,8 +47,9 @@ class SentenceEncoder(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        embedding = F.normalize(pooled, dim=-1) if self.normalize else pooled
-        return embedding if self.classifier is None else self.classifier(embedding)
+        if self.classifier is not None:  # on the pooled features: normalised ones make logits too small to train
+            return self.classifier(pooled)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
 
 def is_embedding(model: nn.Module) -> bool:

@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--speedup", type=float, default=2.0)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--structures", nargs="+", default=["heads", "neurons", "all"])
+    parser.add_argument("--structures", nargs="*", default=["heads", "neurons", "all"])
     parser.add_argument("--recover-steps", type=int, default=300)
     parser.add_argument("--calib-limit", type=int, default=1500)
     parser.add_argument("--adapt-steps", type=int, default=150)
