@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgeprune.errors import BadInput
-from edgeprune.rewrite.recover import EarlyStopping
 from edgeprune.rewrite.heads import head_of
+from edgeprune.rewrite.recover import EarlyStopping
 from edgeprune.score.importance import build_graph, output_layers
 from edgeprune.text import is_embedding, trim_padding
 
