@@ -17,7 +17,10 @@ BUILD = [sys.executable, "-m", "edgeprune.cli", "build", "--model", "timm:mobile
 
 def start(folder: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", COLUMNS="200")
-    return subprocess.Popen([*BUILD, *extra], cwd=folder, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT as a terminal's Ctrl-C delivers it: a native library the test process loaded can leave SIGINT ignored,
+    # and an ignored signal stays ignored in children (Python then installs no KeyboardInterrupt handler).
+    return subprocess.Popen([*BUILD, *extra], cwd=folder, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def wait_for(process: subprocess.Popen, marker: str, timeout: float = 240) -> list[str]:
