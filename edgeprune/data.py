@@ -278,7 +278,9 @@ def labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> D
     """
     if data.y is None:
         return data
-    if getattr(model, "edgeprune_output", "") == "embedding":
+    from edgeprune.text import is_embedding  # text.py imports this module: imported here, not at the top
+
+    if is_embedding(model):
         say("the model outputs embeddings, not classes, so the data's labels are not used (--train adds a classifier):"
             " quality is the embeddings' cosine similarity to the unpruned model's")  # fmt: skip
         return replace(data, y=None)
