@@ -128,7 +128,7 @@ def test_openvino_benchmark(ov_dirs, target):
 
 
 def test_benchmark_with_a_reference_times_both_in_one_run(ov_dirs, target):
-    """A speedup is compared as a ratio measured in one run: the reference is timed in alternating windows."""
+    """A speedup is compared as a ratio measured in one run: the reference is timed in alternating blocks of runs."""
     small, _, _ = ov_dirs["fp32"]
     big, _, _ = ov_dirs["fp16"]  # another artifact of the same model, as the reference
     measurement = OpenVinoBackend().benchmark(small, SHAPE, target, LocalDevice(), reference=big)

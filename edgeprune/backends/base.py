@@ -58,7 +58,7 @@ class Measurement:
     threads: int
     peak_memory_mb: float | None = None
     windows_p50: tuple[float, ...] = ()
-    reference_p50: float | None = None  # p50 of a reference model timed in alternating windows of the same run
+    reference_p50: float | None = None  # p50 of a reference model timed alongside, in alternating blocks of runs
 
     def comparable_p50(self, baseline_p50: float) -> float:
         """This p50 as it would have measured when the baseline measured ``baseline_p50``.
@@ -146,7 +146,7 @@ class Backend(ABC):
         """Time the artifact on ``device`` with the target's threads, after at least its warm-up runs and
         MIN_WARMUP_S seconds; then WINDOWS windows of at least its iterations and MIN_TIMED_S seconds each, of which
         the one with the lowest p50 is reported (``windows_p50`` in the latency dict lists them all). A
-        ``reference`` artifact is timed in alternating windows of the same run (``reference_p50``)."""
+        ``reference`` artifact is timed in the same windows, alternating with it in short blocks (``reference_p50``)."""
         device = device or LocalDevice()
         args = self._runner_args(artifact, shape, target)
         args += ["--warmup", str(target.benchmark.warmup), "--iterations", str(target.benchmark.iterations)]
