@@ -104,6 +104,41 @@ def test_global_allocation_meets_the_goal_and_spares_cheap_layers(mbv3, mbv3_sco
     assert widths.sum() >= uniform.sum()
 
 
+def test_global_allocation_compares_taylor_scores_across_groups_as_they_are(r18, r18_scored, example):
+    """Taylor scores estimate the loss a channel's removal costs, in the same units in every group: a group whose
+    channels all cost far less is cut first and furthest. Magnitudes are compared within their group only, so the
+    same scores marked not comparable leave that group no more cut than the others."""
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    model = new_model(structure, TARGET, "openvino 1.0")
+    goal = 0.8 * model.predict(structure.full_widths())
+    cheap = next(i for i, g in enumerate(r18_scored) if g.scores is not None and g.channels >= 64)
+    generator = torch.Generator().manual_seed(0)
+
+    def scored(comparable: bool) -> list:
+        groups = []
+        for i, g in enumerate(r18_scored):
+            if g.scores is not None:
+                scores = torch.rand(g.channels, generator=generator) + 1.0
+                g = replace(g, scores=scores * (1e-3 if i == cheap else 1.0), comparable=comparable)
+            groups.append(g)
+        return groups
+
+    raw = global_widths(scored(True), structure, model.predict, goal, 8)
+    normalised = global_widths(scored(False), structure, model.predict, goal, 8)
+    assert model.predict(raw) <= goal and model.predict(normalised) <= goal
+    kept = raw / structure.channels
+    assert kept[cheap] == kept.min() < 0.6  # the cheap group goes first, and furthest
+    assert raw[cheap] < normalised[cheap]
+
+
+def test_taylor_scores_are_marked_comparable_and_magnitudes_are_not(r18, r18_scored, example):
+    from edgeprune.score.importance import score_groups
+
+    taylor = score_groups(r18, example, "taylor", [(torch.randn(4, *example.shape[1:]), None)])
+    assert all(g.comparable for g in taylor if g.scores is not None)
+    assert not any(g.comparable for g in r18_scored)
+
+
 def test_global_allocation_keeps_groups_that_are_kept_whole(r18, r18_scored, example):
     whole = {r18_scored[0].module}
     scored = [replace(g, scores=None) if g.module in whole else g for g in r18_scored]

@@ -10,10 +10,11 @@ to train, the other 597 held out for calibration and evaluation. Then, per model
     plans (global and uniform, from 85% down to 45% of the predicted baseline) are predicted by that fit *before*
     they are measured. The table gives how many land within ±10% of their measured p50, and the median error.
 (b) fidelity at equal measured latency: two builds to the same latency budget (0.6 × the unpruned p50 measured by
-    the profile), one with global allocation, one with uniform L1 magnitude (Torch-Pruning's default: the same
-    fraction of every group, rounded to the same multiple), no distillation, on the same calibration images. Fidelity
-    of each pruned model to the unpruned one on the held-out digits: top-1 agreement and mean cosine similarity of
-    outputs, and the task accuracy of both.
+    the profile), both given the same 256 training digits as --calib, no distillation: edgeprune's default (global
+    allocation of taylor scores computed on those digits), and Torch-Pruning's uniform L1 (magnitude importance, the
+    same fraction of every group, rounded to the same multiple). Fidelity of each pruned model to the unpruned one
+    on the 597 held-out digits, which no build sees: top-1 agreement and mean cosine similarity of outputs, and the
+    task accuracy of both.
 """
 
 from __future__ import annotations
@@ -81,9 +82,13 @@ def predictions(spec: str, weights: str, shape: tuple[int, ...], samples: int, c
     return rows, baseline_p50
 
 
-def fidelity(spec: str, weights: str, shape: tuple[int, ...], budget_ms: float, calib: Path, allocation: str,
-             out: Path) -> dict:  # fmt: skip
-    """Build to ``budget_ms`` with ``allocation``; the pruned model's fidelity to the unpruned one on ``calib``."""
+ARMS = {"global": "taylor", "uniform": "magnitude"}  # allocation → importance: edgeprune's default, and TP's L1
+CALIB = 256  # training digits a build scores and recalibrates on
+
+
+def fidelity(spec: str, weights: str, shape: tuple[int, ...], budget_ms: float, calib: Path, heldout: Path,
+             allocation: str, out: Path) -> dict:  # fmt: skip
+    """Build to ``budget_ms`` with ``allocation`` on ``calib``; the fidelity to the unpruned model on ``heldout``."""
     from edgeprune.data import load_dataset
     from edgeprune.errors import EdgepruneError
     from edgeprune.model import load_model
@@ -94,7 +99,7 @@ def fidelity(spec: str, weights: str, shape: tuple[int, ...], budget_ms: float, 
 
     options = BuildOptions(model=spec, weights=weights, input_shape=shape, budget=Budget(latency_ms=budget_ms),
                            calib=str(calib), out=out, recover_steps=0, allocation=allocation,
-                           method="magnitude")  # fmt: skip
+                           method=ARMS[allocation])  # fmt: skip
     try:
         report = build(options, say=lambda message: None)
     except EdgepruneError as exc:
@@ -108,7 +113,7 @@ def fidelity(spec: str, weights: str, shape: tuple[int, ...], budget_ms: float, 
         return {"allocation": allocation, "error": "over budget on its final measurement", "report": report}
     pruned = apply_plan(model, Plan.load(out / "plan.json"), example)
     pruned.load_state_dict(torch.load(out / "pruned_state_dict.pt", weights_only=True))
-    data = load_dataset(str(calib), shape, loaded.input.mean, loaded.input.std, 10_000)
+    data = load_dataset(str(heldout), shape, loaded.input.mean, loaded.input.std, 10_000)
     with torch.no_grad():
         a, b = model(data.x), pruned.eval()(data.x)
     return {
@@ -139,8 +144,9 @@ def main() -> int:
             name, _, side = item.rpartition("@") if "@" in item else (item, "", "224")
             shape = (1, 3, int(side), int(side))
             x, y = digits(int(side))
-            calib = Path(tmp) / f"heldout-{side}.npz"
-            np.savez(calib, x=x[TRAIN:].numpy(), y=y[TRAIN:].numpy())
+            calib, heldout = Path(tmp) / f"calib-{side}.npz", Path(tmp) / f"heldout-{side}.npz"
+            np.savez(calib, x=x[:CALIB].numpy(), y=y[:CALIB].numpy())
+            np.savez(heldout, x=x[TRAIN:].numpy(), y=y[TRAIN:].numpy())
             spec = task_model_spec(name, Path(tmp))
             from edgeprune.model import load_model
 
@@ -175,21 +181,23 @@ def main() -> int:
                 err.print(f"{name}: building to {budget:.3f} ms with {allocation} allocation ...")
                 try:
                     out = Path(tmp) / f"out-{len(fidelity_rows)}"
-                    r = fidelity(spec, weights, shape, budget, calib, allocation, out)
+                    r = fidelity(spec, weights, shape, budget, calib, heldout, allocation, out)
                 except Exception as exc:
                     r = {"error": f"failed: {' '.join(str(exc).split())[:200]}"}
                 if "error" in r:
-                    fidelity_rows.append([name, allocation, f"{budget:.3f}", *["-"] * 6, r["error"]])
+                    fidelity_rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{budget:.3f}", *["-"] * 6,
+                                          r["error"]])  # fmt: skip
                     continue
-                fidelity_rows.append([name, allocation, f"{budget:.3f}", f"{r['latency']:.3f}", f"{r['macs']:.0%}",
-                                      str(r["rounds"]), f"{r['top1']:.3f}", f"{r['cosine']:.4f}",
+                fidelity_rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{budget:.3f}",
+                                      f"{r['latency']:.3f}", f"{r['macs']:.0%}", str(r["rounds"]),
+                                      f"{r['top1']:.3f}", f"{r['cosine']:.4f}",
                                       f"{r['accuracy']:.3f} ({r['unpruned_accuracy']:.3f})", ""])  # fmt: skip
                 err.print("  " + " | ".join(fidelity_rows[-1]))
     heads = (
         ["model", "candidates", "within ±10%", "median |error|", "worst |error|"],
         [
             "model",
-            "allocation",
+            "allocation (importance)",
             "budget ms",
             "measured ms",
             "MACs",

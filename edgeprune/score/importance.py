@@ -31,7 +31,10 @@ class ScoredGroup:
     ``scores`` is None for a group the importance cannot score; it is kept whole, and ``reason`` says why when
     torch-pruning failed on it (empty when the group simply has no weights of a scored kind). ``unit`` is how many
     channels go together: one attention head's channels for a group of attention projections (rewrite/heads.py),
-    else 0, and the target's channel multiple applies.
+    else 0, and the target's channel multiple applies. ``comparable`` says the scores are in the same units in every
+    group (taylor's: an estimate of the loss a channel's removal costs), so global allocation compares them as
+    they are; magnitudes are not (a layer's weight scale says little of its usefulness) and are compared after
+    dividing by their group's mean.
     """
 
     module: str
@@ -39,6 +42,7 @@ class ScoredGroup:
     scores: torch.Tensor | None
     reason: str = ""
     unit: int = 0
+    comparable: bool = False
 
 
 class GainConvPruner(tp.pruner.function.ConvPruner):
@@ -137,7 +141,9 @@ def score_groups(
     graph = build_graph(model, example)
     heads = head_of(model)
     if method == "taylor":
-        importance = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
+        # Summed over the group's layers, not averaged: removing a channel removes it from all of them, so their
+        # loss estimates add up, and a group of many coupled layers (a residual stream) is not undervalued.
+        importance = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
         _accumulate_gradients(model, batches)
     else:
         p = 2 if method == "l2" else 1
@@ -169,7 +175,8 @@ def score_groups(
             # shrinks every layer's input at once and costs far more quality than heads and neurons (a MiniLM
             # classifier at 2x kept 26% test accuracy with it cut, against 54% unpruned). Kept whole, by design.
             scores = None
-        scored.append(ScoredGroup(module=name, channels=channels, scores=scores, reason=reason[:200], unit=unit))
+        scored.append(ScoredGroup(module=name, channels=channels, scores=scores, reason=reason[:200], unit=unit,
+                                  comparable=method == "taylor"))  # fmt: skip
     model.zero_grad(set_to_none=True)
     return scored
 
