@@ -162,7 +162,8 @@ def test_profile_measures_fits_and_caches_and_a_build_starts_from_it(tmp_path):
     assert "measured ms" in result.stdout and "not measured" not in result.stdout
     cached = list((tmp_path / "cache" / "profiles" / "x86-openvino").glob("*/*.json"))
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())["samples"]) == 4
-    built = CliRunner().invoke(app, ["build", *args, "--speedup", "1.3", "--out", str(tmp_path / "o"), "--json"])
+    built = CliRunner().invoke(app, ["build", *args, "--speedup", "1.3", "--out", str(tmp_path / "o"), "--json",
+                                     "--max-rounds", "2"])  # fmt: skip
     assert built.exit_code in (0, 1), built.stderr  # 1: the final measurement missed on a busy machine
     assert "cost model: profile (4 measurements" in built.stderr
     report = json.loads(built.stdout)
@@ -261,7 +262,7 @@ def test_a_memory_budget_is_met_on_the_artifacts_own_graph(tmp_path):
     report = json.loads(built.stdout)
     assert report["baseline"]["memory"]["total_mb"] > 20 >= report["result"]["memory"]["total_mb"]
     assert report["met_budget"] and report["result"]["peak_memory_mb"] > 0  # measured while it ran, reported too
-    far = CliRunner().invoke(app, [*args, "--memory-mb", "0.5", "--out", str(tmp_path / "p"), "--max-rounds", "2"])
+    far = CliRunner().invoke(app, [*args, "--memory-mb", "0.5", "--out", str(tmp_path / "p"), "--max-rounds", "1"])
     assert far.exit_code == 1 and "memory budget of 0.5 MB not reached: the smallest artifact needs" in far.stderr
     assert not (tmp_path / "p").exists()
 

@@ -9,10 +9,12 @@ package) adapted to scikit-learn's handwritten digits (10 classes; 1,797 8×8 im
 labelled samples per class to train on (--per-class, drawn per seed from 1,200 digits), the other 597 digits to
 test on, never seen by a build. For each method, `edgeprune build --train ... --speedup S --method M` on
 x86-openvino (a new 10-class head fine-tuned first, then pruning to the budget and recovery with the same steps for
-every method), then the test accuracy of the shipped model, its measured p50 and speedup, params and build time;
+every method), then the test accuracy of the shipped model, and of the adapted model pruned by the same plan with
+no recovery at all ("pruned, no recovery": what pruning lost), its measured p50 and speedup, params and build time;
 next to the unpruned fine-tuned model, and to Torch-Pruning's uniform L1 (`tp-uniform`: magnitude importance, the
 same fraction of every group) with the same fine-tuning.
 
+`compensate` is also built with 0 recovery steps: the least-squares refit alone, no gradient step.
 `vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; taylor),
 then the 10-class task is pruned by their votes. `--vote-steps` lists the recovery steps at which vote and taylor
 are both built, to compare accuracy against fine-tuning steps.
@@ -69,8 +71,10 @@ def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Pat
     return {"report": report, "seconds": time.perf_counter() - started}
 
 
-def test_accuracy(out: Path, classes: int, side: int, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The shipped model rebuilt from plan.json and its saved weights, on the test digits."""
+def test_accuracy(out: Path, classes: int, side: int, x: torch.Tensor, y: torch.Tensor,
+                  weights: Path | None = None) -> float:  # fmt: skip
+    """The shipped model rebuilt from plan.json and its saved weights, on the test digits. With ``weights`` (the
+    adapted, unpruned model's), that model pruned by the same plan with no recovery at all instead."""
     from edgeprune.adapt import accuracy, replace_head
     from edgeprune.model import load_model
     from edgeprune.rewrite.plan import Plan
@@ -79,8 +83,11 @@ def test_accuracy(out: Path, classes: int, side: int, x: torch.Tensor, y: torch.
     example = torch.zeros(1, 3, side, side)
     model = load_model(SPEC, input_shape=tuple(example.shape)).module
     replace_head(model, example, classes)
+    if weights is not None:
+        model.load_state_dict(torch.load(weights, weights_only=True))
     pruned = apply_plan(model, Plan.load(out / "plan.json"), example)
-    pruned.load_state_dict(torch.load(out / "pruned_state_dict.pt", weights_only=True))
+    if weights is None:
+        pruned.load_state_dict(torch.load(out / "pruned_state_dict.pt", weights_only=True))
     return accuracy(pruned.eval(), [(x[i : i + 128], y[i : i + 128]) for i in range(0, len(x), 128)])
 
 
@@ -109,7 +116,7 @@ def main() -> int:
                 task = root / f"task-{per_class}-{seed}.npz"
                 tx, ty = sample(x.numpy(), y.numpy(), per_class, seed)
                 np.savez(task, x=tx, y=ty)
-                bank = None
+                bank, adapted = None, None
                 if "vote" in args.methods:  # related tasks first, each into the bank
                     bank = root / f"bank-{per_class}-{seed}"
                     for name, classes in RELATED.items():
@@ -121,6 +128,8 @@ def main() -> int:
                 for method in args.methods:
                     steps_list = args.vote_steps if method in ("vote", "taylor") else [args.recover_steps]
                     steps_list = [0] if method == "unpruned" else steps_list
+                    # compensate's goal is about the refit alone, with no gradient step
+                    steps_list = sorted({0, *steps_list}) if method == "compensate" else steps_list
                     for steps in steps_list:
                         out = root / f"out-{method}-{steps}"
                         print(f"[{per_class}/class seed {seed}] {method}, {steps} recovery steps", file=sys.stderr,
@@ -132,17 +141,25 @@ def main() -> int:
                                         unpruned=report["adapted"]["held_out_accuracy"] if report["adapted"] else None,
                                         p50=report["result"]["latency_ms"]["p50"], speedup=report["result"]["speedup"],
                                         params=report["result"]["params"])  # fmt: skip
+                            if method == "unpruned":  # the adapted model (the same in every build: same seed, data)
+                                adapted = root / f"adapted-{per_class}-{seed}.pt"
+                                adapted.write_bytes((out / "pruned_state_dict.pt").read_bytes())
+                            elif adapted is not None:
+                                done["raw"] = test_accuracy(out, 10, args.side, test_x, test_y, adapted)
                         results.setdefault((per_class, method, steps), []).append(done)
-    head = ["samples/class", "method", "recovery steps", "test accuracy", "p50 ms", "speedup", "params", "build s"]
+    head = ["samples/class", "method", "recovery steps", "test accuracy", "pruned, no recovery", "p50 ms", "speedup",
+            "params", "build s"]  # fmt: skip
     rows = []
     for (per_class, method, steps), runs in results.items():
         good = [r for r in runs if "error" not in r]
         if not good:
-            rows.append([str(per_class), method, str(steps), f"failed: {runs[0]['error']}", "-", "-", "-", "-"])
+            rows.append([str(per_class), method, str(steps), f"failed: {runs[0]['error']}", *["-"] * 5])
             continue
         acc = [r["accuracy"] for r in good]
         spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""
+        raw = [r["raw"] for r in good if "raw" in r]
         rows.append([str(per_class), method, str(steps), f"{statistics.mean(acc):.3f}{spread} (n={len(acc)})",
+                     f"{statistics.mean(raw):.3f}" if raw else "-",
                      f"{statistics.median(r['p50'] for r in good):.3f}",
                      f"{statistics.median(r['speedup'] for r in good):.2f}x",
                      f"{statistics.median(r['params'] for r in good) / 1e6:.2f} M",
