@@ -125,3 +125,15 @@ def test_the_public_build_is_a_function_whatever_was_imported_first():
     import edgeprune.pipeline  # noqa: F401
 
     assert callable(edgeprune.build) and edgeprune.build.__module__ == "edgeprune"
+
+
+def test_which_budgets_time_candidates_beside_the_unpruned_model():
+    from edgeprune.device import LocalDevice, SshDevice
+    from edgeprune.pipeline import timed_beside_baseline
+
+    local, board = LocalDevice(), SshDevice(host="board", user="user")
+    assert timed_beside_baseline("speedup", local, 5.0, 2.5) and timed_beside_baseline("speedup", board, 5.0, 2.5)
+    assert timed_beside_baseline("latency_ms", local, 5.0, 3.0)  # this shared machine drifts between rounds
+    assert not timed_beside_baseline("latency_ms", local, 5.0, 8.0)  # met unpruned: nothing to compare
+    assert not timed_beside_baseline("latency_ms", board, 5.0, 3.0)  # the user's own board: no doubled rounds
+    assert not timed_beside_baseline("memory_mb", local, 5.0, float("inf"))
