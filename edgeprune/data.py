@@ -301,6 +301,7 @@ def split_held_out(data: Dataset) -> tuple[Dataset, Dataset]:
 
     Stratified by label when there are labels (the same share of every class held out), shuffled with a fixed seed
     otherwise: an ImageFolder is read class by class, so its last quarter would otherwise be its last classes only.
+    Both parts come in that order: with labels, round-robin over the classes, so every batch holds every class.
     """
     held = min(len(data) // 2, max(8, len(data) // 4)) if len(data) >= 2 else 0
     if held == 0:
@@ -314,7 +315,10 @@ def split_held_out(data: Dataset) -> tuple[Dataset, Dataset]:
     keep, hold = np.asarray(order[: len(data) - held]), np.asarray(order[len(data) - held :])
 
     def part(indices: np.ndarray) -> Dataset:
-        index = torch.from_numpy(np.sort(indices))
+        # In that mixed order, not sorted back: fine-tuning, distillation and taylor scoring read batches in order,
+        # and batches of one or two classes each (a class-ordered .npz or ImageFolder, sorted) left a new head at
+        # chance: 12% held out after 120 steps of adaptation on 10 digits per class, 92% with mixed batches.
+        index = torch.from_numpy(np.ascontiguousarray(indices))
         y = None if data.y is None else data.y[index]
         return Dataset(x=data.x[index], y=y, source=data.source, synthetic=data.synthetic, class_names=data.class_names)
 

@@ -357,3 +357,22 @@ def test_arbitrary_arrays_never_escape(tmp_path: Path, x: np.ndarray, y: np.ndar
     path = tmp_path / "fuzz.npz"
     np.savez(path, x=x) if y is None else np.savez(path, x=x, y=y)
     _load_or_data_error(path)
+
+
+def test_the_held_out_split_is_stratified_and_every_batch_mixes_the_classes():
+    """A class-ordered dataset (an ImageFolder, or an .npz written class by class): each class keeps its share of
+    the held-out part, and the training part comes class-interleaved, since fine-tuning reads its batches in order
+    (batches of one class each left a new head at chance)."""
+    from edgeprune.data import split_held_out
+
+    y = torch.arange(10).repeat_interleave(10)  # 0,0,...,1,1,...
+    data = Dataset(
+        x=torch.arange(100, dtype=torch.float32).reshape(100, 1, 1, 1), y=y, source="sorted", synthetic=False
+    )
+    train, held = split_held_out(data)
+    assert len(train) == 75 and len(held) == 25
+    assert sorted(torch.bincount(held.y, minlength=10).tolist()) == [2] * 5 + [3] * 5
+    for x, labels in train.batches(16):
+        assert len(set(labels.tolist())) >= min(len(labels), 10) * 0.8
+        assert all(int(data.y[int(v)]) == int(label) for v, label in zip(x.flatten(), labels, strict=True))
+    assert sorted(torch.cat([train.x, held.x]).flatten().tolist()) == list(range(100))  # nothing lost or repeated
