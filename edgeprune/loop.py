@@ -38,8 +38,8 @@ from edgeprune.target import Target
 # measured again here, next to the unpruned one, gives speedups 15-60% apart (tools/bench_repeatability.py): a
 # narrower band is missed by noise alone, round after round, for a few percent less pruning.
 BAND_LOW = 0.85
-# The 3% guard below the budget: run-to-run noise on a shared machine is a few percent, so a round accepted at
-# 0.995·budget re-measures over budget about half the time. Rounds in (0.97, 1]·budget are marginal: the search
+# The 3% guard below the budget: with run-to-run noise on a shared machine, a round accepted at 0.995·budget
+# re-measures over budget about half the time. Rounds in (0.97, 1]·budget are marginal: the search
 # prunes a little more, and keeps them as a fallback.
 GUARD = 0.97
 AIM = (BAND_LOW + GUARD) / 2  # rounds aim at the middle of the band

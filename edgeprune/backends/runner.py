@@ -291,8 +291,9 @@ def _alternating_window(runs: list, x: np.ndarray, args) -> list[list[float]]:
     iterations and the window has lasted its seconds (both doubled: two models share it).
 
     On a shared machine the speed wanders by tens of percent within seconds; the model and the reference timed in
-    blocks a few ms apart see the same machine, so their ratio holds where windows of half a second each do not
-    (measured: the ratio of one pair spread ±6% with blocks, ±27% with 0.5 s windows). Blocks, not single runs:
+    blocks a few ms apart see more nearly the same machine than windows of half a second each (measured in one
+    process on one pair: the ratio spread ±6% with blocks, ±27% with windows; across separate benchmarks, where
+    the machine's drift dominates, 59% against 68%: tools/bench_repeatability.py). Blocks, not single runs:
     alternating every run makes each model evict the other's weights from cache, which inflates the smaller one."""
     timed: list[list[float]] = [[] for _ in runs]
     start = time.perf_counter()
