@@ -20,7 +20,7 @@ import torch
 from edgeprune.adapt import adapt_to_task
 from edgeprune.backends import get_backend
 from edgeprune.data import Dataset, labels_in_label_space, load_dataset, split_held_out
-from edgeprune.device import LocalDevice, open_device
+from edgeprune.device import open_device
 from edgeprune.errors import BadInput, BudgetNotMet
 from edgeprune.estimate import EstimateDevice, measuring_device
 from edgeprune.html import write_html
@@ -33,6 +33,7 @@ from edgeprune.loop import (
     measure_plan,
     search,
     timed,
+    timed_beside_baseline,
     unreachable_message,
 )
 from edgeprune.model import DEFAULT_MODEL, load_model
@@ -366,17 +367,6 @@ def _keep_unprunable_whole(ctx: SearchContext, strict: bool) -> None:
         raise BadInput(f"--strict: {len(unprunable)} groups cannot be pruned safely ({names}): {first}")
     ctx.say(f"{len(unprunable)} of {len(ctx.scored)} groups cannot be pruned safely and are kept whole: {names}")
     ctx.keep_whole(unprunable)
-
-
-def timed_beside_baseline(kind: str, device, baseline_p50: float, budget_ms: float) -> bool:
-    """Whether candidates are timed alongside the unpruned model. A speedup is a ratio: always, so that a slow
-    spell of the machine slows both and cancels out. A ms budget that needs pruning, measured on this (shared)
-    machine: too, and judged on the p50 as it would have measured beside the baseline, since absolute p50s drift
-    by tens of percent between rounds here and rounds chased the drift (tools/bench_scorer.py). Not on a board
-    over SSH, the user's own, where it would only double the time of every round."""
-    if kind == "speedup":
-        return True
-    return kind == "latency_ms" and isinstance(device, LocalDevice) and baseline_p50 > budget_ms
 
 
 def _measure_final(ctx: SearchContext, artifact, baseline_p50: float, round_latency: float, budget_ms: float) -> list:
