@@ -137,7 +137,7 @@ def test_build_meets_a_speedup_and_its_plan_replays(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", "timm:resnet18", "--input-shape",
-               "1,3,96,96", "--speedup", "1.5", "--out", str(out), "--json"]  # fmt: skip
+               "1,3,96,96", "--speedup", "1.5", "--max-rounds", "2", "--out", str(out), "--json"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env)
     if done.returncode == 1 and "the device is noisy" in done.stderr:
         # The accepted round met the budget and the shipped artifact measured over it three times: a busy shared
@@ -156,7 +156,7 @@ def test_build_meets_a_speedup_and_its_plan_replays(tmp_path):
     assert report["result"]["speedup"] >= 1.5
     assert report["result"]["latency_ms"]["reference_p50"] > report["result"]["latency_ms"]["p50"]
     assert report["result"]["macs"] < report["baseline"]["macs"]
-    assert 1 <= len(report["iterations"]) <= 4
+    assert 1 <= len(report["iterations"]) <= 2
     assert report["validation"]["ok"] and report["validation"]["max_abs_err"] <= report["validation"]["atol"]
     for name in report["artifacts"].values():
         assert (out / name).is_file(), name
