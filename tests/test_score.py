@@ -191,3 +191,18 @@ def test_weight_standardised_convs_with_a_gain_prune():
     assert layer.gain.shape[0] == layer.out_channels
     with torch.no_grad():
         assert pruned(example).shape == (1, 1000)
+
+
+def test_dual_path_networks_trace():
+    """DPN's dual-path concatenation (an add and two slices): torch-pruning 1.6 cannot infer two of its input widths
+    deep in the network and raised a TypeError while building the graph, so no group of dpn68 could be pruned (the
+    sweep's dpn68 failed with it). With the workaround the graph builds and has its groups; the groups whose cut
+    crosses that concatenation are left to the probe."""
+    from torch_pruning.dependency import index_mapping
+
+    example = torch.zeros(1, 3, 32, 32)
+    model = load_model("timm:dpn68", input_shape=tuple(example.shape)).module.eval()
+    assert index_mapping.update_concat_index_mapping.edgeprune_tolerant
+    graph = build_graph(model, example)  # (listing its groups takes minutes on dpn68: the sweep does it)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) > 60 and all(conv in graph.module2node for conv in convs)

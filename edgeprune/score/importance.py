@@ -15,6 +15,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn import functional as F
 
+import edgeprune.score.tp_compat  # noqa: F401  (torch-pruning workarounds, applied on import)
 from edgeprune.rewrite.heads import head_of, head_scores
 from edgeprune.text import is_embedding, similarity_loss, trim_padding
 
