@@ -15,7 +15,7 @@ no recovery at all ("pruned, no recovery": what pruning lost), its measured p50 
 next to the unpruned fine-tuned model, and to Torch-Pruning's uniform L1 (`tp-uniform`: magnitude importance, the
 same fraction of every group) with the same fine-tuning.
 
-`compensate` is also built with 0 recovery steps: the least-squares refit alone, no gradient step.
+`compensate` is built with 0 recovery steps: the least-squares refit alone, no gradient step.
 `taylor+compensate` is taylor with `--compensate`: the refit, then the same recovery steps as every other method.
 `vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; taylor),
 then the 10-class task is pruned by their votes. `--vote-steps` lists the recovery steps at which vote and taylor
@@ -131,8 +131,8 @@ def main() -> int:
                 for method in args.methods:
                     steps_list = args.vote_steps if method in ("vote", "taylor") else [args.recover_steps]
                     steps_list = [0] if method == "unpruned" else steps_list
-                    # compensate's goal is about the refit alone, with no gradient step
-                    steps_list = sorted({0, *steps_list}) if method == "compensate" else steps_list
+                    # compensate is the refit alone, with no gradient step (the build takes none): built once
+                    steps_list = [0] if method == "compensate" else steps_list
                     for steps in steps_list:
                         out = root / f"out-{method}-{steps}"
                         print(f"[{per_class}/class seed {seed}] {method}, {steps} recovery steps", file=sys.stderr,
