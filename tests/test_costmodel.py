@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import MBV3, R18  # noqa: F401
 
+from edgeprune.backends import Measurement
+from edgeprune.loop import BAND_LOW, GUARD, SearchContext, search
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import GLOBAL_MIN_KEEP, allocate, global_widths, uniform_plan
 from edgeprune.score.costmodel import FULL_FIT_SAMPLES, new_model, profile_path
@@ -156,13 +158,15 @@ def test_profile_measures_fits_and_caches_and_a_build_starts_from_it(tmp_path):
 
     from edgeprune.cli import app
 
-    args = ["--model", "timm:resnet18", "--input-shape", "1,3,64,64"]  # slow enough that 1.3x is always reachable
+    # resnet18 at 64x64: a fixed overhead is a large share, so the budget is a modest 1.2x. Under heavy load (three
+    # builds on 2 cores) 44% of the MACs measured only 1.27x, and a 1.3x build ran out of its two rounds.
+    args = ["--model", "timm:resnet18", "--input-shape", "1,3,64,64"]
     result = CliRunner().invoke(app, ["profile", *args, "--samples", "4"])
     assert result.exit_code == 0, result.output
     assert "measured ms" in result.stdout and "not measured" not in result.stdout
     cached = list((tmp_path / "cache" / "profiles" / "x86-openvino").glob("*/*.json"))
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())["samples"]) == 4
-    built = CliRunner().invoke(app, ["build", *args, "--speedup", "1.3", "--out", str(tmp_path / "o"), "--json",
+    built = CliRunner().invoke(app, ["build", *args, "--speedup", "1.2", "--out", str(tmp_path / "o"), "--json",
                                      "--max-rounds", "2"])  # fmt: skip
     assert built.exit_code in (0, 1), built.stderr  # 1: the final measurement missed on a busy machine
     assert "cost model: profile (4 measurements" in built.stderr
@@ -277,3 +281,32 @@ def test_noise_that_fits_a_constant_latency_falls_back_to_the_scaled_roofline(r1
     full = structure.full_widths()
     half = structure.widths_of(uniform_plan(r18_scored, 0.5, 8, R18, tuple(example.shape), "m"))
     assert model.predict(half) < 0.7 * model.predict(full)  # cutting still pays, so the allocator still cuts
+
+
+class _SkewedTarget(SearchContext):
+    """A target whose latency the cost model's shape gets wrong: it falls with the square of the MACs kept (12 ms at
+    full width, 3 ms at half the MACs). Deterministic, so that the test is about the search and not about this
+    machine's noise; nothing is exported."""
+
+    def measure(self, model, name):
+        macs, _ = count_macs_params(model, self.example)
+        self.full_macs = getattr(self, "full_macs", macs)
+        p50 = 12.0 * (macs / self.full_macs) ** 2
+        return Measurement(p50, p50, p50, p50, 100, "local", "simulated", 1), None
+
+
+def test_rounds_between_two_measured_plans_aim_between_them(r18, r18_scored, example, tmp_path):
+    """Once a round measured under the acceptance band (the unpruned model is over it), the next plan is aimed between
+    the two by interpolation. Before, each round was corrected by the last one's error alone: on this target the
+    rounds swung between 2.8 ms and the unpruned 12 ms and the build shipped 3.0 ms for a budget of 8 (4x for 1.5x);
+    convnext_femto at 1.5x shipped 8% of its MACs (4.3x) that way in the sweep."""
+    ctx = _SkewedTarget(r18, example, r18_scored, R18, "magnitude", TARGET, None, None, tmp_path, say=lambda _: None)
+    ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
+    ctx.latency_model = new_model(ctx.structure, TARGET, "simulated")
+    budget = 12.0 / 1.5
+    chosen, candidates, unreachable = search(ctx, ctx.measure(r18, "baseline"), budget, max_rounds=4)
+    rounds = [round(c.latency, 2) for c in candidates]
+    assert not unreachable and chosen is not None
+    assert BAND_LOW * budget <= chosen.latency <= GUARD * budget, rounds
+    assert candidates[0].latency < BAND_LOW * budget, rounds  # the first round is under the band ...
+    assert all(c.latency < budget for c in candidates), rounds  # ... and no round went back over the budget
