@@ -319,3 +319,27 @@ def test_quality_accuracy_with_labels_fidelity_without():
     assert quality(model, model, [(x, None)]) == ("fidelity", 1.0)
     metric, value = quality(model, other, [])
     assert metric == "fidelity" and math.isnan(value)
+
+
+def test_models_that_cache_tensors_derived_from_parameters_copy():
+    """timm's LeViT attention (as EfficientFormer's and TinyViT's) caches, in eval mode, its attention biases gathered
+    from a parameter: a tensor with a grad history, which deepcopy refuses. Every group of levit_128s,
+    efficientformer_l1 and tiny_vit_5m_224 failed to prune for it in the sweep. The copy drops the cache, and the
+    copy's forward fills its own again with the same result."""
+    from edgeprune._torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # before timm is imported: it imports torchvision
+    from timm.models.levit import Attention
+
+    from edgeprune.rewrite.prune import copy_model
+
+    attention = Attention(dim=16, key_dim=4, num_heads=2, resolution=3)
+    attention.eval()  # (its train() returns None)
+    x = torch.randn(1, 9, 16)
+    expected = attention(x)  # in eval mode this fills attention.attention_bias_cache
+    assert attention.attention_bias_cache, "timm no longer caches: this test no longer tests anything"
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy.deepcopy(attention)
+    copied = copy_model(attention)
+    assert torch.allclose(copied(x), expected) and copied.attention_bias_cache
+    assert copied.attention_biases is not attention.attention_biases

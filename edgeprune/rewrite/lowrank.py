@@ -15,7 +15,6 @@ float rounding); it pays off once enough basis vectors are cut, which the alloca
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
@@ -76,9 +75,10 @@ def decompose(model: nn.Module, names: list[str] | None = None) -> list[str]:
 def decomposed_copy(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` with every decomposable layer in SVD form, except the output layers (their width is
     the model's output, and a classifier head is cheap), and the names of the layers decomposed."""
+    from edgeprune.rewrite.prune import copy_model
     from edgeprune.score.importance import build_graph, output_layers
 
-    copy_ = copy.deepcopy(model)
+    copy_ = copy_model(model)
     outputs = set(output_layers(build_graph(copy_, example)))
     names = [n for n, m in copy_.named_modules() if n and m not in outputs and decomposable(m)]
     return copy_, decompose(copy_, names)

@@ -30,7 +30,7 @@ def apply_plan(
     layer's inputs, residual partners). Indices refer to the unpruned model: a group's root output channels are not
     touched by pruning other groups, so applying groups one after another is exact.
     """
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     if plan.notes.get("decomposed"):  # lowrank / double: the plan's groups are those of the SVD form
         from edgeprune.rewrite.lowrank import decompose
 
@@ -67,6 +67,29 @@ def apply_plan(
             group.prune()
     sync_head_counts(target)  # attention modules whose heads were cut read their head count from attributes
     return target
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``. timm's LeViT, EfficientFormer and TinyViT cache, in eval mode, attention biases
+    gathered from a parameter (tensors with a grad history) in a dict on the module, and deepcopy refuses such
+    tensors: every group of those models failed to prune for it. Those caches are dropped first (their forward
+    fills them again); anything else deepcopy refuses still raises."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError:
+        cleared = 0
+        for module in model.modules():
+            for value in vars(module).values():
+                if isinstance(value, dict) and any(_derived(v) for v in value.values()):
+                    value.clear()
+                    cleared += 1
+        if not cleared:
+            raise
+        return copy.deepcopy(model)
+
+
+def _derived(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.grad_fn is not None
 
 
 def _record_kept(model: nn.Module, names: dict, group) -> None:
