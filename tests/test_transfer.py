@@ -28,7 +28,7 @@ def _digits(path, classes: range, side: int = 32, per_class: int = 20) -> None:
 def _build(tmp_path, name: str, *args: str) -> dict:
     model = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"  # 100 classes: the task's 10 need a head
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", model, "--macs-ratio", "0.7", "--out",
-               str(tmp_path / name), "--json", "--adapt-steps", "40", "--recover-steps", "10", *args]  # fmt: skip
+               str(tmp_path / name), "--json", "--adapt-steps", "20", "--recover-steps", "5", *args]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=400,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
