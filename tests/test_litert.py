@@ -101,10 +101,10 @@ def test_build_for_arm_tflite_meets_a_measured_speedup(tmp_path):
     out = tmp_path / "out"
     # The bundled pretrained EfficientNet-Lite0: a randomly initialised timm ResNet has all-zero residual branches
     # (zero-initialised last BN), which LiteRT's converter folds away, so its latency says little.
-    # One round: the search is tested on OpenVINO (test_cli); here each round is a LiteRT conversion of 15-30 s, and
-    # the first round's plan, aimed at the middle of the acceptance band, already meets 2x.
+    # All the rounds it needs: limited to one (each LiteRT round is a 15-30 s conversion), the first round measured
+    # 2.98x in one run and 1.71x in another, on a quieter machine where fixed costs weigh more.
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--target", "arm-tflite", "--input-shape", "1,3,64,64",
-               "--speedup", "2", "--max-rounds", "1", "--out", str(out), "--json"]  # fmt: skip
+               "--speedup", "2", "--out", str(out), "--json"]  # fmt: skip
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     done = subprocess.run(command, capture_output=True, text=True, timeout=500, env=env)
     if done.returncode == 1 and "the device is noisy" in done.stderr:  # as in test_cli: a busy machine, build again
