@@ -12,7 +12,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ _OPTIONAL = ("estimate", "benchmark", "device")
 _SECTION_KEYS = {
     "budget": BUDGET_KINDS,
     "estimate": ("peak_gflops", "memory_gbps"),
-    "benchmark": ("warmup", "iterations"),
+    "benchmark": ("warmup", "iterations", "windows", "min_timed_s", "min_warmup_s"),
 }
 # What to write for a missing key, so the message says what to do, not only what is wrong.
 _HINTS = {
@@ -74,6 +74,13 @@ def _number(where: str, value: Any) -> float:
     if not (math.isfinite(number) and number > 0):
         raise TargetError(f"{where} must be a positive finite number, got {_show(value)}")
     return number
+
+
+def _seconds(where: str, value: Any) -> float:
+    """Check a finite number of seconds >= 0 (int or float, never a TOML boolean) and return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 <= value < 3600):
+        raise TargetError(f"{where} must be a number of seconds from 0 to 3600, got {_show(value)}")
+    return float(value)
 
 
 def _integer(where: str, value: Any, minimum: int) -> int:
@@ -144,14 +151,22 @@ class Estimate:
 
 @dataclass(frozen=True)
 class BenchmarkSettings:
-    """How latency is measured on the target: untimed warm-up runs, then timed iterations."""
+    """How latency is measured on the target: untimed warm-up runs (at least ``warmup`` and ``min_warmup_s``), then
+    ``windows`` timed windows of at least ``iterations`` runs and ``min_timed_s`` seconds each, of which the runner
+    reports the one with the lowest p50. Fewer or shorter windows measure sooner and wander more on a busy machine."""
 
     warmup: int = 50
     iterations: int = 200
+    windows: int = 3
+    min_timed_s: float = 0.5
+    min_warmup_s: float = 0.3
 
     def __post_init__(self) -> None:
         _integer("[benchmark] warmup", self.warmup, 0)
         _integer("[benchmark] iterations", self.iterations, 1)
+        _integer("[benchmark] windows", self.windows, 1)
+        object.__setattr__(self, "min_timed_s", _seconds("[benchmark] min_timed_s", self.min_timed_s))
+        object.__setattr__(self, "min_warmup_s", _seconds("[benchmark] min_warmup_s", self.min_warmup_s))
 
 
 @dataclass(frozen=True)
@@ -202,7 +217,7 @@ class Target:
         }
         if self.estimate is not None:
             data["estimate"] = {"peak_gflops": self.estimate.peak_gflops, "memory_gbps": self.estimate.memory_gbps}
-        data["benchmark"] = {"warmup": self.benchmark.warmup, "iterations": self.benchmark.iterations}
+        data["benchmark"] = asdict(self.benchmark)
         if self.device is not None:
             data["device"] = self.device
         return data
@@ -258,9 +273,21 @@ def targets_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "targets"
 
 
-def _bundled_names() -> list[str]:
-    folder = targets_dir()
-    return sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+# A folder of the team's own profiles, looked up by name before the bundled ones (a profile there of a bundled name
+# replaces it: the same target with a team's budget or benchmark settings, without editing the package).
+PROFILES_ENV = "EDGEPRUNE_TARGETS"
+
+
+def _named_profiles() -> dict[str, Path]:
+    """Every profile a name can ask for, by name: the bundled ones, then those of $EDGEPRUNE_TARGETS over them."""
+    folders = [targets_dir()]
+    extra = os.environ.get(PROFILES_ENV)
+    if extra:
+        if not Path(extra).is_dir():
+            raise TargetError(f"{PROFILES_ENV}={extra!r} is not a folder; point it at a folder of .toml profiles")
+        folders.append(Path(extra))
+    found = {p.stem: p for folder in folders if folder.is_dir() for p in sorted(folder.glob("*.toml"))}
+    return dict(sorted(found.items()))
 
 
 def _display(path: Path) -> str:
@@ -303,9 +330,10 @@ def _load_file(path: Path, shown: str) -> Target:
 
 
 def load_target(name_or_path: str | os.PathLike[str]) -> Target:
-    """Load a target profile by bundled name (e.g. "jetson-orin") or from a .toml file path, fully validated: an
-    argument ending in .toml or containing a path separator is a file, anything else is looked up among the bundled
-    profiles in `targets_dir()`. Every failure, whatever the input, is a TargetError with a one-line message."""
+    """Load a target profile by name (e.g. "jetson-orin") or from a .toml file path, fully validated: an argument
+    ending in .toml or containing a path separator is a file, anything else is looked up among the bundled profiles
+    in `targets_dir()` and those of $EDGEPRUNE_TARGETS. Every failure, whatever the input, is a TargetError with a
+    one-line message."""
     text = os.fspath(name_or_path) if isinstance(name_or_path, str | os.PathLike) else name_or_path
     if not isinstance(text, str):
         raise TargetError(f"a target is a name or a .toml path, got {_show(text)}")
@@ -313,15 +341,15 @@ def load_target(name_or_path: str | os.PathLike[str]) -> Target:
     if isinstance(name_or_path, os.PathLike) or text.endswith(".toml") or any(sep in text for sep in separators):
         path = Path(text)
         return _load_file(path, _display(path))
-    known = _bundled_names()
+    known = _named_profiles()
     # Checked against the list, not the file system, so odd names (NUL, '..') can only ever mean "unknown".
     if text not in known:
         listing = ", ".join(known) if known else f"none (no profiles in {targets_dir()})"
         raise TargetError(f"unknown target {_show(text)}: known targets are {listing}; see 'edgeprune targets'")
-    path = targets_dir() / f"{text}.toml"
-    return _load_file(path, _display(path))
+    return _load_file(known[text], _display(known[text]))
 
 
 def list_targets() -> list[Target]:
-    """All bundled target profiles, loaded and validated, sorted by name; a broken bundled one raises TargetError."""
-    return [load_target(name) for name in _bundled_names()]
+    """All target profiles a name can ask for (bundled, and $EDGEPRUNE_TARGETS'), loaded and validated, sorted by
+    name; a broken one raises TargetError."""
+    return [load_target(name) for name in _named_profiles()]

@@ -141,6 +141,44 @@ def _private_cache(tmp_path_factory) -> None:
     os.environ["EDGEPRUNE_CACHE"] = str(tmp_path_factory.mktemp("edgeprune-cache"))
 
 
+# The benchmark settings most tests build with: one short window. The tests about what a build does (the report,
+# the files, interrupts, bad input) do not depend on a precise latency, and the bundled profiles' three windows of at
+# least 0.5 s made each benchmark take 3-4 s even for a tiny model, most of the suite's time. The tests that judge a
+# measured speedup use the bundled settings (the `full_benchmarks` fixture, or `without_quick_profiles` for a
+# subprocess's environment).
+QUICK_BENCHMARK = {"windows": 1, "min_timed_s": 0.1, "min_warmup_s": 0.1}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quick_profiles(tmp_path_factory) -> None:
+    """Copies of the bundled profiles with QUICK_BENCHMARK, which names look up first ($EDGEPRUNE_TARGETS)."""
+    from edgeprune.target import PROFILES_ENV, targets_dir
+
+    folder = tmp_path_factory.mktemp("quick-profiles")
+    settings = "".join(f"{key} = {value}\n" for key, value in QUICK_BENCHMARK.items())
+    for bundled in targets_dir().glob("*.toml"):
+        text = bundled.read_text()
+        text = text.replace("[benchmark]\n", f"[benchmark]\n{settings}") if "[benchmark]\n" in text else (
+            f"{text}\n[benchmark]\n{settings}")  # fmt: skip
+        (folder / bundled.name).write_text(text)
+    os.environ[PROFILES_ENV] = str(folder)
+
+
+def without_quick_profiles(env: dict) -> dict:
+    """``env`` for a build whose measured latency is what the test judges: the bundled benchmark settings."""
+    from edgeprune.target import PROFILES_ENV
+
+    return {key: value for key, value in env.items() if key != PROFILES_ENV}
+
+
+@pytest.fixture
+def full_benchmarks(monkeypatch) -> None:
+    """The bundled profiles' benchmark settings, for a test in this process that judges a measured latency."""
+    from edgeprune.target import PROFILES_ENV
+
+    monkeypatch.delenv(PROFILES_ENV, raising=False)
+
+
 def pytest_collection_modifyitems(items: list) -> None:
     """Run the tests that convert with litert-torch in this process last: it imports JAX, whose threads make any
     later os.fork() in the test process (multiprocessing in libraries the earlier tests use) unsafe."""

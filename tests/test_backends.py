@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from edgeprune.backends import Measurement, get_backend
-from edgeprune.backends.base import MIN_TIMED_S
 from edgeprune.backends.onnx import OnnxBackend, export_onnx
 from edgeprune.backends.openvino import OpenVinoBackend
 from edgeprune.device import RUNNER, DeviceError, LocalDevice
@@ -78,9 +77,9 @@ def _check_measurement(measurement: Measurement, target: Target, runtime: str) -
     assert isinstance(measurement, Measurement)
     assert 0 < measurement.p50 <= measurement.p90 <= measurement.p99
     assert measurement.mean > 0
-    # The target's 10 runs are a minimum; the one-second floor makes a small model run many more.
+    # The target's 10 runs are a minimum; the window's time floor makes a small model run many more.
     assert measurement.iterations > target.benchmark.iterations == 10
-    assert measurement.iterations * measurement.mean >= 0.9 * MIN_TIMED_S * 1000
+    assert measurement.iterations * measurement.mean >= 0.9 * target.benchmark.min_timed_s * 1000
     assert measurement.measured_on == "local"
     assert measurement.threads == target.threads
     assert measurement.runtime.startswith(runtime)
@@ -139,6 +138,15 @@ def test_benchmark_with_a_reference_times_both_in_one_run(ov_dirs, target):
     # doubles too, since the ratio is what was measured.
     assert measurement.comparable_p50(2 * measurement.reference_p50) == pytest.approx(2 * measurement.p50)
     assert OpenVinoBackend().benchmark(small, SHAPE, target, LocalDevice()).reference_p50 is None
+
+
+def test_the_profiles_benchmark_settings_reach_the_runner(ov_dirs, target):
+    """Windows and time floors are the profile's: two windows of at least 0.2 s each, both reported."""
+    small, _, _ = ov_dirs["fp32"]
+    settings = BenchmarkSettings(warmup=2, iterations=10, windows=2, min_timed_s=0.2, min_warmup_s=0.0)
+    measurement = OpenVinoBackend().benchmark(small, SHAPE, dataclasses.replace(target, benchmark=settings))
+    assert len(measurement.windows_p50) == 2 and measurement.p50 == min(measurement.windows_p50)
+    assert measurement.iterations * measurement.mean >= 0.9 * 0.2 * 1000
 
 
 def test_comparable_p50_without_a_reference_is_the_p50():

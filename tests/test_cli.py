@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import without_quick_profiles
 from typer.testing import CliRunner
 
 from edgeprune.cli import app
@@ -135,7 +136,7 @@ def test_unreachable_budget_exits_1_and_leaves_nothing(tmp_path, monkeypatch):
 def test_build_meets_a_speedup_and_its_plan_replays(tmp_path):
     """A real build on OpenVINO: the report contract, the files, and plan.json replayed weight for weight."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = without_quick_profiles(dict(os.environ, PYTHONWARNINGS="ignore"))  # the speedup is judged
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", "timm:resnet18", "--input-shape",
                "1,3,96,96", "--speedup", "1.5", "--max-rounds", "2", "--out", str(out), "--json"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env)

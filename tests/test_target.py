@@ -109,6 +109,25 @@ def test_unknown_target_names_known_ones() -> None:
     assert isinstance(info.value, BadInput) and info.value.exit_code == 2
 
 
+def test_a_profiles_folder_adds_targets_and_replaces_bundled_ones(tmp_path: Path, monkeypatch) -> None:
+    """$EDGEPRUNE_TARGETS: a team's own boards by name, and a bundled name given the team's settings."""
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    _write(folder, VALID.replace('"prof"', '"our-board"'), "our-board")
+    bundled = (targets_dir() / "x86-openvino.toml").read_text()
+    _write(folder, bundled.replace("[benchmark]\n", "[benchmark]\nwindows = 1\nmin_timed_s = 0.1\n"), "x86-openvino")
+    monkeypatch.setenv("EDGEPRUNE_TARGETS", str(folder))
+    assert load_target("our-board").budget == Budget(latency_ms=5.0)
+    replaced = load_target("x86-openvino")
+    assert replaced.path == str(folder / "x86-openvino.toml") and replaced.benchmark.windows == 1
+    assert replaced.benchmark.min_timed_s == 0.1 and replaced.benchmark.min_warmup_s == 0.3  # unset: the default
+    assert [t.name for t in list_targets()] == sorted({*BUNDLED, "our-board"})
+    monkeypatch.setenv("EDGEPRUNE_TARGETS", str(tmp_path / "absent"))
+    with pytest.raises(TargetError, match=r"^EDGEPRUNE_TARGETS='.*absent' is not a folder; point it at") as info:
+        load_target("x86-openvino")
+    assert len(str(info.value).splitlines()) == 1
+
+
 def test_missing_file(tmp_path: Path) -> None:
     assert "no such file" in _error(tmp_path / "absent.toml")
 
@@ -155,6 +174,10 @@ MALFORMED = [
     ("missing budget", lambda t: t.replace("[budget]\nlatency_ms = 5.0\n", ""), "budget"),
     ("half an estimate", lambda t: t.replace("memory_gbps = 20.0\n", ""), "memory_gbps"),
     ("device not a string", lambda t: t.replace("threads = 2", "threads = 2\ndevice = 22"), "device"),
+    ("zero windows", lambda t: t.replace("iterations = 10", "iterations = 10\nwindows = 0"), "windows"),
+    ("negative seconds", lambda t: t.replace("iterations = 10", "iterations = 10\nmin_timed_s = -0.5"), "min_timed_s"),
+    ("bool for seconds", lambda t: t.replace("warmup = 5", "warmup = 5\nmin_warmup_s = true"), "min_warmup_s"),
+    ("nan seconds", lambda t: t.replace("iterations = 10", "iterations = 10\nmin_timed_s = nan"), "min_timed_s"),
     ("multi-line value", lambda t: t.replace("threads = 2", 'threads = """two\nthree"""'), "threads"),
 ]
 

@@ -23,11 +23,7 @@ from edgeprune.target import Target
 # Relative tolerance of an artifact's outputs against PyTorch, by precision: fp32 differs only by kernel order and
 # fusions; fp16 by rounding of every activation; int8 by quantisation.
 RELATIVE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8-dynamic": 1e-1, "int8": 1e-1}
-# Time floors of a benchmark; the target's warm-up and iteration counts are minimums on top of them.
-MIN_WARMUP_S = 0.3
-MIN_TIMED_S = 0.5
 INT8_MIN_COSINE = 0.98
-WINDOWS = 3  # timed windows per benchmark; the runner keeps the one with the lowest p50 and reports all
 
 
 @dataclass(frozen=True)
@@ -143,14 +139,16 @@ class Backend(ABC):
         self, artifact: Artifact, shape: tuple[int, ...], target: Target, device: Device | None = None,
         reference: Artifact | None = None,
     ) -> Measurement:  # fmt: skip
-        """Time the artifact on ``device`` with the target's threads, after at least its warm-up runs and
-        MIN_WARMUP_S seconds; then WINDOWS windows of at least its iterations and MIN_TIMED_S seconds each, of which
-        the one with the lowest p50 is reported (``windows_p50`` in the latency dict lists them all). A
-        ``reference`` artifact is timed in the same windows, alternating with it in short blocks (``reference_p50``)."""
+        """Time the artifact on ``device`` with the target's threads, as its [benchmark] settings say: warm-up, then
+        timed windows of at least its iterations and seconds each, of which the one with the lowest p50 is reported
+        (``windows_p50`` in the latency dict lists them all). A ``reference`` artifact is timed in the same windows,
+        alternating with it in short blocks (``reference_p50``)."""
         device = device or LocalDevice()
         args = self._runner_args(artifact, shape, target)
-        args += ["--warmup", str(target.benchmark.warmup), "--iterations", str(target.benchmark.iterations)]
-        args += ["--min-warmup-s", str(MIN_WARMUP_S), "--min-timed-s", str(MIN_TIMED_S), "--windows", str(WINDOWS)]
+        settings = target.benchmark
+        args += ["--warmup", str(settings.warmup), "--iterations", str(settings.iterations)]
+        args += ["--min-warmup-s", str(settings.min_warmup_s), "--min-timed-s", str(settings.min_timed_s)]
+        args += ["--windows", str(settings.windows)]
         if reference is not None:
             args += ["--reference", str(reference.model)]
         result = device.run_runner(args)
