@@ -15,8 +15,8 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn import functional as F
 
-import edgeprune.score.tp_compat  # noqa: F401  (torch-pruning workarounds, applied on import)
 from edgeprune.rewrite.heads import head_of, head_scores
+from edgeprune.score.tp_compat import UnboundedGroup  # (and torch-pruning's workarounds, applied on import)
 from edgeprune.text import is_embedding, similarity_loss, trim_padding
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -112,15 +112,33 @@ def _reaches_output(node) -> bool:
     return False
 
 
-def prunable_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[str, tp.Group]]:
-    """All groups rooted at a conv or linear layer, output layers excluded, each with its root module's name."""
+def prunable_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[str, tp.Group | None]]:
+    """All groups rooted at a conv or linear layer, output layers excluded, each with its root module's name.
+
+    torch-pruning's own listing (``get_all_groups``), with one change: a root whose group torch-pruning cannot
+    follow to an end (UnboundedGroup) is listed with None instead of a group, to be kept whole, and the listing goes
+    on with the next root instead of never ending.
+    """
     names = {module: name for name, module in model.named_modules()}
-    ignored = output_layers(graph)
-    groups = []
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
-        root = group[0].dep.target.module
-        if root in names:
-            groups.append((names[root], group))
+    ignored = set(output_layers(graph)) | set(graph.IGNORED_LAYERS_IN_TRACING)
+    visited: set[nn.Module] = set()
+    groups: list[tuple[str, tp.Group | None]] = []
+    for module in list(graph.module2node):
+        if module in ignored or module in visited or not isinstance(module, ROOT_TYPES) or module not in names:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        channels = pruner.get_out_channels(module) if pruner is not None else None
+        if channels is None:
+            continue
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        except UnboundedGroup:
+            groups.append((names[module], None))
+            continue
+        cut = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+        visited.update(cut)
+        if not ignored.intersection(cut):  # a group that cuts an output layer's channels is not prunable
+            groups.append((names[module], group))
     return groups
 
 
@@ -150,11 +168,17 @@ def score_groups(
         p = 2 if method == "l2" else 1
         importance = tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer=None)
     scored = []
+    modules = dict(model.named_modules())
     for name, group in prunable_groups(model, graph):
-        root = group[0].dep.target.module
+        root = modules[name]
         channels = graph.get_pruner_of_module(root).get_out_channels(root)
         scores, reason = None, ""
-        if len(group[0].idxs) != channels:  # torch-pruning's index mapping went wrong (Res2Net's split-concat)
+        if group is None:
+            reason = (
+                "torch-pruning cannot follow this group through the graph: its search for the coupled layers"
+                " ran away or mapped more indices than a layer has channels"
+            )
+        elif len(group[0].idxs) != channels:  # torch-pruning's index mapping went wrong (Res2Net's split-concat)
             reason = f"torch-pruning maps {len(group[0].idxs)} indices onto its {channels} output channels"
         else:
             try:
@@ -169,9 +193,9 @@ def score_groups(
         unit = 0
         if root in heads and scores is not None:  # attention projections: whole heads or nothing
             scores, unit = head_scores(scores, heads[root]), channels // (int(heads[root].max()) + 1)
-        elif any(dep.target.module in heads and dep.handler.__name__ == "prune_out_channels" for dep, _ in group):
+        elif any(dep.target.module in heads and dep.handler.__name__ == "prune_out_channels" for dep, _ in group or ()):
             scores, reason = None, "attention projections whose group is rooted elsewhere: heads cannot be cut whole"
-        elif any(dep.target.module in heads and dep.handler.__name__ == "prune_in_channels" for dep, _ in group):
+        elif any(dep.target.module in heads and dep.handler.__name__ == "prune_in_channels" for dep, _ in group or ()):
             # The residual stream of a transformer (what every attention and MLP reads and writes): cutting it
             # shrinks every layer's input at once and costs far more quality than heads and neurons (a MiniLM
             # classifier at 2x kept 26% test accuracy with it cut, against 54% unpruned). Kept whole, by design.

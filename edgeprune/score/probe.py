@@ -29,7 +29,7 @@ def grouped_conv_groups(model: nn.Module, example: torch.Tensor) -> dict[str, st
     names = {module: name for name, module in model.named_modules()}
     found = {}
     for root, group in prunable_groups(model, build_graph(model, example)):
-        for dep, _ in group:
+        for dep, _ in group or ():
             layer = dep.target.module
             if (
                 isinstance(layer, nn.Conv2d)

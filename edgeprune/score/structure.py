@@ -134,13 +134,13 @@ def read_structure(model: nn.Module, example: torch.Tensor, group_names: list[st
     out_cut = np.zeros((len(layers), len(group_names)))
     in_cut = np.zeros((len(layers), len(group_names)))
     channels = np.zeros(len(group_names))
+    modules = dict(model.named_modules())
     for g, name in enumerate(group_names):
-        group = by_name.get(name)
-        if group is None:
+        if name not in by_name:
             raise ValueError(f"group '{name}' is not a prunable group of this model")
-        root = group[0].dep.target.module
+        root = modules[name]
         channels[g] = graph.get_pruner_of_module(root).get_out_channels(root)
-        for item in group:
+        for item in by_name[name] or ():  # None: torch-pruning cannot follow it; kept whole, it cuts nothing
             module = item.dep.target.module
             if module not in index:
                 continue
