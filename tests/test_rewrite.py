@@ -343,3 +343,24 @@ def test_models_that_cache_tensors_derived_from_parameters_copy():
     copied = copy_model(attention)
     assert torch.allclose(copied(x), expected) and copied.attention_bias_cache
     assert copied.attention_biases is not attention.attention_biases
+
+
+def test_mixnet_mixed_kernels_prune_and_run():
+    """timm's MixedConv2d splits its input by a list attribute torch-pruning cannot see; after pruning, the list is
+    set from the pruned convs (every pruned MixNet block failed with "split_with_sizes expects ..." before)."""
+    from edgeprune._torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from timm.layers import MixedConv2d
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                          MixedConv2d(32, 32, kernel_size=[3, 5], depthwise=True), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 8, 1), nn.Flatten(), nn.LazyLinear(10)).eval()  # fmt: skip
+    x = torch.randn(1, 3, 8, 8)
+    model(x)  # materialises the lazy layer
+    _randomise_norms(model)
+    plan = uniform_plan(score_groups(model, x, "magnitude"), 0.5, 4, "m", tuple(x.shape), "magnitude")
+    pruned = apply_plan(model, plan, x)
+    mixed = pruned[3]
+    assert mixed.splits == [conv.in_channels for conv in mixed.values()] and sum(mixed.splits) == 16
+    assert mixed.in_channels == mixed.out_channels == 16 and pruned(x).shape == (1, 10)

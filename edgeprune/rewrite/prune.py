@@ -66,6 +66,7 @@ def apply_plan(
             _record_kept(target, names, group)
             group.prune()
     sync_head_counts(target)  # attention modules whose heads were cut read their head count from attributes
+    sync_split_widths(target)
     return target
 
 
@@ -142,3 +143,14 @@ def forward_with_layer_hook(model: nn.Module, example: torch.Tensor, hook) -> No
     finally:
         for handle in handles:
             handle.remove()
+
+
+def sync_split_widths(model: nn.Module) -> None:
+    """Set the channel splits of timm's MixedConv2d (MixNet's mixed kernels: one conv per kernel size, each on its
+    slice of the channels) from its pruned convs. Its forward splits the input by a list kept as an attribute, which
+    torch-pruning cannot see; left stale, every pruned MixNet block failed with "split_with_sizes expects ..."."""
+    for module in model.modules():
+        if type(module).__name__ == "MixedConv2d" and isinstance(module, nn.ModuleDict) and hasattr(module, "splits"):
+            convs = list(module.values())
+            module.splits = [conv.in_channels for conv in convs]
+            module.in_channels, module.out_channels = sum(module.splits), sum(conv.out_channels for conv in convs)
