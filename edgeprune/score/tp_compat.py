@@ -73,7 +73,7 @@ def _bound_group_search() -> None:
             raise UnboundedGroup(f"torch-pruning's search for this group did not end (over {limit} entries)")
         if graph is not None:
             width = _width(dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)) or graph.edgeprune_widest
-            if len(idxs) > width:
+            if len(idxs) > width and len({getattr(i, "idx", i) for i in idxs}) > width:  # repeats alone are harmless
                 raise UnboundedGroup(f"torch-pruning maps {len(idxs)} indices onto {width} channels")
         original_add(self, dep, idxs)
 
