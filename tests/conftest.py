@@ -144,8 +144,7 @@ def _private_cache(tmp_path_factory) -> None:
 # The benchmark settings most tests build with: one short window. The tests about what a build does (the report,
 # the files, interrupts, bad input) do not depend on a precise latency, and the bundled profiles' three windows of at
 # least 0.5 s made each benchmark take 3-4 s even for a tiny model, most of the suite's time. The tests that judge a
-# measured speedup use the bundled settings (the `full_benchmarks` fixture, or `without_quick_profiles` for a
-# subprocess's environment).
+# measured speedup build in a subprocess whose environment `without_quick_profiles` gives the bundled settings.
 QUICK_BENCHMARK = {"windows": 1, "min_timed_s": 0.1, "min_warmup_s": 0.1}
 
 
@@ -169,14 +168,6 @@ def without_quick_profiles(env: dict) -> dict:
     from edgeprune.target import PROFILES_ENV
 
     return {key: value for key, value in env.items() if key != PROFILES_ENV}
-
-
-@pytest.fixture
-def full_benchmarks(monkeypatch) -> None:
-    """The bundled profiles' benchmark settings, for a test in this process that judges a measured latency."""
-    from edgeprune.target import PROFILES_ENV
-
-    monkeypatch.delenv(PROFILES_ENV, raising=False)
 
 
 def pytest_collection_modifyitems(items: list) -> None:
