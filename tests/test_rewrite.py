@@ -364,3 +364,32 @@ def test_mixnet_mixed_kernels_prune_and_run():
     mixed = pruned[3]
     assert mixed.splits == [conv.in_channels for conv in mixed.values()] and sum(mixed.splits) == 16
     assert mixed.in_channels == mixed.out_channels == 16 and pruned(x).shape == (1, 10)
+
+
+def test_ghostnet_tied_channels_are_cut_in_pairs():
+    """GhostNet concatenates a conv's output with a depthwise conv of it, so channels i and i + C of the
+    concatenation both come from the conv's channel i and can only go together. The scorer finds those pairs in
+    torch-pruning's search; a plan keeps or drops whole pairs, and the pruned model runs (every residual group of
+    ghostnet_100 pruned the conv to 0 channels before)."""
+    from edgeprune._torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from timm.models.ghostnet import GhostBottleneck
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          GhostBottleneck(16, 32, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10)).eval()  # fmt: skip
+    _randomise_norms(model)
+    x = torch.randn(1, 3, 8, 8)
+    scored = score_groups(model, x, "magnitude")
+    residual = next(g for g in scored if g.module == "0")  # the stem's group holds the ghost module's output
+    assert residual.tied == tuple((i, i + 8) for i in range(8))
+    assert residual.step(2) == 4
+    plan = uniform_plan(scored, 0.5, 2, "m", tuple(x.shape), "magnitude")
+    kept = next(g.kept for g in plan.groups if g.module == "0")
+    assert len(kept) == 8 and all((i + 8 in kept) == (i in kept) for i in range(8))
+    pruned = apply_plan(model, plan, x)
+    assert pruned[0].out_channels == 8 and pruned[3].ghost2.primary_conv[0].out_channels == 4
+    assert pruned(x).shape == (1, 10)
+    inner = next(g for g in scored if g.module == "3.ghost1.cheap_operation.0")
+    assert inner.tied == () and inner.scores is not None  # its halves feed one conv's inputs: nothing meets there

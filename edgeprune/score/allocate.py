@@ -49,10 +49,8 @@ def uniform_plan(
         if group.scores is None:
             groups.append(GroupPlan(module=group.module, channels=group.channels, kept=tuple(range(group.channels))))
             continue
-        width = kept_width(group.channels, ratio, group.unit or multiple)
-        # topk then sort: the kept channels in their original order, ties broken by index for reproducibility
-        order = torch.argsort(group.scores, descending=True, stable=True)[:width]
-        groups.append(GroupPlan(module=group.module, channels=group.channels, kept=tuple(sorted(order.tolist()))))
+        width = kept_width(group.channels, ratio, group.step(multiple))
+        groups.append(GroupPlan(module=group.module, channels=group.channels, kept=group.best(width)))
     return Plan(model=model, input_shape=tuple(input_shape), method=method, ratio=ratio, groups=tuple(groups))
 
 
@@ -91,15 +89,15 @@ def global_widths(
     """
     widths = structure.full_widths()
     order: dict[int, np.ndarray] = {}  # group index → its scores in comparable units, ascending (removal order)
-    steps: dict[int, int] = {}  # group index → channels cut at a time: the target's multiple, or one attention head
-    prunable = [g for g in scored if g.scores is not None and g.channels > (g.unit or multiple)]
+    steps: dict[int, int] = {}  # group index → channels cut at a time (ScoredGroup.step): a multiple, a head, tied sets
+    prunable = [g for g in scored if g.scores is not None and g.channels > g.step(multiple)]
     comparable = bool(prunable) and all(g.comparable for g in prunable)
     shared = float(torch.cat([g.scores for g in prunable]).double().abs().mean()) if comparable else 0.0
     for group in prunable:
-        scores = group.scores.double().numpy()
+        scores = group.channel_scores().double().numpy()
         g = structure.groups.index(group.module)
         norm = shared if comparable else abs(scores.mean())
-        order[g], steps[g] = np.sort(scores / max(norm, 1e-12)), group.unit or multiple
+        order[g], steps[g] = np.sort(scores / max(norm, 1e-12)), group.step(multiple)
     current = cost(widths)
 
     def next_width(g: int) -> int | None:
@@ -148,8 +146,7 @@ def plan_from_widths(
         if group.scores is None or width >= group.channels:
             groups.append(GroupPlan(module=group.module, channels=group.channels, kept=tuple(range(group.channels))))
             continue
-        order = torch.argsort(group.scores, descending=True, stable=True)[:width]
-        groups.append(GroupPlan(module=group.module, channels=group.channels, kept=tuple(sorted(order.tolist()))))
+        groups.append(GroupPlan(module=group.module, channels=group.channels, kept=group.best(width)))
     removed = 1 - float(np.sum(widths)) / float(sum(g.channels for g in scored))
     return Plan(model=model, input_shape=tuple(input_shape), method=method, ratio=round(removed, 4),
                 groups=tuple(groups))  # fmt: skip

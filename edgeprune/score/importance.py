@@ -35,7 +35,8 @@ class ScoredGroup:
     else 0, and the target's channel multiple applies. ``comparable`` says the scores are in the same units in every
     group (taylor's: an estimate of the loss a channel's removal costs), so global allocation compares them as
     they are; magnitudes are not (a layer's weight scale says little of its usefulness) and are compared after
-    dividing by their group's mean.
+    dividing by their group's mean. ``tied`` partitions the channels into sets that are removed together, all of
+    one size (GhostNet's channels i and i + C, both computed from one conv channel), or is empty.
     """
 
     module: str
@@ -44,6 +45,30 @@ class ScoredGroup:
     reason: str = ""
     unit: int = 0
     comparable: bool = False
+    tied: tuple[tuple[int, ...], ...] = ()
+
+    def step(self, multiple: int) -> int:
+        """Channels cut at a time: one attention head, ``multiple`` tied sets, or the target's ``multiple``."""
+        if self.unit:
+            return self.unit
+        return len(self.tied[0]) * multiple if self.tied else multiple
+
+    def channel_scores(self) -> torch.Tensor:
+        """The scores, each tied set's channels given the set's mean (a set goes as one)."""
+        if not self.tied:
+            return self.scores
+        sets = torch.tensor(self.tied)
+        means = self.scores[sets].mean(dim=1, keepdim=True).expand_as(sets)
+        return torch.empty_like(self.scores).index_put_((sets.flatten(),), means.flatten())
+
+    def best(self, width: int) -> tuple[int, ...]:
+        """The ``width`` best-scoring channels in their original order, ties broken by index (reproducible); whole
+        tied sets when the channels are tied (``width`` rounded down to a whole number of sets)."""
+        if not self.tied:
+            return tuple(sorted(torch.argsort(self.scores, descending=True, stable=True)[:width].tolist()))
+        sets = torch.tensor(self.tied)
+        chosen = torch.argsort(self.scores[sets].mean(dim=1), descending=True, stable=True)[: width // sets.shape[1]]
+        return tuple(sorted(sets[chosen].flatten().tolist()))
 
 
 class GainConvPruner(tp.pruner.function.ConvPruner):
@@ -200,8 +225,13 @@ def score_groups(
             # shrinks every layer's input at once and costs far more quality than heads and neurons (a MiniLM
             # classifier at 2x kept 26% test accuracy with it cut, against 54% unpruned). Kept whole, by design.
             scores = None
+        tied = getattr(group, "edgeprune_tied", ())
+        if unit or len({len(t) for t in tied}) > 1:
+            # Attention projections are cut in whole heads, which hold their q, k and v channels together already;
+            # sets of unequal sizes cannot be cut in aligned steps. Either way the probe tries the group as before.
+            tied = ()
         scored.append(ScoredGroup(module=name, channels=channels, scores=scores, reason=reason[:200], unit=unit,
-                                  comparable=method == "taylor"))  # fmt: skip
+                                  comparable=method == "taylor", tied=tied if scores is not None else ()))  # fmt: skip
     model.zero_grad(set_to_none=True)
     return scored
 

@@ -57,15 +57,18 @@ def _bound_group_search() -> None:
         return
 
     def get_pruning_group(self, module, pruning_fn, idxs):
-        outer = getattr(_search, "limit", None), getattr(_search, "graph", None)
+        outer = getattr(_search, "limit", None), getattr(_search, "graph", None), getattr(_search, "ties", None)
         _search.limit, _search.graph = GROWTH * len(self.module2node) + 64, self
+        _search.ties = _Ties()
         if not hasattr(self, "edgeprune_widest"):  # no index list of a real group is longer than the widest layer
             widths = [_width(m, outputs) or 0 for m in self.module2node for outputs in (True, False)]
             self.edgeprune_widest = max([*widths, len(idxs)])
         try:
-            return original_search(self, module, pruning_fn, idxs)
+            group = original_search(self, module, pruning_fn, idxs)
+            group.edgeprune_tied = _search.ties.sets([int(i) for i in idxs])
+            return group
         finally:
-            _search.limit, _search.graph = outer
+            _search.limit, _search.graph, _search.ties = outer
 
     def add_dep(self, dep, idxs) -> None:
         limit, graph = getattr(_search, "limit", None), getattr(_search, "graph", None)
@@ -75,10 +78,50 @@ def _bound_group_search() -> None:
             width = _width(dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)) or graph.edgeprune_widest
             if len(idxs) > width and len({getattr(i, "idx", i) for i in idxs}) > width:  # repeats alone are harmless
                 raise UnboundedGroup(f"torch-pruning maps {len(idxs)} indices onto {width} channels")
+        ties = getattr(_search, "ties", None)
+        if ties is not None:
+            ties.record(dep, idxs)
         original_add(self, dep, idxs)
 
     get_pruning_group.edgeprune_bounded = True
     DependencyGraph.get_pruning_group, Group.add_dep = get_pruning_group, add_dep
+
+
+class _Ties:
+    """Root channels that a group's search maps onto the same channel of some layer, which must be removed together.
+
+    GhostNet concatenates a conv's output with a depthwise conv of that same output, so channels i and i + C of the
+    concatenation both come from the conv's channel i. torch-pruning follows both, but then merges each layer's
+    indices and so forgets that two root channels met there: removing channel i alone cuts the conv and leaves the
+    concatenation's widths inconsistent (the sweep's GhostNets failed with convs pruned to 0 channels). The search's
+    own (index, root index) pairs, recorded before that merge, say which root channels meet; a union-find joins them.
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[tuple, dict[int, int]] = {}  # (layer node, handler) → its index → the first root index seen
+        self.parent: dict[int, int] = {}
+
+    def record(self, dep, idxs) -> None:
+        seen = self.first.setdefault((id(dep.target), dep.handler), {})
+        for index in idxs:
+            root = getattr(index, "root_idx", None)
+            if root is not None and (first := seen.setdefault(index.idx, root)) != root:
+                self.parent[self._find(root)] = self._find(first)
+
+    def _find(self, index: int) -> int:
+        while (up := self.parent.get(index, index)) != index:
+            self.parent[index] = self.parent.get(up, up)  # path halving
+            index = up
+        return index
+
+    def sets(self, roots: list[int]) -> tuple[tuple[int, ...], ...]:
+        """The partition of ``roots`` into tied sets, or () when no two root channels are tied."""
+        if not self.parent:
+            return ()
+        found: dict[int, list[int]] = {}
+        for root in roots:
+            found.setdefault(self._find(root), []).append(root)
+        return tuple(tuple(sorted(members)) for members in found.values()) if len(found) < len(roots) else ()
 
 
 def _width(module, outputs: bool) -> int | None:
