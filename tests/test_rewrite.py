@@ -393,3 +393,36 @@ def test_ghostnet_tied_channels_are_cut_in_pairs():
     assert pruned(x).shape == (1, 10)
     inner = next(g for g in scored if g.module == "3.ghost1.cheap_operation.0")
     assert inner.tied == () and inner.scores is not None  # its halves feed one conv's inputs: nothing meets there
+
+
+def test_channel_splits_route_the_kept_channels():
+    """Two mixed pointwise convs in a row (MixNet): each splits its input into slices, one conv per slice. Pruned
+    channels are zeroed in the original first, so a pruned model that routes every kept channel to the right conv
+    computes exactly what the zeroed original does. torch-pruning 1.6 gave each slice the other slice's offsets
+    (consumers listed in reverse) and kept a split's unpruned offsets after a first cut; both sent channels to the
+    wrong conv, which ran, silently wrong, whenever the slices were equal (edgeprune/score/tp_compat.py)."""
+    from edgeprune._torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from timm.layers import MixedConv2d
+
+    torch.manual_seed(0)
+    # Untrained norms in eval mode keep a zero channel zero (torch-pruning reads a concatenation's width off them).
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.ReLU(),
+                          MixedConv2d(16, 16, kernel_size=[1, 1]), nn.BatchNorm2d(16), nn.ReLU(),
+                          MixedConv2d(16, 16, kernel_size=[1, 1]), nn.BatchNorm2d(16), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 10)).eval()  # fmt: skip
+    x = torch.randn(1, 3, 6, 6)
+    scored = score_groups(model, x, "magnitude")
+    assert {g.module for g in scored} == {"0", "2.0", "2.1", "5.0", "5.1"}
+    plan = uniform_plan(scored, 0.5, 1, "m", tuple(x.shape), "magnitude")
+    zeroed = copy.deepcopy(model)
+    modules = dict(zeroed.named_modules())
+    for group in plan.groups:
+        removed = [i for i in range(group.channels) if i not in group.kept]
+        with torch.no_grad():
+            modules[group.module].weight[removed] = 0
+    pruned = apply_plan(model, plan, x)
+    assert sum(pruned[2].splits) == 8 and pruned[5].splits == [4, 4]  # the stem keeps its best 8, in any slice
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), zeroed(x), atol=1e-5)

@@ -5,9 +5,11 @@ Applied once, on import of the scorer; every one leaves torch-pruning's behaviou
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 from torch import nn
+from torch_pruning import ops
 from torch_pruning.dependency import DependencyGraph, Group, index_mapping
 
 # A real group lists each (layer, handler) about once, so it never holds more entries than a fraction of the graph's
@@ -43,6 +45,49 @@ def _tolerate_unknown_concat_widths() -> None:
     update.edgeprune_tolerant = True
     # update_index_mapping looks the function up in its module's globals on every call, so this reaches it.
     index_mapping.update_concat_index_mapping = update
+
+
+def _order_split_outputs() -> None:
+    """torch-pruning 1.6 gives the k-th consumer of a split (or unbind) the k-th slice's offsets, but lists the
+    consumers in the order its backward traversal met them, which is often the reverse: all 34 splits of mixnet_s.
+    Index mappings then send a slice's channels to the other slice's convolution. With unequal slices pruning
+    failed (MixNet's mixed convs: "expected input to have 6 channels, but got 3"); with equal slices it ran and cut
+    the wrong input channels of every consumer, silently. Each consumer's autograd node says which output of the
+    split it reads (``output_nr``); here the consumers are put in that order before the offsets are given out."""
+    for name in ("update_split_index_mapping", "update_unbind_index_mapping"):
+        original = getattr(index_mapping, name)
+        if getattr(original, "edgeprune_ordered", False):
+            continue
+
+        def update(graph, node, original=original) -> None:
+            read = [[nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn]
+                    for out in node.outputs]  # fmt: skip
+            if node.grad_fn is not None and all(len(nrs) == 1 for nrs in read):  # else leave torch-pruning's order
+                node.outputs[:] = [out for _, out in sorted(zip(read, node.outputs, strict=True), key=lambda p: p[0])]
+            original(graph, node)
+
+        update.edgeprune_ordered = True
+        setattr(index_mapping, name, update)  # looked up in the module's globals on every call, as above
+
+
+def _keep_split_offsets() -> None:
+    """torch-pruning 1.6's SplitPruner works out a split's new offsets after a cut but stores them on itself, not on
+    the split, whose offsets are what the index mappings read. A model with a split is pruned group after group
+    (rewrite/prune.apply_plan), so every group after the first that crosses a split was mapped with the unpruned
+    offsets: MixNet's convs were cut by indices of their neighbours' slices ("got 3 channels" where 6 were kept, 22
+    of mixnet_s's 38 groups kept whole). Here the split's own offsets follow its new sizes."""
+    original = ops.SplitPruner.prune_out_channels
+    if getattr(original, "edgeprune_offsets", False):
+        return
+
+    def prune(self, layer, idxs):
+        result = original(self, layer, idxs)
+        if layer.split_sizes is not None:
+            layer.offsets = [0, *itertools.accumulate(layer.split_sizes)]
+        return result
+
+    prune.edgeprune_offsets = True
+    ops.SplitPruner.prune_out_channels = ops.SplitPruner.prune_in_channels = prune
 
 
 def _bound_group_search() -> None:
@@ -136,4 +181,6 @@ def _width(module, outputs: bool) -> int | None:
 
 
 _tolerate_unknown_concat_widths()
+_order_split_outputs()
+_keep_split_offsets()
 _bound_group_search()
