@@ -426,3 +426,29 @@ def test_channel_splits_route_the_kept_channels():
     assert sum(pruned[2].splits) == 8 and pruned[5].splits == [4, 4]  # the stem keeps its best 8, in any slice
     with torch.no_grad():
         assert torch.allclose(pruned(x), zeroed(x), atol=1e-5)
+
+
+def test_equal_slices_are_not_silently_swapped():
+    """The same split bug with equal slices ran without error: the stem loses 4 channels in each half, at other
+    places in each, and torch-pruning's swapped offsets cut the first conv's inputs where the second half's were
+    removed. The pruned model then differed from the zeroed original by 0.11 (torch-pruning 1.6 unpatched)."""
+    from edgeprune._torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from timm.layers import MixedConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.ReLU(),
+                          MixedConv2d(16, 16, kernel_size=[1, 1]), nn.BatchNorm2d(16), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 10)).eval()  # fmt: skip
+    x = torch.randn(1, 3, 6, 6)
+    kept = {"0": tuple(range(4, 12))}  # removes 0-3 of the first slice and 12-15 of the second
+    groups = [GroupPlan(g.module, g.channels, kept.get(g.module, tuple(range(g.channels))))
+              for g in score_groups(model, x, "magnitude")]  # fmt: skip
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        zeroed[0].weight[[0, 1, 2, 3, 12, 13, 14, 15]] = 0
+    pruned = apply_plan(model, Plan("m", tuple(x.shape), "manual", 0.0, tuple(groups)), x)
+    assert pruned[2].splits == [4, 4]
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), zeroed(x), atol=1e-5)
