@@ -384,7 +384,7 @@ def test_ghostnet_tied_channels_are_cut_in_pairs():
     scored = score_groups(model, x, "magnitude")
     residual = next(g for g in scored if g.module == "0")  # the stem's group holds the ghost module's output
     assert residual.tied == tuple((i, i + 8) for i in range(8))
-    assert residual.step(2) == 4
+    assert residual.per_set == (1, 2) and residual.step(2) == 4 and residual.step(8) == 16
     plan = uniform_plan(scored, 0.5, 2, "m", tuple(x.shape), "magnitude")
     kept = next(g.kept for g in plan.groups if g.module == "0")
     assert len(kept) == 8 and all((i + 8 in kept) == (i in kept) for i in range(8))
@@ -450,5 +450,35 @@ def test_equal_slices_are_not_silently_swapped():
         zeroed[0].weight[[0, 1, 2, 3, 12, 13, 14, 15]] = 0
     pruned = apply_plan(model, Plan("m", tuple(x.shape), "manual", 0.0, tuple(groups)), x)
     assert pruned[2].splits == [4, 4]
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), zeroed(x), atol=1e-5)
+
+
+def test_grouped_convolutions_lose_the_same_positions_in_every_group():
+    """A grouped, not depthwise, convolution (ResNeXt, RegNet) is cut safely when each of its groups loses the
+    same positions: torch-pruning slices its inputs by the first group's kept positions. Channels at one position
+    of every group are tied, so a plan keeps or drops them together; the pruned model computes what the original
+    does with the removed channels zeroed (such groups were kept whole before: 26 of regnetx_002's 31)."""
+
+    def unit(cin: int, cout: int, groups: int = 1, kernel: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                nn.ReLU()]  # fmt: skip
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*unit(3, 16, kernel=3), *unit(16, 16), *unit(16, 16, groups=4, kernel=3), *unit(16, 16),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()  # fmt: skip
+    x = torch.randn(1, 3, 6, 6)
+    scored = {g.module: g for g in score_groups(model, x, "magnitude")}
+    assert scored["3"].tied == tuple((j, j + 4, j + 8, j + 12) for j in range(4))  # into the grouped conv
+    assert scored["6"].tied == scored["3"].tied and scored["0"].tied == ()  # out of it; the stem is untied
+    assert scored["3"].step(8) == 8  # 2 positions of each of its 4 groups
+    plan = uniform_plan(list(scored.values()), 0.5, 1, "m", tuple(x.shape), "magnitude")
+    zeroed = copy.deepcopy(model)
+    modules = dict(zeroed.named_modules())
+    for group in plan.groups:
+        with torch.no_grad():
+            modules[group.module].weight[[i for i in range(group.channels) if i not in group.kept]] = 0
+    pruned = apply_plan(model, plan, x)
+    assert pruned[6].groups == 4 and tuple(pruned[6].weight.shape) == (8, 2, 3, 3)
     with torch.no_grad():
         assert torch.allclose(pruned(x), zeroed(x), atol=1e-5)

@@ -6,6 +6,7 @@ must be removed together; torch-pruning's DependencyGraph finds them. Each group
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -46,12 +47,18 @@ class ScoredGroup:
     unit: int = 0
     comparable: bool = False
     tied: tuple[tuple[int, ...], ...] = ()
+    per_set: tuple[int, ...] = ()  # with ``tied``: the channels one tied set holds in each layer of the group
 
     def step(self, multiple: int) -> int:
-        """Channels cut at a time: one attention head, ``multiple`` tied sets, or the target's ``multiple``."""
+        """Channels cut at a time: one attention head; for tied channels, the fewest whole sets that cut every
+        layer of the group by a ``multiple`` (a GhostNet conv holds one channel of each pair: ``multiple`` pairs; a
+        grouped conv of 3 groups holds all 3 of a set: 8 sets for a multiple of 8); else the target's ``multiple``."""
         if self.unit:
             return self.unit
-        return len(self.tied[0]) * multiple if self.tied else multiple
+        if not self.tied:
+            return multiple
+        sets = math.lcm(*(multiple // math.gcd(multiple, count) for count in self.per_set or (1,)))
+        return len(self.tied[0]) * sets
 
     def channel_scores(self) -> torch.Tensor:
         """The scores, each tied set's channels given the set's mean (a set goes as one)."""
@@ -230,8 +237,11 @@ def score_groups(
             # Attention projections are cut in whole heads, which hold their q, k and v channels together already;
             # sets of unequal sizes cannot be cut in aligned steps. Either way the probe tries the group as before.
             tied = ()
+        tied = tied if scores is not None else ()
+        per_set = tuple(sorted({len(set(item.idxs)) // len(tied) for item in (group if tied else ())
+                                if isinstance(item.dep.target.module, ROOT_TYPES)}))  # fmt: skip
         scored.append(ScoredGroup(module=name, channels=channels, scores=scores, reason=reason[:200], unit=unit,
-                                  comparable=method == "taylor", tied=tied if scores is not None else ()))  # fmt: skip
+                                  comparable=method == "taylor", tied=tied, per_set=per_set))  # fmt: skip
     model.zero_grad(set_to_none=True)
     return scored
 

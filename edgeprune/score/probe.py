@@ -23,12 +23,15 @@ PROBE_RATIO = 0.5
 
 
 def grouped_conv_groups(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
-    """Groups whose channels pass through a grouped convolution that is not depthwise (ResNeXt, RegNet): cutting
-    channels out of it leaves widths its ``groups`` does not divide, or mixes channels across its groups, at some
-    widths and not others. torch-pruning keeps only depthwise convolutions consistent, so these are kept whole."""
+    """Groups whose channels pass through a grouped convolution that is not depthwise (ResNeXt, RegNet) and cannot
+    be cut in whole tied sets: cutting other channels out of it leaves widths its ``groups`` does not divide, or
+    mixes channels across its groups. A group is cut safely when every group of the conv loses the same positions,
+    which its tied sets (score/tp_compat.py) say, all of one size; the rest are kept whole."""
     names = {module: name for name, module in model.named_modules()}
     found = {}
     for root, group in prunable_groups(model, build_graph(model, example)):
+        if len({len(tied) for tied in getattr(group, "edgeprune_tied", ())}) == 1:
+            continue  # cut in whole sets: the same positions of every group of the conv
         for dep, _ in group or ():
             layer = dep.target.module
             if (

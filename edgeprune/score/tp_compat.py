@@ -125,7 +125,7 @@ def _bound_group_search() -> None:
                 raise UnboundedGroup(f"torch-pruning maps {len(idxs)} indices onto {width} channels")
         ties = getattr(_search, "ties", None)
         if ties is not None:
-            ties.record(dep, idxs)
+            ties.record(dep, idxs, graph.is_out_channel_pruning_fn(dep.handler) if graph is not None else True)
         original_add(self, dep, idxs)
 
     get_pruning_group.edgeprune_bounded = True
@@ -140,17 +140,22 @@ class _Ties:
     indices and so forgets that two root channels met there: removing channel i alone cuts the conv and leaves the
     concatenation's widths inconsistent (the sweep's GhostNets failed with convs pruned to 0 channels). The search's
     own (index, root index) pairs, recorded before that merge, say which root channels meet; a union-find joins them.
+
+    A grouped convolution that is not depthwise (ResNeXt, RegNet) ties channels too: torch-pruning cuts its inputs
+    by the kept positions of the first group, so every group must lose the same positions. Channels at the same
+    position within their groups count as meeting there.
     """
 
     def __init__(self) -> None:
         self.first: dict[tuple, dict[int, int]] = {}  # (layer node, handler) → its index → the first root index seen
         self.parent: dict[int, int] = {}
 
-    def record(self, dep, idxs) -> None:
+    def record(self, dep, idxs, outputs: bool) -> None:
         seen = self.first.setdefault((id(dep.target), dep.handler), {})
+        period = _group_width(dep.target.module, outputs)
         for index in idxs:
             root = getattr(index, "root_idx", None)
-            if root is not None and (first := seen.setdefault(index.idx, root)) != root:
+            if root is not None and (first := seen.setdefault(index.idx % period, root)) != root:
                 self.parent[self._find(root)] = self._find(first)
 
     def _find(self, index: int) -> int:
@@ -167,6 +172,16 @@ class _Ties:
         for root in roots:
             found.setdefault(self._find(root), []).append(root)
         return tuple(tuple(sorted(members)) for members in found.values()) if len(found) < len(roots) else ()
+
+
+def _group_width(module, outputs: bool) -> int:
+    """Channels per group of a grouped, not depthwise, convolution (the period of its tied positions); else a
+    period no index reaches."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+        width = module.out_channels if outputs else module.in_channels
+        if not module.groups == module.in_channels == module.out_channels and width % module.groups == 0:
+            return width // module.groups
+    return 1 << 62
 
 
 def _width(module, outputs: bool) -> int | None:
