@@ -180,3 +180,33 @@ def test_a_group_torch_pruning_maps_wrongly_is_kept_whole_with_its_true_width():
     plan = uniform_plan([g for g in scored.values() if g.module not in found], 0.5, 4, "m", tuple(X.shape), "m")
     pruned = probe.apply_plan(model, plan, X)
     assert pruned.conv1.out_channels == 32 and pruned(X).shape == (1, 10)
+
+
+def test_a_rewrite_that_feeds_the_wrong_channels_is_told_apart():
+    """The check behind the probe (rewrite/verify.py): the pruned model must compute what the unpruned one does
+    with its cut channels silenced. A correct cut passes to float precision; the same widths with the next layer
+    reading the wrong inputs (what torch-pruning did to SKNet's path attention and to swapped split slices) run
+    and export, and fail it. On skresnet18 the probe keeps its 8 path-attention groups whole for this reason."""
+    from edgeprune.rewrite.plan import GroupPlan, Plan
+    from edgeprune.rewrite.verify import check_routing
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(),
+                          nn.LazyLinear(4))  # fmt: skip
+    model(X)
+    model.eval()
+    kept = {"0": tuple(range(4, 16))}
+    plan = Plan("m", tuple(X.shape), "manual", 0.25, tuple(
+        GroupPlan(g.module, g.channels, kept.get(g.module, tuple(range(g.channels))))
+        for g in score_groups(model, X, "magnitude")))  # fmt: skip
+    pruned = probe.apply_plan(model, plan, X)
+    right = check_routing(model, plan, pruned, X)
+    assert right.checked and right.ok and right.error < 1e-5
+    with torch.no_grad():
+        pruned[3].weight.copy_(model[3].weight[:, :12])  # same widths, but reading channels 0-11, not 4-15
+    wrong = check_routing(model, plan, pruned, X)
+    assert wrong.checked and not wrong.ok and wrong.error > 1e-3
+    normed = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.Conv2d(16, 8, 3)).eval()
+    plan = uniform_plan(score_groups(normed, X, "magnitude"), 0.5, 4, "m", tuple(X.shape), "magnitude")
+    unchecked = check_routing(normed, plan, probe.apply_plan(normed, plan, X), X)
+    assert not unchecked.checked and unchecked.ok and "GroupNorm" in unchecked.reason

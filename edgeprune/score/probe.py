@@ -2,9 +2,11 @@
 them instead of crashing.
 
 torch-pruning follows most graphs, but not a reshape with a hard-coded channel count, a split by a fixed size, or
-attention whose head count is an attribute (a pruned qkv projection then no longer reshapes into heads). The probe
-prunes every group at once and runs the model; only when that fails does it bisect the groups to find the culprits,
-so a model that prunes cleanly costs one forward pass.
+attention whose head count is an attribute (a pruned qkv projection then no longer reshapes into heads). Some it
+follows wrongly, and the pruned model runs but feeds channels to the wrong layers (SKNet's path attention, viewed
+path-major, which torch-pruning maps channel-major); rewrite/verify.py tells those apart. The probe prunes every
+group at once, runs the model and checks it; only when that fails does it bisect the groups to find the culprits,
+so a model that prunes cleanly costs one forward pass and one check.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from edgeprune.rewrite.prune import apply_plan
+from edgeprune.rewrite.verify import check_routing
 from edgeprune.score.allocate import plan_from_widths, uniform_plan
 from edgeprune.score.importance import ScoredGroup, build_graph, prunable_groups
 
@@ -54,8 +57,9 @@ def find_unprunable(
     """Map each group root that breaks the model when pruned to the one-line reason; empty when all prune cleanly.
 
     A group breaks the model when pruning ``ratio`` of it (rounded to ``multiple``), or cutting it to its width in
-    ``widths`` when given (a plan that failed), raises or changes the output's shape. Groups that fail only
-    together, not one by one, are all reported.
+    ``widths`` when given (a plan that failed), raises, changes the output's shape, or routes channels to the wrong
+    layers (rewrite/verify.py, where it can tell). Groups that fail only together, not one by one, are all
+    reported.
     """
     with torch.no_grad():
         expected = tuple(model(example).shape)
@@ -74,7 +78,15 @@ def find_unprunable(
                 shape = tuple(pruned(example).shape)
         except Exception as exc:  # whatever the model's own code raises once its widths change
             return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-        return None if shape == expected else f"the output shape changes from {expected} to {shape}"
+        if shape != expected:
+            return f"the output shape changes from {expected} to {shape}"
+        routing = check_routing(model, plan, pruned, example)
+        if not routing.ok:  # it runs, but computes something else: channels went to the wrong layers
+            return (
+                f"torch-pruning feeds its kept channels to the wrong layers (the pruned model is {routing.error:.1e}"
+                " off the unpruned one with the cut channels silenced)"
+            )
+        return None
 
     def culprits(names: list[str]) -> dict[str, str]:
         reason = failure(names) if names else None
