@@ -191,8 +191,8 @@ def test_a_rewrite_that_feeds_the_wrong_channels_is_told_apart():
     from edgeprune.rewrite.verify import check_routing
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(),
-                          nn.LazyLinear(4))  # fmt: skip
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3),
+                          nn.Flatten(), nn.LazyLinear(4))  # fmt: skip
     model(X)
     model.eval()
     kept = {"0": tuple(range(4, 16))}
@@ -206,6 +206,9 @@ def test_a_rewrite_that_feeds_the_wrong_channels_is_told_apart():
         pruned[3].weight.copy_(model[3].weight[:, :12])  # same widths, but reading channels 0-11, not 4-15
     wrong = check_routing(model, plan, pruned, X)
     assert wrong.checked and not wrong.ok and wrong.error > 1e-3
+    # A build's example image is all zeros, on which every channel of this untrained stem is zero and any routing
+    # looks right; the check draws its own input (skresnet18's wrong routing passed a zeros-only check).
+    assert not check_routing(model, plan, pruned, torch.zeros_like(X)).ok
     normed = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.Conv2d(16, 8, 3)).eval()
     plan = uniform_plan(score_groups(normed, X, "magnitude"), 0.5, 4, "m", tuple(X.shape), "magnitude")
     unchecked = check_routing(normed, plan, probe.apply_plan(normed, plan, X), X)
