@@ -5,7 +5,8 @@ rewrite that cut the wrong channels: both sides are wrong alike. torch-pruning h
 slices swapped, so a conv was fed its neighbour's channels; score/tp_compat.py). This check can see it. In a copy
 of the unpruned model, every layer that writes a removed channel (each conv, linear and norm that a group cuts the
 outputs of) has that channel's parameters set to zero, so the channel carries exact zeros. Where nothing mixes
-channels on the way (a LayerNorm or GroupNorm over a cut dimension does), zeros flow through activations, residual
+channels on the way (a LayerNorm or GroupNorm over a cut dimension does, and so does a weight-standardised conv,
+whose filter statistics span its cut inputs: NF-ResNets), zeros flow through activations, residual
 adds, concatenations and attention as zeros, and the pruned model must compute the same outputs to float
 precision. If it does not, channels were routed to the wrong place.
 """
@@ -22,7 +23,8 @@ from edgeprune.rewrite.prune import copy_model
 from edgeprune.score.importance import build_graph
 
 TOLERANCE = 1e-4  # relative to the largest output; float rounding of a correct rewrite stays below 1e-6
-MIXING = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)  # a zero channel changes the others' normalisation
+# A zero channel changes the others' normalisation; so does a zero input of a weight-standardised conv (below).
+MIXING = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ def silenced_copy(model: nn.Module, plan: Plan, example: torch.Tensor) -> tuple[
         group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, removed)
         for dep, idxs in group:
             layer = dep.target.module
+            if "StdConv" in type(layer).__name__:  # timm's weight standardisation: statistics over all inputs
+                return None, f"weight-standardised conv {names.get(layer, '?')} normalises its filters over cut inputs"
             if not graph.is_out_channel_pruning_fn(dep.handler) or not isinstance(layer, nn.Module):
                 continue
             if isinstance(layer, MIXING):
