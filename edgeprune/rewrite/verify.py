@@ -25,6 +25,7 @@ from edgeprune.score.importance import build_graph
 TOLERANCE = 1e-4  # relative to the largest output; float rounding of a correct rewrite stays below 1e-6
 # A zero channel changes the others' normalisation; so does a zero input of a weight-standardised conv (below).
 MIXING = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+BATCH_NORM = nn.modules.batchnorm._BatchNorm
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,15 @@ def silenced_copy(model: nn.Module, plan: Plan, example: torch.Tensor) -> tuple[
                 return None, f"weight-standardised conv {names.get(layer, '?')} normalises its filters over cut inputs"
             if not graph.is_out_channel_pruning_fn(dep.handler) or not isinstance(layer, nn.Module):
                 continue
-            if isinstance(layer, MIXING):
+            # Norms other than batch norm (RmsNorm, EvoNorm and the like, by name) may mix channels too.
+            mixing = isinstance(layer, MIXING) or "Norm" in type(layer).__name__ and not isinstance(layer, BATCH_NORM)
+            if mixing:
                 return None, f"{type(layer).__name__} {names.get(layer, '?')} normalises across cut channels"
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and not layer.affine:
+            if not isinstance(layer, BATCH_NORM) and any(b.dim() for b in layer.buffers(recurse=False)):
+                # Per-channel state that is not a parameter (FrozenBatchNorm2d's scale and shift): zero parameters
+                # do not silence the channel there.
+                return None, f"{type(layer).__name__} {names.get(layer, '?')} keeps per-channel buffers"
+            if isinstance(layer, BATCH_NORM) and not layer.affine:
                 return None, f"BatchNorm {names.get(layer, '?')} has no affine parameters to silence a channel"
             if isinstance(layer, nn.modules.conv._ConvTransposeNd):
                 return None, f"transposed conv {names.get(layer, '?')} keeps its outputs on the second axis"
