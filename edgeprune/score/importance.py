@@ -233,11 +233,10 @@ def score_groups(
             # classifier at 2x kept 26% test accuracy with it cut, against 54% unpruned). Kept whole, by design.
             scores = None
         tied = getattr(group, "edgeprune_tied", ())
-        if unit or len({len(t) for t in tied}) > 1:
+        if scores is None or unit or len({len(t) for t in tied}) > 1:
             # Attention projections are cut in whole heads, which hold their q, k and v channels together already;
             # sets of unequal sizes cannot be cut in aligned steps. Either way the probe tries the group as before.
             tied = ()
-        tied = tied if scores is not None else ()
         per_set = tuple(sorted({len(set(item.idxs)) // len(tied) for item in (group if tied else ())
                                 if isinstance(item.dep.target.module, ROOT_TYPES)}))  # fmt: skip
         scored.append(ScoredGroup(module=name, channels=channels, scores=scores, reason=reason[:200], unit=unit,
