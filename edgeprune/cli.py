@@ -18,10 +18,12 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.farm.executor import EXECUTORS_HELP
 
 DEVICE_HELP = (
     "Where to measure: 'local' (default) or ssh://[user@]host[:port][?identity=KEY&known_hosts=FILE&python=PATH&timeout=S]"
-    " (the board needs Python 3, numpy and the runtime)."
+    " (the board needs Python 3, numpy and the runtime). Give it more than once for a pool of boards that share"
+    " the benchmarks."
 )
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune a PyTorch model to a budget on a target.")
 targets_app = typer.Typer(help="List the target profiles, or show one.", invoke_without_command=True)
@@ -106,7 +108,11 @@ def build(
     structures: Annotated[
         str | None, typer.Option(help="What may be cut: all, heads or neurons (transformers) [default: all].")
     ] = None,
-    device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
+    device: Annotated[list[str] | None, typer.Option(help=DEVICE_HELP)] = None,
+    executor: Annotated[str | None, typer.Option(help=f"Where candidates run: {EXECUTORS_HELP}.")] = None,
+    in_flight: Annotated[
+        int | None, typer.Option(help="Candidates pruned, exported and measured at once per round [default: 1].")
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: out].")] = None,
     force: Annotated[bool, typer.Option(help="Replace an output folder that already holds files.")] = False,
     max_rounds: Annotated[int | None, typer.Option(help="Most measured rounds of the search [default: 4].")] = None,
@@ -122,13 +128,14 @@ def build(
     With a project config (edgeprune.toml, or [tool.edgeprune] in pyproject.toml), build every target it lists,
     each into OUT/<target>; flags override the file. The exit code is 0 only when every target met its budget.
     """
-    from edgeprune.jobs import plan_jobs, run_job
+    from edgeprune.jobs import plan_jobs, run_jobs
 
     say = _progress()
     flags = {
         "target": target, "model": model, "weights": weights, "input_shape": input_shape, "calib": calib,
         "method": method, "allocation": allocation, "structures": structures,
-        "device": device, "out": out_dir, "max_rounds": max_rounds, "recover_steps": recover_steps,
+        "device": ",".join(device) if device else None, "out": out_dir, "executor": executor,
+        "in_flight": in_flight, "max_rounds": max_rounds, "recover_steps": recover_steps,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
         "compensate": compensate or None, "bank": bank, "train": train, "aux": aux, "adapt_steps": adapt_steps,
     }  # fmt: skip
@@ -138,12 +145,8 @@ def build(
         jobs, project = plan_jobs(flags, budget, config)
     except EdgepruneError as exc:
         _fail(exc)
-    results = []
     try:
-        for options in jobs:
-            if project:
-                say(f"[bold]target {options.target}[/bold] → {options.out}")
-            results.append((options, *run_job(options, say)))
+        results = run_jobs(jobs, say, announce=project)
         say.stop()
     except KeyboardInterrupt as stop:  # the build's own cleanup has run: nothing partial is left
         say.stop()

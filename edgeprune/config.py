@@ -24,7 +24,7 @@ from edgeprune.target import Budget, TargetError
 
 SETTINGS = ("model", "weights", "input_shape", "calib", "method", "allocation", "out", "seed", "max_rounds",
             "recover_steps", "device", "plan", "strict", "trust_pickle", "compensate", "bank", "train", "aux",
-            "adapt_steps", "structures")  # fmt: skip
+            "adapt_steps", "structures", "executor", "in_flight")  # fmt: skip
 TARGET_KEYS = ("name", "latency_ms", "speedup", "memory_mb", "macs_ratio", "params_ratio")
 
 
@@ -76,6 +76,11 @@ def load_config(path: Path) -> ProjectConfig:
         isinstance(data["input_shape"], list) and all(isinstance(d, int) and d > 0 for d in data["input_shape"])
     ):
         raise BadInput(f"{path}: input_shape must be a list of positive integers, e.g. [1, 3, 224, 224]")
+    device = data.get("device")
+    if isinstance(device, list):  # a pool of boards that share the builds' benchmarks
+        if not device or not all(isinstance(url, str) and url and "," not in url for url in device):
+            raise BadInput(f"{path}: device must be a URL or a non-empty list of URLs, e.g. ['ssh://a', 'ssh://b']")
+        data["device"] = ",".join(device)
     targets = data.get("targets", [])
     if not isinstance(targets, list) or not targets or not all(isinstance(t, dict) for t in targets):
         raise BadInput(f"{path}: needs at least one [[targets]] table with a name")

@@ -36,6 +36,11 @@ class DeviceError(EdgepruneError):
     exit_code = 2
 
 
+class DeviceUnreachable(DeviceError):
+    """The device itself failed (no connection, a step past its timeout), not the model run on it: a device pool
+    sets such a device aside and gives its work to the others (farm/pool.py)."""
+
+
 def _parse_result(done: subprocess.CompletedProcess, where: str) -> dict:
     """The runner's JSON line from its stdout; a failed run is a DeviceError with the runner's own reason."""
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -106,13 +111,14 @@ class SshDevice:
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
-            raise DeviceError(f"{self.label}: step '{step}' timed out after {timeout:.0f} s") from None
+            raise DeviceUnreachable(f"{self.label}: step '{step}' timed out after {timeout:.0f} s") from None
         except OSError as exc:
-            raise DeviceError(f"{self.label}: step '{step}' could not start {command[0]}: {exc.strerror}") from None
+            reason = f"{self.label}: step '{step}' could not start {command[0]}: {exc.strerror}"
+            raise DeviceUnreachable(reason) from None
         # ssh exits 255 for its own failures (connection, authentication, host key); anything else is the remote
         # command's exit code, which the run step reads from the runner's JSON instead.
         if done.returncode == 255 or (done.returncode != 0 and step != "run"):
-            raise DeviceError(f"{self.label}: step '{step}' failed: {self._reason(done.stderr)}")
+            raise DeviceUnreachable(f"{self.label}: step '{step}' failed: {self._reason(done.stderr)}")
         return done
 
     def _reason(self, stderr: str) -> str:
@@ -142,7 +148,7 @@ class SshDevice:
         back the files it writes, and remove the folder; the JSON result is the runner's, as on this machine."""
         folder = self.remote("connect", ["mktemp", "-d", "-t", "edgeprune.XXXXXXXX"]).stdout.strip()
         if not folder.startswith("/"):
-            raise DeviceError(f"{self.label}: step 'connect' failed: mktemp gave no folder ({folder[:80]!r})")
+            raise DeviceUnreachable(f"{self.label}: step 'connect' failed: mktemp gave no folder ({folder[:80]!r})")
         try:
             remote_args, downloads = [], []
             self.remote("upload", ["mkdir", *(f"{folder}/{flag.strip('-')}" for flag in READS)])
@@ -207,7 +213,12 @@ Device = LocalDevice | SshDevice
 
 
 def open_device(url: str | None, check: bool = True) -> Device:
-    """The device a URL names: None or 'local' is this machine, ``ssh://…`` a board (reached once to check)."""
+    """The device a URL names: None or 'local' is this machine, ``ssh://…`` a board (reached once to check), and
+    several URLs separated by commas a pool of boards that share a build's benchmarks (farm/pool.py)."""
+    if url and "," in url:
+        from edgeprune.farm.pool import DevicePool
+
+        return DevicePool.open([part.strip() for part in url.split(",") if part.strip()], check)
     if url in (None, "", "local"):
         return LocalDevice()
     if url.startswith("ssh://"):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgeprune.config import TargetJob, find_config, load_config
 from edgeprune.errors import BadInput, BudgetNotMet, EdgepruneError
+from edgeprune.farm.executor import LocalExecutor, make_executor
 from edgeprune.model import parse_input_shape
 from edgeprune.pipeline import BuildOptions
 from edgeprune.pipeline import build as run_build
@@ -73,6 +74,34 @@ def run_job(options: BuildOptions, say) -> tuple[int, dict | None, str | None]:
             f"{type(exc).__name__}: {detail}; nothing was written. Please report it; EDGEPRUNE_DEBUG=1"
             " shows the traceback",
         )
+
+
+def run_jobs(jobs: list[BuildOptions], say, announce: bool) -> list[tuple[BuildOptions, int, dict | None, str | None]]:
+    """Run every job: one after another, or, on Ray with several targets, all at once (each build then runs its own
+    candidates on the same cluster). Returns (options, exit code, report, error) per job, in the jobs' order."""
+    executor = make_executor(jobs[0].executor) if len(jobs) > 1 else None
+    if executor is None or isinstance(executor, LocalExecutor):
+        results = []
+        for options in jobs:
+            if announce:
+                say(f"[bold]target {options.target}[/bold] → {options.out}")
+            results.append((options, *run_job(options, say)))
+        return results
+    try:
+        say(f"building {len(jobs)} targets at once on {executor.name}: " + ", ".join(o.target for o in jobs))
+        # A build task holds no CPU of its own: it waits on its candidates, which do (else two builds on a 2-CPU
+        # instance would hold both CPUs and their candidates would never start).
+        outcomes = executor.map(_run_job_quietly, None, jobs, num_cpus=0)
+        for options, (code, _, message) in zip(jobs, outcomes, strict=True):
+            say(f"target {options.target}: {'done' if code == 0 else message}")
+        return [(options, *outcome) for options, outcome in zip(jobs, outcomes, strict=True)]
+    finally:
+        executor.close()
+
+
+def _run_job_quietly(_, options: BuildOptions) -> tuple[int, dict | None, str | None]:
+    """One build on a worker: its progress lines stay in the worker's log; the driver prints the outcome."""
+    return run_job(options, lambda message: None)
 
 
 def _budget(flags: dict) -> Budget | None:

@@ -25,14 +25,15 @@ from torch import nn
 from edgeprune.backends import Artifact, Backend, Measurement
 from edgeprune.device import Device, LocalDevice
 from edgeprune.errors import BadInput
+from edgeprune.farm.executor import LocalExecutor
+from edgeprune.farm.work import BuildShare, CandidateJob, evaluate, export_and_measure
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import allocate, uniform_plan
 from edgeprune.score.costmodel import LatencyModel
 from edgeprune.score.importance import ScoredGroup
-from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import find_unprunable
-from edgeprune.score.structure import WEIGHT_BYTES, Structure
+from edgeprune.score.structure import Structure
 from edgeprune.target import Target
 
 # A round is accepted when its p50 is within [0.85·budget, 0.97·budget]. The band is wide because one pruned model
@@ -45,6 +46,18 @@ BAND_LOW = 0.85
 GUARD = 0.97
 AIM = (BAND_LOW + GUARD) / 2  # rounds aim at the middle of the band
 NUDGE = 0.04  # when the model points at a plan already measured, aim this much further from where that one landed
+SPREAD = 0.06  # with several candidates in flight, how far apart (× the middle of the band) their goals are set
+
+
+def round_goals(budget_ms: float, in_flight: int) -> list[float]:
+    """The latency goals of one round's candidates: the middle of the band for one; for several, spread around it
+    (two land at the band's edges, four reach past it), so that a cost model off by more than the band still puts
+    one candidate in it, or brackets it for the next round."""
+    if in_flight <= 1:
+        return [AIM * budget_ms]
+    offsets = np.linspace(-1.0, 1.0, in_flight) * SPREAD * (in_flight - 1)
+    return [AIM * budget_ms * (1 + o) for o in offsets]
+
 
 Say = Callable[[str], None]
 
@@ -99,6 +112,9 @@ class SearchContext:
     latency_model: LatencyModel | None = None
     allocation: str = "global"
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
+    executor: object = field(default_factory=LocalExecutor)  # where candidates are pruned, exported, measured
+    in_flight: int = 1  # candidates per round, measured at once on an executor with workers
+    _shared: tuple | None = None  # (what it was made from, the executor's handle of share())
     _macs_cache: dict[float, tuple[Plan, int, int]] = field(default_factory=dict)
 
     def keep_whole(self, groups: dict[str, str]) -> None:
@@ -155,13 +171,14 @@ class SearchContext:
             self.scored, ratio, self.target.channel_multiple, self.spec, tuple(self.example.shape), self.method
         )
 
+    def share(self, device=None) -> BuildShare:
+        """The inputs every candidate shares (farm/work.py), on ``device`` (default: the build's)."""
+        return BuildShare(self.model, self.example, self.target, self.backend.name, device or self.device,
+                          self.workdir, self.reference, self.calibration)  # fmt: skip
+
     def measure(self, model: nn.Module, name: str) -> tuple[Measurement, Artifact]:
-        """Export ``model`` into its own folder of the work dir and benchmark it on the device."""
-        directory = self.workdir / name
-        directory.mkdir(parents=True, exist_ok=True)
-        artifact = self.backend.export(model, self.example, directory, self.target, self.calibration)
-        shape = tuple(self.example.shape)
-        return self.backend.benchmark(artifact, shape, self.target, self.device, self.reference), artifact
+        """Export ``model`` into its own folder of the work dir and benchmark it on the device, in this process."""
+        return export_and_measure(self.share(), model, name)
 
 
 def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms: float, max_rounds: int):
@@ -178,7 +195,6 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
     # fit alone can miss by the same factor round after round. Each round aims by the ratio of the last
     # measurement to the fit's prediction for it.
     correction = baseline.p50 / max(model.predict(ctx.structure.full_widths()), 1e-9)
-    goal = AIM * budget_ms
     for step in range(1, max_rounds + 1):
         # The unpruned model is a measured point too: after a first round under the band, it is the other side.
         measured = [(ctx.structure.full_widths(), baseline.p50)]
@@ -190,36 +206,49 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         def aimed(g: float, bracket=bracket, correction=correction) -> float:
             return interpolated(bracket, goal_ms=g) if bracket else g / correction
 
-        plan, macs, _ = ctx.plan_for(aimed(goal))
-        widths = ctx.structure.widths_of(plan)
-        repeat = next((c for c in candidates if c.plan.groups == plan.groups), None)
-        if repeat is not None:  # the refitted model still picks a plan measured already: aim past it
-            goal *= (1 - NUDGE) if repeat.latency > GUARD * budget_ms else (1 + NUDGE)
+        plans, goals = [], []
+        for goal in round_goals(budget_ms, ctx.in_flight):
             plan, macs, _ = ctx.plan_for(aimed(goal))
-            widths = ctx.structure.widths_of(plan)
-        raw = model.predict(widths)
-        predicted = interpolated(bracket, model_ms=raw) if bracket else raw * correction
-        ctx.say(f"round {step}: {macs / ctx.structure.macs(ctx.structure.full_widths()):.0%} of the MACs,"
-                f" predicted {predicted:.3f} ms; exporting and measuring ...")  # fmt: skip
-        candidate = replace(measure_plan(ctx, plan, baseline.p50, step, budget_ms), predicted=predicted)
-        candidates.append(candidate)
-        model.add(widths, candidate.latency)
-        # What the refitted model still misses at the latest plan (the refit already learned the rest: correcting
-        # by the error of the model before it double-counts, and rounds swung past the band and back).
-        correction = candidate.latency / max(model.predict(widths), 1e-9)
-        latency = candidate.latency
-        if BAND_LOW * budget_ms <= latency <= GUARD * budget_ms:
-            return candidate, candidates, False
-        if latency > GUARD * budget_ms and predicted > goal * 1.02:  # the allocator did not reach the goal
-            deepest, _, _ = ctx.plan_for(0.0, model.roofline_ms)  # the most it can cut, whatever the fit says
-            if deepest.groups != plan.groups:
+            repeat = next((c for c in candidates if c.plan.groups == plan.groups), None)
+            if repeat is not None:  # the refitted model still picks a plan measured already: aim past it
+                goal *= (1 - NUDGE) if repeat.latency > GUARD * budget_ms else (1 + NUDGE)
+                plan, macs, _ = ctx.plan_for(aimed(goal))
+            if all(plan.groups != other.groups for other in plans):  # goals close together can pick one plan
+                plans.append(plan)
+                goals.append(goal)
+        predictions = []
+        for plan in plans:
+            raw = model.predict(ctx.structure.widths_of(plan))
+            predictions.append(interpolated(bracket, model_ms=raw) if bracket else raw * correction)
+            macs = ctx.structure.macs(ctx.structure.widths_of(plan)) / ctx.structure.macs(ctx.structure.full_widths())
+            ctx.say(f"round {step}: {macs:.0%} of the MACs, predicted {predictions[-1]:.3f} ms; exporting and"
+                    " measuring ...")  # fmt: skip
+        measured_now = measure_plans(ctx, plans, baseline.p50, step, budget_ms)
+        measured_now = [replace(c, predicted=p) for c, p in zip(measured_now, predictions, strict=True)]
+        candidates += measured_now
+        for candidate in measured_now:
+            model.add(ctx.structure.widths_of(candidate.plan), candidate.latency)
+        in_band = [c for c in measured_now if BAND_LOW * budget_ms <= c.latency <= GUARD * budget_ms]
+        if in_band:  # the least pruned of the round's candidates that landed in the band
+            return max(in_band, key=lambda c: c.latency), candidates, False
+        # What the refitted model still misses at the plan aimed nearest the middle of the band (the refit already
+        # learned the rest: correcting by the error of the model before it double-counts, and rounds swung past
+        # the band and back).
+        central = min(range(len(goals)), key=lambda i: abs(goals[i] - AIM * budget_ms))
+        widths = ctx.structure.widths_of(measured_now[central].plan)
+        correction = measured_now[central].latency / max(model.predict(widths), 1e-9)
+        # The round's deepest plan: when even it is over, did the allocator reach its goal?
+        deepest = min(range(len(goals)), key=lambda i: goals[i])
+        latency, predicted, plan = measured_now[deepest].latency, predictions[deepest], plans[deepest]
+        if latency > GUARD * budget_ms and predicted > goals[deepest] * 1.02:  # the allocator did not reach it
+            most, _, _ = ctx.plan_for(0.0, model.roofline_ms)  # the most it can cut, whatever the fit says
+            if most.groups != plan.groups:
                 model.use_scaled_roofline()  # a fit with too large a fixed time on noisy samples: cut further
                 ctx.say("the fitted cost model cannot reach the budget; predicting with the scaled roofline")
             elif latency > budget_ms and not any(c.latency <= budget_ms for c in candidates):
                 return None, candidates, True  # the smallest model we make is still too slow
             else:
                 break  # marginal at the most pruning we do, or an earlier round already met the budget
-        goal = AIM * budget_ms
     # Out of rounds: the least-pruned candidate under the guard still meets the budget, with more pruning than
     # needed; failing that, the marginal candidate with the most room under the budget.
     guarded = [c for c in candidates if c.latency <= GUARD * budget_ms]
@@ -270,71 +299,30 @@ def interpolated(bracket: Bracket, goal_ms: float | None = None, model_ms: float
     return bracket.fast_ms + share * (bracket.slow_ms - bracket.fast_ms)
 
 
-COUNTED = ("macs_ratio", "params_ratio")  # budgets that are counted on the model, not measured on the target
-
-
-def fit_counted_budget(ctx: SearchContext, kind: str, value: float, base: tuple[int, int], baseline_p50: float,
-                       max_tries: int = 6) -> tuple[Candidate | None, float]:  # fmt: skip
-    """The plan within a MACs or params fraction ``value`` of the unpruned model (``base``: its MACs, params), and
-    the fraction it reached. MACs and params need no measurement: the allocator aims at the structure's count, the
-    pruned model is counted exactly, and the goal tightens if the count is over (norm parameters the structure
-    leaves out). The plan is measured once, for the report. None when even the deepest cut is over."""
-    index = COUNTED.index(kind)
-    full = ctx.structure.full_widths()
-    counts = (ctx.structure.macs, ctx.structure.params)[index]
-    total = counts(full)
-    goal, reached = value, 1.0
-    for _ in range(max_tries):
-        plan, macs, params = ctx.plan_for(goal, lambda widths: counts(widths) / total)
-        reached = (macs, params)[index] / base[index]
-        if reached <= value:
-            ctx.say(f"{kind.replace('_', ' ')} {reached:.3f} (budget {value:g}); exporting and measuring ...")
-            return measure_plan(ctx, plan, baseline_p50, 1, math.inf), reached
-        if counts(ctx.structure.widths_of(plan)) / total > goal * 1.001:
-            break  # the allocator cannot cut further: floors and groups kept whole
-        goal *= value / reached
-    return None, reached
-
-
-def fit_memory_budget(ctx: SearchContext, value_mb: float, baseline_p50: float, max_rounds: int):
-    """The plan whose artifact needs at most ``value_mb`` (weights at the target precision + peak live activations
-    of its graph), and every measured round. The allocator aims at the structure's estimate; each round's exported
-    graph is then computed exactly, and the goal tightens by how far over it was."""
-    size = WEIGHT_BYTES.get(ctx.target.precision, 4)
-
-    def estimate_mb(widths) -> float:
-        weights = ctx.structure.params(widths) * size
-        return (weights + ctx.structure.peak_activation_bytes(widths, ctx.target.precision)) / (1 << 20)
-
-    goal, candidates = value_mb, []
-    for step in range(1, max_rounds + 1):
-        plan, _, _ = ctx.plan_for(goal, estimate_mb)
-        candidate = measure_plan(ctx, plan, baseline_p50, step, math.inf)
-        memory = artifact_memory_mb(candidate.artifact.files["onnx"], ctx.target.precision)["total_mb"]
-        ctx.say(f"round {step}: the artifact needs {memory:.2f} MB (budget {value_mb:g} MB)")
-        candidates.append(replace(candidate, memory_mb=memory))
-        if memory <= value_mb:
-            return candidates[-1], candidates
-        if estimate_mb(ctx.structure.widths_of(plan)) > goal * 1.001:
-            break  # the allocator cannot cut further: floors and groups kept whole
-        goal *= value_mb / memory
-    return None, candidates
-
-
 def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int, budget_ms: float) -> Candidate:
     """Prune by ``plan``, export, measure: one round. Also how a pinned plan (--plan) is built without a search."""
-    pruned = apply_plan(ctx.model, plan, ctx.example)
-    macs, params = count_macs_params(pruned, ctx.example)
-    measurement, artifact = ctx.measure(pruned, f"round-{step}")
-    quality = ctx.evaluate(pruned) if ctx.evaluate else None
-    latency = measurement.comparable_p50(baseline_p50)
-    candidate = Candidate(step, plan, macs, params, measurement, artifact, latency, quality)
-    alongside = ""
-    if measurement.reference_p50:
-        alongside = f", {measurement.reference_p50 / measurement.p50:.2f}x the unpruned model timed alongside"
-    limit = f" (budget {budget_ms:.3f} ms)" if math.isfinite(budget_ms) else ""
-    ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms{alongside}{limit}")
-    return candidate
+    return measure_plans(ctx, [plan], baseline_p50, step, budget_ms)[0]
+
+
+def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, step: int, budget_ms: float):
+    """The candidates of one round, evaluated on the executor (farm/work.py): all at once where it has workers."""
+    names = [f"round-{step}" if len(plans) == 1 else f"round-{step}-{i + 1}" for i in range(len(plans))]
+    key = (id(ctx.model), ctx.reference)
+    if ctx._shared is None or ctx._shared[0] != key:  # sent to the workers once per build, not once per candidate
+        ctx._shared = (key, ctx.executor.share(ctx.share()))
+    jobs = [CandidateJob(plan, name) for plan, name in zip(plans, names, strict=True)]
+    candidates = []
+    for plan, done in zip(plans, ctx.executor.map(evaluate, ctx._shared[1], jobs), strict=True):
+        quality = ctx.evaluate(apply_plan(ctx.model, plan, ctx.example)) if ctx.evaluate else None
+        measurement = done.measurement
+        latency = measurement.comparable_p50(baseline_p50)
+        candidates.append(Candidate(step, plan, done.macs, done.params, measurement, done.artifact, latency, quality))
+        alongside = ""
+        if measurement.reference_p50:
+            alongside = f", {measurement.reference_p50 / measurement.p50:.2f}x the unpruned model timed alongside"
+        limit = f" (budget {budget_ms:.3f} ms)" if math.isfinite(budget_ms) else ""
+        ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms{alongside}{limit}")
+    return candidates
 
 
 def timed_beside_baseline(kind: str, device, baseline_p50: float, budget_ms: float) -> bool:

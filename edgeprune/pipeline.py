@@ -19,17 +19,17 @@ import torch
 
 from edgeprune.adapt import adapt_to_task
 from edgeprune.backends import get_backend
+from edgeprune.budgets import COUNTED, fit_counted_budget, fit_memory_budget
 from edgeprune.data import Dataset, labels_in_label_space, load_dataset, split_held_out
 from edgeprune.device import open_device
 from edgeprune.errors import BadInput, BudgetNotMet
 from edgeprune.estimate import EstimateDevice, measuring_device
+from edgeprune.farm.executor import make_executor
+from edgeprune.farm.pool import pool_status
 from edgeprune.html import write_html
 from edgeprune.loop import (
-    COUNTED,
     SearchContext,
     budget_latency_ms,
-    fit_counted_budget,
-    fit_memory_budget,
     measure_plan,
     search,
     timed,
@@ -91,6 +91,8 @@ class BuildOptions:
     plan: str | None = None  # replay this plan.json instead of searching (reproducible builds)
     allocation: str = "global"  # or "uniform": the same fraction of every group (for comparison)
     structures: str = "all"  # or "heads" / "neurons": only attention heads, or all but them (score/importance.py)
+    executor: str | None = None  # where candidates run: this process (None, "local") or Ray (farm/executor.py)
+    in_flight: int = 1  # candidates per round
 
 
 def build(options: BuildOptions, say=print) -> dict:
@@ -111,6 +113,8 @@ def build(options: BuildOptions, say=print) -> dict:
         raise BadInput(f"unknown --structures '{options.structures}'; known: {', '.join(STRUCTURES)}")
     if options.max_rounds < 1:
         raise BadInput(f"--max-rounds must be at least 1, got {options.max_rounds}")
+    if options.in_flight < 1:
+        raise BadInput(f"--in-flight must be at least 1, got {options.in_flight}")
     backend = get_backend(target.backend)
     backend.require()
     device = measuring_device(open_device(options.device or target.device), backend, target, say)
@@ -145,9 +149,12 @@ def build(options: BuildOptions, say=print) -> dict:
     aux = labels_in_label_space(aux, model, example, say) if aux is not None else None
     score_set, eval_set = split_held_out(data)
 
+    executor = make_executor(options.executor)  # last of the checks: it may start a local Ray instance
     workdir = new_workdir(out)
     try:
-        ctx = SearchContext(model, example, [], options.model, method, target, backend, device, workdir / "rounds", say)
+        # On Ray the device (or pool) is held by actors: one benchmark per device at a time, from any worker.
+        ctx = SearchContext(model, example, [], options.model, method, target, backend, executor.devices(device),
+                            workdir / "rounds", say, executor=executor, in_flight=options.in_flight)  # fmt: skip
         ctx.calibration = calib.x if calib is not None else score_set.x
         ctx.evaluate = lambda pruned: quality(pruned, model, eval_set.batches(BATCH))[1]
         with timed(say, "measuring the unpruned model"):
@@ -259,7 +266,8 @@ def build(options: BuildOptions, say=print) -> dict:
         report = {
             "target": target.name, "backend": backend.name, "precision": target.precision,
             "budget": {"kind": budget.kind, "value": budget.value, "latency_ms": None if counted else budget_ms},
-            "measured_on": device.label,
+            "measured_on": device.label, "device_pool": pool_status(ctx.device),
+            "executor": {"name": executor.name, "in_flight": options.in_flight},
             "baseline": {
                 "latency_ms": baseline.latency(), "macs": base_macs, "params": base_params, "size_bytes": base_size,
                 "peak_memory_mb": baseline.peak_memory_mb, "memory": base_memory,
@@ -325,6 +333,7 @@ def build(options: BuildOptions, say=print) -> dict:
         publish(workdir, out)
         return report
     finally:
+        executor.close()
         if workdir.exists():
             shutil.rmtree(workdir, ignore_errors=True)
 
