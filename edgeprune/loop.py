@@ -213,9 +213,12 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
             if repeat is not None:  # the refitted model still picks a plan measured already: aim past it
                 goal *= (1 - NUDGE) if repeat.latency > GUARD * budget_ms else (1 + NUDGE)
                 plan, macs, _ = ctx.plan_for(aimed(goal))
-            if all(plan.groups != other.groups for other in plans):  # goals close together can pick one plan
+            known = [c.plan for c in candidates] if ctx.in_flight > 1 else []  # one alone is measured again
+            if all(plan.groups != other.groups for other in plans + known):  # close goals can pick one plan
                 plans.append(plan)
                 goals.append(goal)
+        if not plans:  # every goal picked a plan measured already: the band falls between two neighbouring plans
+            break
         predictions = []
         for plan in plans:
             raw = model.predict(ctx.structure.widths_of(plan))

@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import MBV3, R18  # noqa: F401
 
-from edgeprune.backends import Measurement
+from edgeprune.backends import Measurement, get_backend
+from edgeprune.farm.executor import LocalExecutor
+from edgeprune.farm.work import Evaluated
 from edgeprune.loop import BAND_LOW, GUARD, SearchContext, search
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import GLOBAL_MIN_KEEP, allocate, global_widths, uniform_plan
@@ -283,16 +285,20 @@ def test_noise_that_fits_a_constant_latency_falls_back_to_the_scaled_roofline(r1
     assert model.predict(half) < 0.7 * model.predict(full)  # cutting still pays, so the allocator still cuts
 
 
-class _SkewedTarget(SearchContext):
-    """A target whose latency the cost model's shape gets wrong: it falls with the square of the MACs kept (12 ms at
-    full width, 3 ms at half the MACs). Deterministic, so that the test is about the search and not about this
-    machine's noise; nothing is exported."""
+class _SkewedTarget(LocalExecutor):
+    """An executor whose unit of work times a target that the cost model's shape gets wrong: its latency falls with
+    the square of the MACs kept (12 ms at full width, 3 ms at half the MACs). Deterministic, so that the test is
+    about the search and not about this machine's noise; nothing is exported."""
 
-    def measure(self, model, name):
-        macs, _ = count_macs_params(model, self.example)
+    def measure(self, model, example) -> Measurement:
+        macs, _ = count_macs_params(model, example)
         self.full_macs = getattr(self, "full_macs", macs)
         p50 = 12.0 * (macs / self.full_macs) ** 2
-        return Measurement(p50, p50, p50, p50, 100, "local", "simulated", 1), None
+        return Measurement(p50, p50, p50, p50, 100, "local", "simulated", 1)
+
+    def map(self, function, shared, items, num_cpus=1) -> list:
+        pruned = [apply_plan(shared.model, job.plan, shared.example) for job in items]
+        return [Evaluated(0, 0, self.measure(model, shared.example), None) for model in pruned]
 
 
 def test_rounds_between_two_measured_plans_aim_between_them(r18, r18_scored, example, tmp_path):
@@ -300,13 +306,35 @@ def test_rounds_between_two_measured_plans_aim_between_them(r18, r18_scored, exa
     the two by interpolation. Before, each round was corrected by the last one's error alone: on this target the
     rounds swung between 2.8 ms and the unpruned 12 ms and the build shipped 3.0 ms for a budget of 8 (4x for 1.5x);
     convnext_femto at 1.5x shipped 8% of its MACs (4.3x) that way in the sweep."""
-    ctx = _SkewedTarget(r18, example, r18_scored, R18, "magnitude", TARGET, None, None, tmp_path, say=lambda _: None)
+    skewed = _SkewedTarget()
+    ctx = SearchContext(r18, example, r18_scored, R18, "magnitude", TARGET, get_backend("openvino"), None, tmp_path,
+                        say=lambda _: None, executor=skewed)  # fmt: skip
     ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
     ctx.latency_model = new_model(ctx.structure, TARGET, "simulated")
     budget = 12.0 / 1.5
-    chosen, candidates, unreachable = search(ctx, ctx.measure(r18, "baseline"), budget, max_rounds=4)
+    chosen, candidates, unreachable = search(ctx, (skewed.measure(r18, example), None), budget, max_rounds=4)
     rounds = [round(c.latency, 2) for c in candidates]
     assert not unreachable and chosen is not None
     assert BAND_LOW * budget <= chosen.latency <= GUARD * budget, rounds
     assert candidates[0].latency < BAND_LOW * budget, rounds  # the first round is under the band ...
     assert all(c.latency < budget for c in candidates), rounds  # ... and no round went back over the budget
+
+
+@pytest.mark.parametrize("in_flight", [2, 4])
+def test_candidates_in_flight_spread_over_the_band_and_take_fewer_rounds(r18, r18_scored, example, tmp_path, in_flight):
+    """With several candidates per round their goals spread around the band, so the search needs fewer rounds on
+    the target the cost model gets wrong (above: one candidate at a time takes 2), and ships one of them."""
+    rounds = {}
+    for k in (1, in_flight):
+        skewed = _SkewedTarget()
+        ctx = SearchContext(r18, example, r18_scored, R18, "magnitude", TARGET, get_backend("openvino"), None,
+                            tmp_path, say=lambda _: None, executor=skewed, in_flight=k)  # fmt: skip
+        ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
+        ctx.latency_model = new_model(ctx.structure, TARGET, f"simulated-{k}-{in_flight}")
+        budget = 12.0 / 1.5
+        chosen, candidates, _ = search(ctx, (skewed.measure(r18, example), None), budget, max_rounds=4)
+        assert chosen is not None and BAND_LOW * budget <= chosen.latency <= GUARD * budget
+        rounds[k] = max(c.step for c in candidates)
+        per_round = [sum(c.step == step for c in candidates) for step in range(1, rounds[k] + 1)]
+        assert per_round[0] == k  # the first round measures every candidate; later ones skip plans measured already
+    assert rounds[in_flight] < rounds[1], rounds
