@@ -82,7 +82,8 @@ def measuring_device(device, backend, target: Target, say=None):
     if say:
         say(
             f"no device here runs {backend.name}: latencies are a roofline estimate from {target.name}'s"
-            " estimate figures (peak GFLOP/s, memory GB/s), outputs are checked with ONNX Runtime; pass --device ssh://… to measure on the board"
+            " estimate figures (peak GFLOP/s, memory GB/s), outputs are checked with ONNX Runtime; pass"
+            " --device ssh://… to measure on the board"
         )
     return EstimateDevice(target)
 

@@ -14,6 +14,7 @@ from edgeprune.backends import Measurement, get_backend
 from edgeprune.farm.executor import LocalExecutor
 from edgeprune.farm.work import Evaluated
 from edgeprune.loop import BAND_LOW, GUARD, SearchContext, search
+from edgeprune.profile import comparable_samples
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import GLOBAL_MIN_KEEP, allocate, global_widths, uniform_plan
 from edgeprune.score.costmodel import FULL_FIT_SAMPLES, new_model, profile_path
@@ -338,3 +339,18 @@ def test_candidates_in_flight_spread_over_the_band_and_take_fewer_rounds(r18, r1
         per_round = [sum(c.step == step for c in candidates) for step in range(1, rounds[k] + 1)]
         assert per_round[0] == k  # the first round measures every candidate; later ones skip plans measured already
     assert rounds[in_flight] < rounds[1], rounds
+
+
+def test_profile_samples_are_scaled_to_the_median_unpruned_p50_timed_beside_them():
+    """A sample timed beside the unpruned model counts as its ratio to it, times the unpruned model's median p50:
+    a slow spell during one benchmark slows both and cancels; the unpruned model measured alone at 13 ms on a
+    slow moment does not scale every sample."""
+
+    def measured(p50, reference=None):
+        return Measurement(p50, p50, p50, p50, 10, "local", "openvino", 2, reference_p50=reference)
+
+    baseline, p50s = comparable_samples([measured(13.0), measured(6.0, 10.0), measured(9.0, 15.0), measured(4.0, 9.0)])
+    assert baseline == 11.5  # median of 13, 10, 15, 9
+    assert p50s == pytest.approx([11.5, 6.9, 6.9, 11.5 * 4 / 9])
+    alone = [measured(13.0), measured(6.0), measured(9.0)]  # over SSH nothing is timed alongside: as measured
+    assert comparable_samples(alone) == (13.0, [13.0, 6.0, 9.0])

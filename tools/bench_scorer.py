@@ -9,6 +9,8 @@ to train, the other 597 held out for calibration and evaluation. Then, per model
 (a) prediction: `edgeprune profile` measures --samples plans and fits the latency model; then --candidates new
     plans (global and uniform, from 85% down to 45% of the predicted baseline) are predicted by that fit *before*
     they are measured. The table gives how many land within ±10% of their measured p50, and the median error.
+    Profile samples and candidates alike are timed beside the unpruned model and taken as the p50 they would
+    have measured under the profile's baseline (comparable p50), as a build on this machine judges its rounds.
 (b) fidelity at equal measured latency: two builds to the same latency budget (0.6 × the unpruned p50 measured by
     the profile), both given the same 256 training digits as --calib, no distillation: edgeprune's default (global
     allocation of taylor scores computed on those digits), and Torch-Pruning's uniform L1 (magnitude importance, the
@@ -57,7 +59,7 @@ def predictions(spec: str, weights: str, shape: tuple[int, ...], samples: int, c
 
     say = lambda message: None  # noqa: E731
     profiled = run_profile("x86-openvino", spec, weights, input_shape=shape, samples=samples, say=say)
-    baseline_p50 = profiled["rows"][0].measured_ms
+    baseline_p50 = profiled["baseline_p50"]
     target = load_target("x86-openvino")
     model = load_model(spec, weights, input_shape=shape).module
     example = torch.zeros(shape)
@@ -70,6 +72,8 @@ def predictions(spec: str, weights: str, shape: tuple[int, ...], samples: int, c
     with tempfile.TemporaryDirectory() as tmp:
         ctx = SearchContext(model, example, scored, spec, "magnitude", target, backend, device, Path(tmp), say)
         ctx.structure, ctx.latency_model = structure, latency
+        # Measured as a build measures its rounds here: beside the unpruned model, judged on the comparable p50.
+        _, ctx.reference = ctx.measure(model, "unpruned")
         full = latency.predict(structure.full_widths())
         for i, fraction in enumerate(np.linspace(0.85, 0.45, count)):
             allocation = ("global", "uniform")[i % 2]
@@ -77,8 +81,9 @@ def predictions(spec: str, weights: str, shape: tuple[int, ...], samples: int, c
                             spec, shape, "magnitude")  # fmt: skip
             predicted = latency.predict(structure.widths_of(plan))
             measured, _ = ctx.measure(apply_plan(model, plan, example), f"candidate-{i}")
-            rows.append({"allocation": allocation, "predicted": predicted, "measured": measured.p50,
-                         "error": (predicted - measured.p50) / measured.p50})  # fmt: skip
+            comparable = measured.comparable_p50(baseline_p50)
+            rows.append({"allocation": allocation, "predicted": predicted, "measured": comparable,
+                         "error": (predicted - comparable) / comparable})  # fmt: skip
     return rows, baseline_p50
 
 
