@@ -244,7 +244,7 @@ def build(options: BuildOptions, say=print) -> dict:
             inputs = eval_set.x[:VALIDATION_SAMPLES]
             with torch.no_grad():
                 reference = torch.cat([pruned(inputs[i : i + 1]) for i in range(len(inputs))])
-            validation = backend.validate(artifact, inputs, reference, target, device)
+            validation = backend.validate(artifact, inputs, reference, target, ctx.device)
         if not validation.ok:
             limit = (f"cosine similarity {validation.cosine:.3f} below {validation.min_cosine}" if validation.min_cosine
                      else f"beyond the tolerance {validation.atol:.3g}")  # fmt: skip

@@ -77,12 +77,7 @@ class RayExecutor:
         """``function(shared, item)`` for every item, as Ray tasks of ``num_cpus`` each; results in order."""
         if (function, num_cpus) not in self._remote:
             self._remote[function, num_cpus] = self.ray.remote(num_cpus=num_cpus, max_retries=0)(function)
-        refs = [self._remote[function, num_cpus].remote(shared, item) for item in items]
-        try:
-            return self.ray.get(refs)
-        except self.ray.exceptions.RayTaskError as exc:  # the task's own exception, not Ray's traceback text
-            cause = getattr(exc, "cause", None)
-            raise (cause if isinstance(cause, BaseException) else exc) from None
+        return _get([self._remote[function, num_cpus].remote(shared, item) for item in items])
 
     def close(self) -> None:
         if self._started and self.ray.is_initialized():
@@ -109,9 +104,7 @@ class ActorDevice:
         import ray
 
         try:
-            return ray.get(self.actor.run_runner.remote(args))
-        except ray.exceptions.RayTaskError as exc:  # DeviceUnreachable and DeviceError, as raised on the actor
-            raise exc.cause from None
+            return _get(self.actor.run_runner.remote(args))  # DeviceUnreachable and DeviceError, as raised there
         except ray.exceptions.RayActorError as exc:  # the actor's process died: as good as an unreachable board
             from edgeprune.device import DeviceUnreachable
 
@@ -125,17 +118,22 @@ class RayPool:
         self.pool, self.label = pool, label
 
     def run_runner(self, args: list[str]) -> dict:
-        import ray
-
-        try:
-            return ray.get(self.pool.run_runner.remote(args))
-        except ray.exceptions.RayTaskError as exc:
-            raise exc.cause from None
+        return _get(self.pool.run_runner.remote(args))
 
     def status(self) -> list[dict]:
-        import ray
+        return _get(self.pool.status.remote())
 
-        return ray.get(self.pool.status.remote())
+
+def _get(refs):
+    """``ray.get``, raising a failed task's own exception (a one-line EdgepruneError), not Ray's wrapper of it, whose
+    text carries the worker's traceback."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        raise (cause if isinstance(cause, BaseException) else exc) from None
 
 
 def make_executor(spec: str | None):
