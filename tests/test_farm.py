@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sshd import make_server, sshd_available
+from sshd import free_port, make_server, sshd_available
 
 from edgeprune.backends import get_backend
 from edgeprune.device import DeviceError, LocalDevice
@@ -48,6 +48,23 @@ def _build(tmp_path: Path, name: str, **options) -> dict:
         os.environ.pop("EDGEPRUNE_CACHE")
 
 
+def test_bad_executor_and_in_flight_are_one_line_errors(tmp_path):
+    """First in this file: the address check runs only where no Ray is started yet (a build on a worker joins
+    the worker's own Ray, whatever address it names), and the other tests leave a module-wide instance running."""
+    assert not ray.is_initialized()
+    with pytest.raises(BadInput, match="unknown --executor 'spark'; use local"):
+        make_executor("spark")
+    port = free_port()  # nothing listens there: refused in seconds, not after Ray's minutes of retries
+    for spec in (f"ray://127.0.0.1:{port}", f"ray:127.0.0.1:{port}"):
+        with pytest.raises(BadInput, match=f"nothing answers at .*127.0.0.1:{port}.*is the Ray cluster up"):
+            make_executor(spec)
+    with pytest.raises(BadInput, match="expected HOST:PORT"):
+        make_executor("ray:head")
+    with pytest.raises(BadInput, match="--in-flight must be at least 1"):
+        build(BuildOptions(model=TINY, out=tmp_path / "o", in_flight=0), say=lambda _: None)
+    assert not (tmp_path / "o").exists()
+
+
 def test_candidates_on_ray_give_the_same_build_as_in_this_process(ray_instance, tmp_path):
     """Two candidates per round, on Ray workers or one after another here: the same rounds and the same plan.
     jetson-orin's latencies are the roofline estimate (no TensorRT here), so both runs see the same figures."""
@@ -71,14 +88,6 @@ def test_a_task_error_on_ray_is_the_one_line_error_it_raised(ray_instance):
 
 def _fails(_, value):
     raise BadInput(f"--in-flight must be at least 1, got {value}")
-
-
-def test_bad_executor_and_in_flight_are_one_line_errors(tmp_path):
-    with pytest.raises(BadInput, match="unknown --executor 'spark'; use local"):
-        make_executor("spark")
-    with pytest.raises(BadInput, match="--in-flight must be at least 1"):
-        build(BuildOptions(model=TINY, out=tmp_path / "o", in_flight=0), say=lambda _: None)
-    assert not (tmp_path / "o").exists()
 
 
 def test_a_config_builds_its_targets_at_once_on_ray(ray_instance, tmp_path, monkeypatch):

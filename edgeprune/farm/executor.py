@@ -11,6 +11,7 @@ Ray is imported only here and only when asked for, so edgeprune without the ``[r
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,7 @@ class RayExecutor:
         self.name = f"ray ({address})" if address else "ray (local instance)"
         self._started = not ray.is_initialized()
         if self._started:
+            _check_reachable(address)
             options = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
             try:
                 ray.init(**options, log_to_driver=False, logging_level=logging.ERROR)
@@ -134,6 +136,21 @@ def _get(refs):
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         raise (cause if isinstance(cause, BaseException) else exc) from None
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Refuse a HOST:PORT (or ray://HOST:PORT) that accepts no connection, in seconds: ray.init itself retries a
+    dead address for minutes, printing C++ warnings all along. 'auto' and a new local instance need no check."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--executor ray:{address}: expected HOST:PORT, e.g. ray://head:10001 or ray:head:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise BadInput(f"--executor: nothing answers at {address} ({exc.strerror or exc}); is the Ray cluster up?"
+                       " Check the head's address and port (ray status on the head)") from None  # fmt: skip
 
 
 def make_executor(spec: str | None):
