@@ -25,7 +25,12 @@ DEVICE_HELP = (
     " (the board needs Python 3, numpy and the runtime). Give it more than once for a pool of boards that share"
     " the benchmarks."
 )
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune a PyTorch model to a budget on a target.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Prune a PyTorch model to a budget on a target.",
+    rich_markup_mode=None,
+)  # help texts say "[default: 1]": literal, not rich markup
 targets_app = typer.Typer(help="List the target profiles, or show one.", invoke_without_command=True)
 app.add_typer(targets_app, name="targets")
 err = Console(stderr=True, highlight=False)
@@ -283,7 +288,8 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     rounds = "estimated" if report.get("not_measured") else "measured"
     out.print(
         f"budget {what} {verdict}: {report['result']['speedup']:.2f}x faster"
-        f" in {len(report['iterations'])} {rounds} round(s); outputs match PyTorch within"
+        f" in {len({i['step'] for i in report['iterations']})} {rounds} round(s)"
+        f" ({len(report['iterations'])} candidates); outputs match PyTorch within"
         f" {report['validation']['atol']:.2g} (max error {report['validation']['max_abs_err']:.2g}); wrote {out_dir}/"
     )
 

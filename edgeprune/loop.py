@@ -361,7 +361,7 @@ def unreachable_message(
         why = f"; {len(kept_whole)} of {groups} groups cannot be pruned safely and are kept whole ({first[:120]})"
     return (
         f"budget of {budget_ms:.3g} ms p50 not reached: the fastest candidate (ratio {best.plan.ratio:.2f}) ran at"
-        f" {best.latency:.3f} ms on {device} after {len(candidates)} round(s){why}; {advice}"
+        f" {best.latency:.3f} ms on {device} after {len({c.step for c in candidates})} round(s){why}; {advice}"
     )
 
 
