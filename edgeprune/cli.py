@@ -330,6 +330,10 @@ def profile(
     out.print(table)
     out.print(f"cost model: {result['source']}", markup=False, soft_wrap=True)
     if measured:
+        if result.get("timed_beside"):
+            out.print(f"measured ms: each sample timed beside the unpruned model, as the p50 it would have measured"
+                      f" when the unpruned model measured {result['baseline_p50']:.3f} ms (its median)",
+                      markup=False, soft_wrap=True)  # fmt: skip
         out.print(f"cached in {result['cache']}; builds of this model on {result['target']} start from it",
                   markup=False, soft_wrap=True)  # fmt: skip
     else:

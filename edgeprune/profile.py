@@ -113,7 +113,7 @@ def run_profile(
         rows.append(ProfileRow(name, structure.macs(widths) / structure.macs(full), others.predict(widths), p50))
     return {"target": target.name, "model": model_spec, "source": latency.source, "not_measured": None,
             "rows": rows, "cache": str(path), "kept_whole": sorted(whole), "runtime": runtime,
-            "baseline_p50": baseline_p50}  # fmt: skip
+            "baseline_p50": baseline_p50, "timed_beside": ctx.reference is not None}  # fmt: skip
 
 
 def comparable_samples(measurements: list) -> tuple[float, list[float]]:
