@@ -359,26 +359,3 @@ def test_profile_samples_are_scaled_to_the_median_unpruned_p50_timed_beside_them
     assert p50s == pytest.approx([11.5, 6.9, 6.9, 11.5 * 4 / 9])
     alone = [measured(13.0), measured(6.0), measured(9.0)]  # over SSH nothing is timed alongside: as measured
     assert comparable_samples(alone) == (13.0, [13.0, 6.0, 9.0])
-
-
-def test_layer_norms_are_layers_of_the_structure_at_their_pruned_widths():
-    """ConvNeXt runs a LayerNorm per block on the residual width: the structure counts the bytes it moves at the
-    width a plan leaves it, so that cutting the residual width is priced for that work too (MACs are unchanged)."""
-    from edgeprune.model import load_model
-    from edgeprune.score.importance import score_groups
-
-    shape = (1, 3, 64, 64)
-    model, example = load_model("timm:convnext_atto", input_shape=shape).module.eval(), torch.zeros(shape)
-    scored = score_groups(model, example, "magnitude")
-    structure = read_structure(model, example, [g.module for g in scored])
-    plan = uniform_plan(scored, 0.5, 8, "timm:convnext_atto", shape, "magnitude")
-    pruned = apply_plan(model, plan, example)
-    _, outs = structure.layer_widths(structure.widths_of(plan))
-    modules = dict(pruned.named_modules())
-    norms = [(i, layer) for i, layer in enumerate(structure.layers) if layer.kind == "norm"]
-    assert len(norms) == 17  # the stem's, one per block (12), one per downsampling (3), the head's
-    assert all(outs[i] == modules[layer.name].normalized_shape[-1] < layer.out_channels for i, layer in norms)
-    assert structure.macs(structure.widths_of(plan)) == count_macs_params(pruned, example)[0]
-    _, _, moved = structure.per_layer(structure.widths_of(plan))
-    _, _, moved_full = structure.per_layer(structure.full_widths())
-    assert all(moved[i] < moved_full[i] for i, _ in norms)

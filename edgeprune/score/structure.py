@@ -21,12 +21,7 @@ from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import forward_with_layer_hook
 from edgeprune.score.importance import build_graph, prunable_groups
 
-KINDS = ("conv", "depthwise", "linear")  # the layers that compute MACs
-# Norms that do not fold into the layer before them at export (LayerNorm, GroupNorm) are layers of kind "norm": no
-# MACs, but they read and write every element of their input, at the width the groups leave them. ConvNeXt runs one
-# per block on the residual width; without them, a cut of the residual width looked to save less time than it does
-# and MLP cuts more (tools/bench_scorer.py: global allocation slower than uniform at equal MACs).
-NORMS = (nn.LayerNorm, nn.GroupNorm)
+KINDS = ("conv", "depthwise", "linear")
 # Bytes per activation and per weight at a target precision; dynamic-range int8 keeps float activations.
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8-dynamic": 4, "int8": 1}
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8-dynamic": 1, "int8": 1}
@@ -87,11 +82,10 @@ class Structure:
         ins, outs = self.layer_widths(widths)
         kernel = np.array([layer.kernel for layer in self.layers], dtype=float)
         depthwise = np.array([layer.kind == "depthwise" for layer in self.layers])
-        norm = np.array([layer.kind == "norm" for layer in self.layers], dtype=bool)
         groups = np.array([layer.groups for layer in self.layers], dtype=float)
         # A depthwise conv keeps one input channel per output channel however many are pruned.
         per_output = np.where(depthwise, 1.0, ins / groups)
-        weights = np.where(norm, 0.0, outs * per_output * kernel)  # a norm's scale and shift: counted as "+ outs"
+        weights = outs * per_output * kernel
         out_positions = np.array([layer.out_positions for layer in self.layers], dtype=float)
         in_positions = np.array([layer.in_positions for layer in self.layers], dtype=float)
         macs = out_positions * weights
@@ -128,17 +122,7 @@ def read_structure(model: nn.Module, example: torch.Tensor, group_names: list[st
         batch = example.shape[0]  # costs are per sample, as count_macs_params counts them
         shapes[module] = (inputs[0].numel() // (channels_in * batch), output.numel() // (channels_out * batch))
 
-    def norm_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        channels = module.num_channels if isinstance(module, nn.GroupNorm) else module.normalized_shape[-1]
-        positions = inputs[0].numel() // (channels * example.shape[0])
-        shapes[module] = (positions, positions)
-
-    handles = [m.register_forward_hook(norm_hook) for m in model.modules() if isinstance(m, NORMS)]
-    try:
-        forward_with_layer_hook(model, example, hook)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_layer_hook(model, example, hook)
     names = {module: name for name, module in model.named_modules()}
     layers, index = [], {}
     for module, (in_positions, out_positions) in shapes.items():
@@ -160,19 +144,12 @@ def read_structure(model: nn.Module, example: torch.Tensor, group_names: list[st
             module = item.dep.target.module
             if module not in index:
                 continue
-            share = len(item.idxs) / channels[g]
-            sides = [out_cut if item.dep.handler.__name__ == "prune_out_channels" else in_cut]
-            if isinstance(module, NORMS):  # a norm's input and output channels are the same ones
-                sides = [out_cut, in_cut]
-            for side in sides:
-                side[index[module], g] = max(side[index[module], g], share)
+            side = out_cut if item.dep.handler.__name__ == "prune_out_channels" else in_cut
+            side[index[module], g] = max(side[index[module], g], len(item.idxs) / channels[g])
     return Structure(layers, list(group_names), channels, out_cut, in_cut, tuple(example.shape))
 
 
 def _layer(name: str, module: nn.Module, in_positions: int, out_positions: int) -> Layer:
-    if isinstance(module, NORMS):
-        channels = module.num_channels if isinstance(module, nn.GroupNorm) else module.normalized_shape[-1]
-        return Layer(name, "norm", channels, channels, 1, 1, in_positions, out_positions)
     if isinstance(module, nn.Linear):
         return Layer(name, "linear", module.in_features, module.out_features, 1, 1, in_positions, out_positions)
     depthwise = module.groups > 1 and module.groups == module.in_channels
