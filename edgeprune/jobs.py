@@ -79,7 +79,10 @@ def run_job(options: BuildOptions, say) -> tuple[int, dict | None, str | None]:
 def run_jobs(jobs: list[BuildOptions], say, announce: bool) -> list[tuple[BuildOptions, int, dict | None, str | None]]:
     """Run every job: one after another, or, on Ray with several targets, all at once (each build then runs its own
     candidates on the same cluster). Returns (options, exit code, report, error) per job, in the jobs' order."""
-    executor = make_executor(jobs[0].executor) if len(jobs) > 1 else None
+    try:
+        executor = make_executor(jobs[0].executor) if len(jobs) > 1 else None
+    except EdgepruneError as exc:  # a bad --executor, or a cluster that does not answer: every job fails with it
+        return [(options, exc.exit_code, None, str(exc)) for options in jobs]
     if executor is None or isinstance(executor, LocalExecutor):
         results = []
         for options in jobs:

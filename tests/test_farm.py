@@ -19,7 +19,7 @@ from sshd import free_port, make_server, sshd_available
 from edgeprune.backends import get_backend
 from edgeprune.device import DeviceError, LocalDevice
 from edgeprune.errors import BadInput
-from edgeprune.farm.executor import make_executor
+from edgeprune.farm.executor import EXECUTORS_HELP, make_executor
 from edgeprune.farm.pool import DevicePool
 from edgeprune.jobs import plan_jobs, run_jobs
 from edgeprune.model import load_model
@@ -60,6 +60,12 @@ def test_bad_executor_and_in_flight_are_one_line_errors(tmp_path):
             make_executor(spec)
     with pytest.raises(BadInput, match="expected HOST:PORT"):
         make_executor("ray:head")
+    (tmp_path / "edgeprune.toml").write_text(
+        f'model = "{TINY}"\nexecutor = "spark"\n[[targets]]\nname = "jetson-orin"\n[[targets]]\nname = "arm-tflite"\n'
+    )
+    jobs, _ = plan_jobs({"out": str(tmp_path / "out")}, {}, tmp_path / "edgeprune.toml")
+    outcomes = [(code, message) for _, code, _, message in run_jobs(jobs, lambda _: None, announce=True)]
+    assert outcomes == [(2, "unknown --executor 'spark'; use " + EXECUTORS_HELP)] * 2
     with pytest.raises(BadInput, match="--in-flight must be at least 1"):
         build(BuildOptions(model=TINY, out=tmp_path / "o", in_flight=0), say=lambda _: None)
     assert not (tmp_path / "o").exists()
