@@ -30,6 +30,7 @@ from edgeprune.html import write_html
 from edgeprune.loop import (
     SearchContext,
     budget_latency_ms,
+    measure_final,
     measure_plan,
     search,
     timed,
@@ -60,7 +61,6 @@ METHODS = ("auto", "magnitude", "taylor", "compensate", "lowrank", "double", "vo
 IMPORTANCE = {"compensate": "taylor", "lowrank": "l2", "double": "l2", "vote": "magnitude"}
 BATCH = 16
 VALIDATION_SAMPLES = 16
-FINAL_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 f" for {target.precision}; nothing was written"
             )
         with timed(say, "measuring the final artifact"):
-            finals = _measure_final(ctx, artifact, baseline.p50, chosen.latency, budget_ms)
+            finals = measure_final(ctx, artifact, baseline.p50, chosen.latency, budget_ms)
         result = min(finals, key=lambda m: m.comparable_p50(baseline.p50))
         latency = result.comparable_p50(baseline.p50)
         speedup = (result.reference_p50 or baseline.p50) / result.p50
@@ -376,22 +376,6 @@ def _keep_unprunable_whole(ctx: SearchContext, strict: bool) -> None:
         raise BadInput(f"--strict: {len(unprunable)} groups cannot be pruned safely ({names}): {first}")
     ctx.say(f"{len(unprunable)} of {len(ctx.scored)} groups cannot be pruned safely and are kept whole: {names}")
     ctx.keep_whole(unprunable)
-
-
-def _measure_final(ctx: SearchContext, artifact, baseline_p50: float, round_latency: float, budget_ms: float) -> list:
-    """Benchmark the final artifact and return every try (one, unless the machine was busy).
-
-    The final artifact has the accepted round's structure, so the same latency. When it measures over budget while
-    its round did not, something else was using the machine (contention only ever adds time): measure again, at
-    most FINAL_TRIES times in all. The report lists every try.
-    """
-    shape = tuple(ctx.example.shape)
-    finals = [ctx.backend.benchmark(artifact, shape, ctx.target, ctx.device, ctx.reference)]
-    while finals[-1].comparable_p50(baseline_p50) > budget_ms >= round_latency and len(finals) < FINAL_TRIES:
-        ctx.say(f"final artifact measured {finals[-1].comparable_p50(baseline_p50):.3f} ms, its round"
-                f" {round_latency:.3f} ms: busy machine; measuring again")  # fmt: skip
-        finals.append(ctx.backend.benchmark(artifact, shape, ctx.target, ctx.device, ctx.reference))
-    return finals
 
 
 def _score(model, example: torch.Tensor, method: str, batches: list) -> list:
