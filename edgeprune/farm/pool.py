@@ -46,11 +46,6 @@ class DevicePool:
     def label(self) -> str:
         return f"pool of {len(self.devices)} ({', '.join(s.label for s in self.states)})"
 
-    def check(self) -> None:
-        for device in self.devices:
-            if hasattr(device, "check"):
-                device.check()
-
     def status(self) -> list[dict]:
         """Per device: label, runs answered and, when it was set aside, why (the report's ``device_pool``)."""
         with self._free:
