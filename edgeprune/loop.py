@@ -172,10 +172,10 @@ class SearchContext:
             self.scored, ratio, self.target.channel_multiple, self.spec, tuple(self.example.shape), self.method
         )
 
-    def share(self, device=None) -> BuildShare:
-        """The inputs every candidate shares (farm/work.py), on ``device`` (default: the build's)."""
-        return BuildShare(self.model, self.example, self.target, self.backend.name, device or self.device,
-                          self.workdir, self.reference, self.calibration)  # fmt: skip
+    def share(self) -> BuildShare:
+        """The inputs every candidate shares (farm/work.py)."""
+        return BuildShare(self.model, self.example, self.target, self.backend.name, self.device, self.workdir,
+                          self.reference, self.calibration)  # fmt: skip
 
     def measure(self, model: nn.Module, name: str) -> tuple[Measurement, Artifact]:
         """Export ``model`` into its own folder of the work dir and benchmark it on the device, in this process."""

@@ -42,7 +42,7 @@ class LocalExecutor:
 class RayExecutor:
     """Tasks on a Ray cluster: a local instance started here, or an existing cluster by address."""
 
-    def __init__(self, address: str | None, num_cpus: int | None = None) -> None:
+    def __init__(self, address: str | None) -> None:
         try:
             import ray
         except ImportError:
@@ -52,7 +52,7 @@ class RayExecutor:
         self._started = not ray.is_initialized()
         if self._started:
             _check_reachable(address)
-            options = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+            options = {"address": address} if address else {"include_dashboard": False}
             try:
                 ray.init(**options, log_to_driver=False, logging_level=logging.ERROR)
             except Exception as exc:  # ConnectionError and Ray's own: the address is wrong or the cluster down
