@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import print_rows  # noqa: E402
+
 
 def one_candidate(spec: str, shape: tuple[int, ...], device_url: str | None) -> tuple[float, float]:
     """Seconds to prepare (prune + export) and to benchmark one candidate at half the width, alone; benchmarked
@@ -119,12 +122,7 @@ def main() -> int:
     print(f"{args.model} at {args.side}, 2x speedup on x86-openvino, executor {args.executor}, device"
           f" {device or 'this machine'}; one candidate: prepare {prepare:.1f} s + benchmark {bench:.1f} s;"
           f" fixed part of a build {fixed:.0f} s" if fixed is not None else "")  # fmt: skip
-    if args.markdown:
-        print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-        print("\n".join("| " + " | ".join(row) + " |" for row in table))
-    else:
-        for row in [head, *table]:
-            print("  ".join(row))
+    print_rows(head, table, args.markdown)
     return 0
 
 

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import print_rows  # noqa: E402
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -77,12 +80,7 @@ def main() -> int:
         f"{args.model} at {args.side}, {args.ratio:.0%} uniform cut, {args.repeats} repeats on {args.target},"
         f" {target.threads} thread(s)"
     )
-    if args.markdown:
-        print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-        print("\n".join("| " + " | ".join(row) + " |" for row in table))
-    else:
-        for row in [head, *table]:
-            print("  ".join(row))
+    print_rows(head, table, args.markdown)
     return 0
 
 
