@@ -304,6 +304,19 @@ def test_distill_reduces_the_loss():
     assert distill(student, teacher, [], steps=5) == []
 
 
+def test_distill_that_never_beats_its_start_gives_back_the_start():
+    # A student that already matches its teacher (as a least-squares refit can leave it) and steps large enough to
+    # undo it: held-out fidelity never beats the start, so the starting weights must come back, not the last ones.
+    teacher = _tiny(seed=0)
+    student = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(4, 3, 8, 8, generator=generator), torch.randint(0, 4, (4,), generator=generator))]
+    held_out = [(torch.randn(8, 3, 8, 8, generator=generator), None)]
+    losses = distill(student, teacher, batches, steps=20, lr=1.0, held_out=held_out, patience=2)
+    assert 0 < len(losses) < 20  # it stopped early
+    _assert_same_state(teacher.state_dict(), student.state_dict())
+
+
 def test_quality_accuracy_with_labels_fidelity_without():
     model, other = _tiny(seed=0), _tiny(seed=2)
     x = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(6))

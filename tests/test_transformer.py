@@ -205,3 +205,27 @@ def test_unknown_structures_is_one_line_bad_input(tmp_path):
     assert result.exit_code == 2
     assert "unknown --structures 'layers'; known: all, heads, neurons" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_compensation_of_an_encoder_fits_real_tokens_only():
+    # Padding never reaches an encoder's output (attention and pooling mask it), so the least-squares refit must
+    # not fit it: the same sentences batched together (shorter ones padded) or one by one (no padding at all) must
+    # give the same refit, and it must bring the pruned embeddings closer to the unpruned ones.
+    from edgeprune.rewrite.compensate import compensate
+
+    model, example = _tiny_bert(), _ids()
+    plan = uniform_plan(score_groups(model, example, "magnitude"), 0.5, 8, "m", tuple(example.shape), "t")
+    ids, lengths = _ids(24, seed=3), torch.randint(4, LENGTH, (24,), generator=torch.Generator().manual_seed(4))
+    for row, length in enumerate(lengths):
+        ids[row, length:] = 0
+    batched, one_by_one = apply_plan(model, plan, example), apply_plan(model, plan, example)
+    report = compensate(model, batched, [ids[:12], ids[12:]])
+    compensate(model, one_by_one, [ids[i : i + 1, :length] for i, length in enumerate(lengths)])
+    assert report and all(name.endswith("dense") for name in report)  # the layers after the cut heads and neurons
+    for name, value in batched.state_dict().items():
+        torch.testing.assert_close(value, one_by_one.state_dict()[name], rtol=1e-3, atol=1e-4, msg=name)
+    held_out, pruned = _ids(16, seed=5), apply_plan(model, plan, example)
+    with torch.no_grad():
+        reference = model(held_out)
+        cosine = [float(torch.cosine_similarity(m(held_out), reference).mean()) for m in (pruned, batched)]
+    assert cosine[1] > cosine[0], cosine

@@ -10,6 +10,10 @@ activations of the already-refitted layers before it, so errors do not pile up. 
 batch by batch (AᵀA is d×d for d = inputs × kernel size), so memory does not grow with the calibration set.
 λ is ``ridge`` × the mean of diag(AᵀA): scale-free. Grouped and depthwise convolutions are left as they are (a cut
 input of a depthwise conv removes its output too).
+
+For a token-id model (a transformer encoder), only the rows of real tokens are fitted: padding positions are masked
+out of attention and pooling, so what a layer computes there never reaches the output, and sentences padded to the
+sequence length are mostly padding (fitting it spent the refit on rows that do not matter).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from edgeprune.text import trim_padding
 
 RIDGE = 1e-3
 
@@ -60,7 +66,8 @@ def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.T
     """Refit, in place, every layer of ``pruned`` (made by apply_plan) whose inputs were cut; return per layer its
     relative output error on the calibration images before its refit."""
     kept = getattr(pruned, "edgeprune_kept", {})
-    batches = [b for b in batches]
+    batches = [trim_padding(pruned, b) for b in batches]
+    masks = [_token_rows(pruned, b) for b in batches]
     modules, reference_modules = dict(pruned.named_modules()), dict(original.named_modules())
     order = _forward_order(pruned, batches[0][:1])
     report = {}
@@ -77,16 +84,19 @@ def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.T
         err_before = total = 0.0
         try:
             with torch.no_grad():
-                for x in batches:
+                for x, mask in zip(batches, masks, strict=True):
                     pruned(x), original(x)
                     a = _rows(layer, inputs["value"])
+                    y = _targets(layer, expected["value"])[:, outputs]
+                    before = _targets(layer, produced["value"])
+                    if mask is not None and len(mask) == len(a):  # a layer applied per token: real tokens only
+                        a, y, before = a[mask], y[mask], before[mask]
                     if layer.bias is not None:
                         a = torch.cat([a, torch.ones(len(a), 1)], dim=1)
-                    a = a.double()
-                    y = _targets(layer, expected["value"])[:, outputs].double()
+                    a, y = a.double(), y.double()
                     gram = a.T @ a if gram is None else gram + a.T @ a
                     moment = a.T @ y if moment is None else moment + a.T @ y
-                    err_before += float(((_targets(layer, produced["value"]).double() - y) ** 2).sum())
+                    err_before += float(((before.double() - y) ** 2).sum())
                     total += float((y**2).sum())
         finally:
             handle.remove(), handle_out.remove(), handle_ref.remove()
@@ -99,6 +109,14 @@ def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.T
             layer.weight.copy_(solution.T.reshape(layer.weight.shape))
         report[name] = {"relative_error_before": (err_before / max(total, 1e-12)) ** 0.5}
     return report
+
+
+def _token_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Which rows of a per-token layer's flattened input are real tokens, for a token-id model (else None)."""
+    pad = getattr(model, "pad_id", None)
+    if pad is None or x.dtype != torch.int64 or x.dim() != 2:
+        return None
+    return (x != pad).reshape(-1)
 
 
 def _out_size(layer: nn.Module) -> int:

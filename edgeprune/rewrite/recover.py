@@ -39,14 +39,21 @@ def recalibrate_batchnorm(model: nn.Module, batches: Batches) -> int:
 
 
 class EarlyStopping:
-    """Keeps the weights that scored best held out, and says when ``patience`` checks in a row brought nothing."""
+    """Keeps the weights that scored best held out, and says when ``patience`` checks in a row brought nothing.
 
-    def __init__(self, model: nn.Module, patience: int, best: float = -1.0) -> None:
-        self.model, self.patience, self.best, self.state, self.waited = model, patience, best, None, 0
+    Given the score of the weights it starts from (``best``), it keeps those weights too: a run that never beats
+    them restores them, rather than ending on its last, worse, weights (which had undone a least-squares refit)."""
+
+    def __init__(self, model: nn.Module, patience: int, best: float | None = None) -> None:
+        self.model, self.patience, self.waited = model, patience, 0
+        self.best, self.state = (-1.0, None) if best is None else (best, self._copy())
+
+    def _copy(self) -> dict:
+        return {k: v.clone() for k, v in self.model.state_dict().items()}
 
     def stop(self, score: float) -> bool:
         if score > self.best:
-            self.best, self.state, self.waited = score, {k: v.clone() for k, v in self.model.state_dict().items()}, 0
+            self.best, self.state, self.waited = score, self._copy(), 0
             return False
         self.waited += 1
         return self.waited >= self.patience
