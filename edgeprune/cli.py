@@ -122,6 +122,10 @@ def build(
     force: Annotated[bool, typer.Option(help="Replace an output folder that already holds files.")] = False,
     max_rounds: Annotated[int | None, typer.Option(help="Most measured rounds of the search [default: 4].")] = None,
     recover_steps: Annotated[int | None, typer.Option(help="Distillation steps (needs --calib) [default: 20].")] = None,
+    calib_limit: Annotated[
+        int | None,
+        typer.Option(help="Most samples read from each of --train, --calib, --aux [default: 256 images; all text]."),
+    ] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow weights files that need unpickling.")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on layers that cannot be pruned, not keep them.")] = False,
     plan: Annotated[str | None, typer.Option(help="Replay this plan.json instead of searching.")] = None,
@@ -140,7 +144,7 @@ def build(
         "target": target, "model": model, "weights": weights, "input_shape": input_shape, "calib": calib,
         "method": method, "allocation": allocation, "structures": structures,
         "device": ",".join(device) if device else None, "out": out_dir, "executor": executor,
-        "in_flight": in_flight, "max_rounds": max_rounds, "recover_steps": recover_steps,
+        "in_flight": in_flight, "max_rounds": max_rounds, "recover_steps": recover_steps, "calib_limit": calib_limit,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
         "compensate": compensate or None, "bank": bank, "train": train, "aux": aux, "adapt_steps": adapt_steps,
     }  # fmt: skip

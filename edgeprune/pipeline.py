@@ -60,6 +60,9 @@ METHODS = ("auto", "magnitude", "taylor", "compensate", "lowrank", "double", "vo
 # compensate: taylor, as its refit needs task data anyway (with magnitude, a 2x build stayed at chance: README)
 IMPORTANCE = {"compensate": "taylor", "lowrank": "l2", "double": "l2", "vote": "magnitude"}
 BATCH = 16
+# Images are read into memory whole, and a few hundred pin down BN statistics, int8 ranges and a refit; token ids are
+# small, and distilling a pruned encoder wants every sentence there is (README, issue 6).
+IMAGE_SAMPLES = 256
 VALIDATION_SAMPLES = 16
 
 
@@ -84,7 +87,7 @@ class BuildOptions:
     force: bool = False
     max_rounds: int = 4
     recover_steps: int = 20
-    calib_limit: int = 256
+    calib_limit: int | None = None  # most samples read per data set; None: IMAGE_SAMPLES, or every sentence
     seed: int = 0
     trust_pickle: bool = False
     strict: bool = False  # a group that cannot be pruned safely is an error, not kept whole
@@ -115,6 +118,8 @@ def build(options: BuildOptions, say=print) -> dict:
         raise BadInput(f"--max-rounds must be at least 1, got {options.max_rounds}")
     if options.in_flight < 1:
         raise BadInput(f"--in-flight must be at least 1, got {options.in_flight}")
+    if options.calib_limit is not None and options.calib_limit < 1:
+        raise BadInput(f"--calib-limit must be at least 1, got {options.calib_limit}")
     backend = get_backend(target.backend)
     backend.require()
     device = measuring_device(open_device(options.device or target.device), backend, target, say)
@@ -124,10 +129,10 @@ def build(options: BuildOptions, say=print) -> dict:
     shape, mean, std = loaded.input.shape, loaded.input.mean, loaded.input.std
     # --train: the task's labelled data; --calib: unlabelled images (int8 ranges, BN, compensation) where given.
     spec = loaded.input
-    data = load_dataset(options.train or options.calib, shape, mean, std, options.calib_limit, spec=spec)
-    calib = load_dataset(options.calib, shape, mean, std, options.calib_limit, spec=spec) if options.train and \
-        options.calib else None  # fmt: skip
-    aux = load_dataset(options.aux, shape, mean, std, options.calib_limit, spec=spec) if options.aux else None
+    limit = options.calib_limit or (None if spec.takes_ids else IMAGE_SAMPLES)
+    data = load_dataset(options.train or options.calib, shape, mean, std, limit, spec=spec)
+    calib = load_dataset(options.calib, shape, mean, std, limit, spec=spec) if options.train and options.calib else None
+    aux = load_dataset(options.aux, shape, mean, std, limit, spec=spec) if options.aux else None
     if options.method == "vote" and (not options.bank or data.synthetic):
         raise BadInput("--method vote needs --bank DIR (earlier builds' kept channels) and the task's --calib DATA")
     if target.precision == "int8" and data.synthetic:

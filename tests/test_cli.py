@@ -67,6 +67,7 @@ def test_targets_show_prints_json_that_matches_the_profile():
         (["--target", "arm-tflite-int8"], ["int8", "pass --calib DATA"]),
         (["--calib", "nowhere.npz"], ["nowhere.npz"]),
         (["--method", "guess"], ["--method"]),
+        (["--calib-limit", "0"], ["--calib-limit must be at least 1"]),
         (["--memory-mb", "-1"], ["--memory-mb must be positive"]),
         (["--device", "ssh://nobody@127.0.0.1:1"], ["ssh://nobody@127.0.0.1:1", "step 'connect' failed"]),
         (["--device", "telnet://board"], ["not supported"]),

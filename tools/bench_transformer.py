@@ -2,13 +2,15 @@
 figures come from here.
 
     python tools/bench_transformer.py [--speedup 2] [--seq-len 128] [--structures heads neurons all]
-                                      [--recover-steps 300] [--calib-limit 1500] [--no-task] [--markdown]
+                                      [--recover-steps 300] [--corpus 30000] [--compensate] [--no-task] [--markdown]
 
 Data: sentences of the Python standard library's docstrings (tools/text_task.py), split into sentences to calibrate
-and distil on and 400 held-out sentences never seen by a build. For each --structures (attention heads only, MLP
-neurons only, or both), `edgeprune build --speedup S --calib sentences.txt` on x86-openvino, with recovery by
-cosine distillation of the unpruned embeddings; then the measured speedup, and the mean cosine similarity of the
-*shipped OpenVINO artifact's* embeddings of the held-out sentences to the unpruned model's (PyTorch).
+and distil on and 400 held-out sentences never seen by a build; with --corpus N, N more unlabelled sentences to
+distil on, from the docstrings of installed packages (torch, numpy, scipy, ...; none of the held-out ones).
+For each --structures (attention heads only, MLP neurons only, or both), `edgeprune build --speedup S --calib
+sentences.txt` on x86-openvino (--compensate: with the least-squares refit), with recovery by cosine distillation
+of the unpruned embeddings; then the measured speedup, and the mean cosine similarity of the *shipped OpenVINO
+artifact's* embeddings of the held-out sentences to the unpruned model's (PyTorch).
 
 The labelled task (unless --no-task): which of 10 library packages a sentence documents. `--train train.tsv` gives
 the encoder a classifier, fine-tuned first; then the unpruned reference (a MACs budget of 1.0: nothing cut) and the
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from text_task import write_task  # noqa: E402
+from text_task import write_corpus, write_task  # noqa: E402
 
 SPEC = "edgeprune.zoo:minilm_l6"
 HELD_OUT = 400
@@ -50,7 +52,7 @@ def build(args, out: Path, structures: str, calib: Path, train: Path | None = No
     budget = Budget(macs_ratio=1.0) if unpruned else Budget(speedup=args.speedup)
     options = BuildOptions(
         model=SPEC, input_shape=(1, args.seq_len), calib=str(calib), train=str(train) if train else None, out=out,
-        force=True, budget=budget, structures=structures, recover_steps=args.recover_steps,
+        force=True, budget=budget, structures=structures, recover_steps=args.recover_steps, compensate=args.compensate,
         calib_limit=args.calib_limit, adapt_steps=args.adapt_steps,
     )  # fmt: skip
     started = time.perf_counter()
@@ -67,7 +69,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--structures", nargs="*", default=["heads", "neurons", "all"])
     parser.add_argument("--recover-steps", type=int, default=300)
-    parser.add_argument("--calib-limit", type=int, default=1500)
+    parser.add_argument("--corpus", type=int, default=0, help="unlabelled sentences to add for distillation")
+    parser.add_argument("--compensate", action="store_true", help="the least-squares refit before distillation")
+    parser.add_argument("--calib-limit", type=int, default=None, help="default: every calibration sentence")
     parser.add_argument("--adapt-steps", type=int, default=150)
     parser.add_argument("--no-task", action="store_true", help="skip the labelled task")
     parser.add_argument("--markdown", action="store_true")
@@ -79,7 +83,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-transformer-"))
     write_task(work)
     sentences, _ = read_text(work / "sentences.txt")
-    (work / "calib.txt").write_text("\n".join(sentences[HELD_OUT:]) + "\n")
+    calib = sentences[HELD_OUT:]
+    if args.corpus:
+        write_corpus(work, set(sentences[:HELD_OUT]))
+        calib += (work / "corpus.txt").read_text(encoding="utf-8").splitlines()[: args.corpus]
+    (work / "calib.txt").write_text("\n".join(calib) + "\n", encoding="utf-8")
+    args.calib_limit = args.calib_limit or len(calib)
+    print(f"{len(calib)} sentences to calibrate and distil on, {HELD_OUT} held out", file=sys.stderr)
     loaded = load_model(SPEC, input_shape=(1, args.seq_len))
     held_ids = tokenize(loaded.input.tokenizer, sentences[:HELD_OUT], args.seq_len)
     with torch.no_grad():
