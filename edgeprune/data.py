@@ -296,14 +296,18 @@ def labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> D
     return replace(data, y=None)
 
 
+HELD_OUT_MAX = 1024
+
+
 def split_held_out(data: Dataset) -> tuple[Dataset, Dataset]:
-    """A scoring/recovery part and a held-out evaluation part (a quarter, at least 8 samples when possible).
+    """A scoring/recovery part and a held-out evaluation part (a quarter, at least 8 samples when possible, at most
+    HELD_OUT_MAX: a thousand samples judge a recovery well enough, and a large text corpus is better spent on it).
 
     Stratified by label when there are labels (the same share of every class held out), shuffled with a fixed seed
     otherwise: an ImageFolder is read class by class, so its last quarter would otherwise be its last classes only.
     Both parts come in that order: with labels, round-robin over the classes, so every batch holds every class.
     """
-    held = min(len(data) // 2, max(8, len(data) // 4)) if len(data) >= 2 else 0
+    held = min(len(data) // 2, max(8, min(HELD_OUT_MAX, len(data) // 4))) if len(data) >= 2 else 0
     if held == 0:
         return data, data
     order = np.random.default_rng(0).permutation(len(data))

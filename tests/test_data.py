@@ -376,3 +376,11 @@ def test_the_held_out_split_is_stratified_and_every_batch_mixes_the_classes():
         assert len(set(labels.tolist())) >= min(len(labels), 10) * 0.8
         assert all(int(data.y[int(v)]) == int(label) for v, label in zip(x.flatten(), labels, strict=True))
     assert sorted(torch.cat([train.x, held.x]).flatten().tolist()) == list(range(100))  # nothing lost or repeated
+
+
+def test_a_large_data_set_holds_out_at_most_held_out_max():
+    from edgeprune.data import HELD_OUT_MAX, split_held_out
+
+    data = Dataset(x=torch.zeros(10_000, 4, dtype=torch.int64), y=None, source="corpus", synthetic=False)
+    train, held = split_held_out(data)
+    assert len(held) == HELD_OUT_MAX and len(train) == 10_000 - HELD_OUT_MAX  # not a quarter: 2,500
