@@ -2,18 +2,14 @@
 
 After channels are removed, each conv or linear layer whose inputs were cut is refitted by least squares so that,
 on calibration images, its output from the pruned network's activations matches what the unpruned layer produced
-from the unpruned network's: W = argmin ||A W - Y||² + λ||W - W₀||², with A the pruned layer's (unfolded) inputs plus a
+from the unpruned network's: W = argmin ||A W - Y||² + λ||W||², with A the pruned layer's (unfolded) inputs plus a
 column of ones where the layer has a bias (which then also corrects the shift of the mean; a layer without one keeps
 its parameters' names, so plan.json and the saved weights still replay), Y the unpruned layer's outputs at the
-channels the pruned layer keeps, W₀ the pruned layer's own weights. Layers are refitted in forward order, each on the
+channels the pruned layer keeps. Layers are refitted in forward order, each on the
 activations of the already-refitted layers before it, so errors do not pile up. The normal equations are summed
 batch by batch (AᵀA is d×d for d = inputs × kernel size), so memory does not grow with the calibration set.
-λ is a multiple of the mean of diag(AᵀA) (scale-free), chosen per layer: fitted on half of the samples, the one
-that best predicts the other half wins, and a layer whose pretrained weights predict it better than any refit keeps
-them. The ridge pulls W towards W₀, not towards zero. Both matter where the calibration rows barely outnumber a
-layer's inputs (a late 1×1 conv on 2×2 maps, or the classifier, from a few dozen images): a plain fit there follows
-the rows' noise (suspected in the 2x builds that a refit left at chance: README, issue 4). Grouped and depthwise
-convolutions are left as they are (a cut input of a depthwise conv removes its output too).
+λ is ``ridge`` × the mean of diag(AᵀA): scale-free. Grouped and depthwise convolutions are left as they are (a cut
+input of a depthwise conv removes its output too).
 
 For a token-id model (a transformer encoder), only the rows of real tokens are fitted: padding positions are masked
 out of attention and pooling, so what a layer computes there never reaches the output, and sentences padded to the
@@ -31,10 +27,6 @@ from torch.nn import functional as F
 from edgeprune.text import trim_padding
 
 RIDGE = 1e-3
-# Where the calibration rows barely outnumber a layer's inputs, the least-squares fit follows their noise: in a
-# two-layer MLP with 32 kept inputs, a refit from 64 samples did worse on other inputs than no refit (relative error
-# 0.79 against 0.69). So each layer's ridge is chosen on held-out halves of the samples, among these multiples.
-RIDGE_SCALES = (1.0, 30.0, 1000.0)
 
 
 def _capture(module: nn.Module, what: str):
@@ -88,9 +80,8 @@ def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.T
         inputs, handle = _capture(layer, "input")
         produced, handle_out = _capture(layer, "output")
         expected, handle_ref = _capture(reference_modules[name], "output")
-        grams, moments = [0.0, 0.0], [0.0, 0.0]  # the two halves of the samples: even and odd
+        gram = moment = None
         err_before = total = 0.0
-        seen = 0
         try:
             with torch.no_grad():
                 for x, mask in zip(batches, masks, strict=True):
@@ -98,64 +89,26 @@ def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.T
                     a = _rows(layer, inputs["value"])
                     y = _targets(layer, expected["value"])[:, outputs]
                     before = _targets(layer, produced["value"])
-                    half = (seen + torch.arange(len(a)) // max(1, len(a) // len(x))) % 2  # each row's sample's half
-                    seen += len(x)
                     if mask is not None and len(mask) == len(a):  # a layer applied per token: real tokens only
-                        a, y, before, half = a[mask], y[mask], before[mask], half[mask]
+                        a, y, before = a[mask], y[mask], before[mask]
                     if layer.bias is not None:
                         a = torch.cat([a, torch.ones(len(a), 1)], dim=1)
                     a, y = a.double(), y.double()
-                    for part in (0, 1):
-                        rows = half == part
-                        grams[part] = grams[part] + a[rows].T @ a[rows]
-                        moments[part] = moments[part] + a[rows].T @ y[rows]
+                    gram = a.T @ a if gram is None else gram + a.T @ a
+                    moment = a.T @ y if moment is None else moment + a.T @ y
                     err_before += float(((before.double() - y) ** 2).sum())
                     total += float((y**2).sum())
         finally:
             handle.remove(), handle_out.remove(), handle_ref.remove()
-        prior = _current(layer).double()
-        chosen = _choose_ridge(grams, moments, prior, ridge)
-        report[name] = {"relative_error_before": (err_before / max(total, 1e-12)) ** 0.5, "ridge": chosen}
-        if chosen is None:
-            continue  # the refit did worse on unseen samples than the pretrained weights: keep them
-        solution = _solve(grams[0] + grams[1], moments[0] + moments[1], prior, chosen).float()
+        damping = ridge * float(gram.diagonal().mean())
+        solution = torch.linalg.solve(gram + damping * torch.eye(len(gram), dtype=gram.dtype), moment).float()
         with torch.no_grad():
             if layer.bias is not None:
                 layer.bias.copy_(solution[-1])
                 solution = solution[:-1]
             layer.weight.copy_(solution.T.reshape(layer.weight.shape))
+        report[name] = {"relative_error_before": (err_before / max(total, 1e-12)) ** 0.5}
     return report
-
-
-def _solve(gram: torch.Tensor, moment: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
-    """argmin ||A W - Y||² + λ||W - prior||², λ = ``ridge`` × the mean of diag(AᵀA)."""
-    damping = ridge * float(gram.diagonal().mean())
-    return torch.linalg.solve(gram + damping * torch.eye(len(gram), dtype=gram.dtype), moment + damping * prior)
-
-
-def _choose_ridge(grams: list, moments: list, prior: torch.Tensor, ridge: float) -> float | None:
-    """The ridge (of ``ridge`` × RIDGE_SCALES) whose refit, fitted on one half of the samples, best predicts the
-    other half (both ways round); None when the pretrained weights predict it better than any refit. The error of
-    W on a half is tr(WᵀGW) - 2·tr(WᵀM) plus a constant, so the halves' normal equations are all it needs."""
-    if not all(isinstance(g, torch.Tensor) and g.diagonal().sum() > 0 for g in grams):
-        return ridge  # too few samples to split: the default
-
-    def error(weights: list[torch.Tensor]) -> float:  # weights[i], fitted on half i, tested on the other half
-        tested = zip(weights, reversed(grams), reversed(moments), strict=True)
-        return sum(float((w * (g @ w)).sum() - 2 * (w * m).sum()) for w, g, m in tested)
-
-    best, best_error = None, error([prior, prior])
-    for scale in RIDGE_SCALES:
-        candidate = error([_solve(grams[i], moments[i], prior, ridge * scale) for i in (0, 1)])
-        if candidate < best_error:
-            best, best_error = ridge * scale, candidate
-    return best
-
-
-def _current(layer: nn.Module) -> torch.Tensor:
-    """The layer's weights (and bias) laid out as the solution is: one column per output, one row per input."""
-    weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).T
-    return weight if layer.bias is None else torch.cat([weight, layer.bias.detach()[None]])
 
 
 def _token_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

