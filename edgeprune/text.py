@@ -62,11 +62,19 @@ def trim_padding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Sentences padded to the budget's sequence length are mostly padding; the mask keeps padding out of attention and
     pooling, so dropping it changes no output but makes training and scoring several times faster."""
+    real = token_mask(model, x)
+    if real is None:
+        return x
+    used = real.any(dim=0).nonzero()
+    return x[:, : int(used.max()) + 1] if len(used) else x[:, :1]
+
+
+def token_mask(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Where ``x`` holds real tokens (not padding), for a token-id model's batch of ids; None for anything else."""
     pad = getattr(model, "pad_id", None)
     if pad is None or x.dtype != torch.int64 or x.dim() != 2:
-        return x
-    used = (x != pad).any(dim=0).nonzero()
-    return x[:, : int(used.max()) + 1] if len(used) else x[:, :1]
+        return None
+    return x != pad
 
 
 def similarity_loss(embeddings: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgeprune.text import trim_padding
+from edgeprune.text import token_mask, trim_padding
 
 RIDGE = 1e-3
 
@@ -67,7 +67,8 @@ def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.T
     relative output error on the calibration images before its refit."""
     kept = getattr(pruned, "edgeprune_kept", {})
     batches = [trim_padding(pruned, b) for b in batches]
-    masks = [_token_rows(pruned, b) for b in batches]
+    masks = [token_mask(pruned, b) for b in batches]
+    masks = [m.reshape(-1) if m is not None else None for m in masks]  # per row of a per-token layer
     modules, reference_modules = dict(pruned.named_modules()), dict(original.named_modules())
     order = _forward_order(pruned, batches[0][:1])
     report = {}
@@ -109,14 +110,6 @@ def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.T
             layer.weight.copy_(solution.T.reshape(layer.weight.shape))
         report[name] = {"relative_error_before": (err_before / max(total, 1e-12)) ** 0.5}
     return report
-
-
-def _token_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Which rows of a per-token layer's flattened input are real tokens, for a token-id model (else None)."""
-    pad = getattr(model, "pad_id", None)
-    if pad is None or x.dtype != torch.int64 or x.dim() != 2:
-        return None
-    return (x != pad).reshape(-1)
 
 
 def _out_size(layer: nn.Module) -> int:
