@@ -2,7 +2,8 @@
 figures come from here.
 
     python tools/bench_transformer.py [--speedup 2] [--seq-len 128] [--structures heads neurons all]
-                                      [--recover-steps 300] [--corpus 30000] [--compensate] [--no-task] [--markdown]
+                                      [--recover-steps 300] [--corpus 30000] [--compensate] [--in-flight 2]
+                                      [--no-task] [--markdown]
 
 Data: sentences of the Python standard library's docstrings (tools/text_task.py), split into sentences to calibrate
 and distil on and 400 held-out sentences never seen by a build; with --corpus N, N more unlabelled sentences to
@@ -53,7 +54,7 @@ def build(args, out: Path, structures: str, calib: Path, train: Path | None = No
     options = BuildOptions(
         model=SPEC, input_shape=(1, args.seq_len), calib=str(calib), train=str(train) if train else None, out=out,
         force=True, budget=budget, structures=structures, recover_steps=args.recover_steps, compensate=args.compensate,
-        calib_limit=args.calib_limit, adapt_steps=args.adapt_steps,
+        calib_limit=args.calib_limit, adapt_steps=args.adapt_steps, in_flight=args.in_flight,
     )  # fmt: skip
     started = time.perf_counter()
     try:
@@ -73,6 +74,9 @@ def main() -> None:
     parser.add_argument("--compensate", action="store_true", help="the least-squares refit before distillation")
     parser.add_argument("--calib-limit", type=int, default=None, help="default: every calibration sentence")
     parser.add_argument("--adapt-steps", type=int, default=150)
+    parser.add_argument("--in-flight", type=int, default=1,
+                        help="candidates per round (2: goals at the band's edges, so the least pruned can land near"
+                        " the budget)")
     parser.add_argument("--no-task", action="store_true", help="skip the labelled task")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
