@@ -137,3 +137,14 @@ def test_which_budgets_time_candidates_beside_the_unpruned_model():
     assert not timed_beside_baseline("latency_ms", local, 5.0, 8.0)  # met unpruned: nothing to compare
     assert not timed_beside_baseline("latency_ms", board, 5.0, 3.0)  # the user's own board: no doubled rounds
     assert not timed_beside_baseline("memory_mb", local, 5.0, float("inf"))
+
+
+def test_the_closing_table_says_when_quality_was_measured_on_random_inputs():
+    from edgeprune.report import summary_rows
+
+    size = {"latency_ms": {"p50": 2.0, "p99": 3.0}, "macs": 1e6, "params": 1e3, "size_bytes": 1e4}
+    report = {"baseline": size, "result": size | {"comparable_p50": 1.0}, "measured_on": "local"}
+    synthetic = {"metric": "fidelity", "baseline": 1.0, "result": 0.0, "evaluated_on": "synthetic inputs"}
+    real = synthetic | {"evaluated_on": "16 held-out samples"}
+    assert summary_rows(report | {"quality": synthetic})[-1][0] == "fidelity (random inputs)"
+    assert summary_rows(report | {"quality": real})[-1][0] == "fidelity"
