@@ -74,9 +74,12 @@ def main() -> None:
     parser.add_argument("--compensate", action="store_true", help="the least-squares refit before distillation")
     parser.add_argument("--calib-limit", type=int, default=None, help="default: every calibration sentence")
     parser.add_argument("--adapt-steps", type=int, default=150)
-    parser.add_argument("--in-flight", type=int, default=1,
-                        help="candidates per round (2: goals at the band's edges, so the least pruned can land near"
-                        " the budget)")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=1,
+        help="candidates per round (2: goals at the band's edges, so the least pruned can land near the budget)",
+    )
     parser.add_argument("--no-task", action="store_true", help="skip the labelled task")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
