@@ -45,3 +45,50 @@ def test_compensation_brings_the_pruned_outputs_back_and_keeps_the_structure():
     assert {k: v.shape for k, v in compensated.state_dict().items()} == shapes  # same parameters: plans replay
     before, after = _relative_error(pruned, model, held_out), _relative_error(compensated, model, held_out)
     assert after < 0.5 * before, (before, after)  # on images it was not fitted on
+
+
+class SamePadConv(nn.Conv2d):
+    """Pads inside forward, as EfficientNet's and timm's same-padding convs do: at 1×1 and stride 1 it pads nothing."""
+
+    def forward(self, x):
+        k = self.kernel_size[0] - 1
+        return super().forward(nn.functional.pad(x, (k // 2, k - k // 2, k // 2, k - k // 2)))
+
+
+class StandardisedConv(nn.Conv2d):
+    """Normalises its weights in forward (weight standardisation): what it multiplies is not its weight."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class Subclassed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.pointwise = SamePadConv(16, 16, 1)
+        self.spatial = SamePadConv(16, 16, 3)
+        self.standardised = StandardisedConv(16, 16, 1)
+        self.head = nn.Conv2d(48, 8, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head(torch.cat([self.pointwise(x), self.spatial(x), self.standardised(x)], 1))
+
+
+def test_a_conv_subclass_is_refitted_only_where_it_computes_a_plain_conv():
+    torch.manual_seed(0)
+    model = Subclassed().eval()
+    example = torch.zeros(SHAPE)
+    plan = uniform_plan(score_groups(model, example, "magnitude"), 0.5, 4, "sub", SHAPE, "magnitude")
+    pruned = apply_plan(model, plan, example)
+    assert all("in" in pruned.edgeprune_kept[n] for n in ("pointwise", "spatial", "standardised"))
+    before = {n: getattr(pruned, n).weight.clone() for n in ("spatial", "standardised")}
+    report = compensate(model, pruned, [torch.randn(16, *SHAPE[1:])])
+    # The 1×1 same-padding conv is a plain conv on its input (EfficientNet-Lite0's are such a subclass): refitted.
+    assert {"pointwise", "head"} <= set(report)
+    # Padding inside forward (3×3) or standardised weights: the unfolded rows are not what it multiplies; kept as is.
+    assert "spatial" not in report and "standardised" not in report
+    assert all(torch.equal(getattr(pruned, n).weight, w) for n, w in before.items())

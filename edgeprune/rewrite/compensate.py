@@ -9,7 +9,7 @@ channels the pruned layer keeps. Layers are refitted in forward order, each on t
 activations of the already-refitted layers before it, so errors do not pile up. The normal equations are summed
 batch by batch (AᵀA is d×d for d = inputs × kernel size), so memory does not grow with the calibration set.
 λ is ``ridge`` × the mean of diag(AᵀA): scale-free. Grouped and depthwise convolutions are left as they are (a cut
-input of a depthwise conv removes its output too).
+input of a depthwise conv removes its output too), and so is a conv subclass that does more than a plain conv.
 
 For a token-id model (a transformer encoder), only the rows of real tokens are fitted: padding positions are masked
 out of attention and pooling, so what a layer computes there never reaches the output, and sentences padded to the
@@ -55,11 +55,25 @@ def _targets(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 
 def compensable(layer: nn.Module) -> bool:
+    """Dense conv or linear layers (subclasses too, where ``_plain`` finds that they compute a plain one)."""
     if isinstance(layer, nn.Linear):
         return True
-    # Exactly nn.Conv2d: subclasses (timm's same-padding conv) pad inside forward, so their hooked input is not
-    # what the kernel slides over.
-    return type(layer) is nn.Conv2d and layer.groups == 1 and isinstance(layer.padding, tuple)
+    return isinstance(layer, nn.Conv2d) and layer.groups == 1 and isinstance(layer.padding, tuple)
+
+
+def _plain(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether ``layer`` computed ``y`` from its input ``x`` as a plain conv with its own attributes. A subclass may
+    pad inside forward (EfficientNet's and timm's same-padding convs; at 1×1 and stride 1 they pad nothing) or
+    transform its weights (weight standardisation): then the rows unfolded here are not what its weights multiply,
+    and a refit would be wrong. Checked on the layer's real input, not guessed from its class: EfficientNet-Lite0's
+    1×1 convs are such a subclass, and excluding every subclass left its refit one layer, the classifier."""
+    if type(layer) in (nn.Linear, nn.Conv2d):
+        return True
+    if isinstance(layer, nn.Linear):
+        expected = F.linear(x, layer.weight, layer.bias)
+    else:
+        expected = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation)
+    return expected.shape == y.shape and torch.allclose(expected, y, rtol=1e-4, atol=1e-5)
 
 
 def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.Tensor], ridge: float = RIDGE) -> dict:
@@ -87,6 +101,8 @@ def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.T
             with torch.no_grad():
                 for x, mask in zip(batches, masks, strict=True):
                     pruned(x), original(x)
+                    if gram is None and not _plain(layer, inputs["value"], produced["value"]):
+                        break
                     a = _rows(layer, inputs["value"])
                     y = _targets(layer, expected["value"])[:, outputs]
                     before = _targets(layer, produced["value"])
@@ -101,6 +117,8 @@ def compensate(original: nn.Module, pruned: nn.Module, batches: Iterable[torch.T
                     total += float((y**2).sum())
         finally:
             handle.remove(), handle_out.remove(), handle_ref.remove()
+        if gram is None:  # not a plain conv: left as it is
+            continue
         damping = ridge * float(gram.diagonal().mean())
         solution = torch.linalg.solve(gram + damping * torch.eye(len(gram), dtype=gram.dtype), moment).float()
         with torch.no_grad():
