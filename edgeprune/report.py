@@ -107,6 +107,6 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     if quality:
         # On random inputs top-1 agreement says little (a pruned model that is fine on images can score 0 there):
         # the row says what it was measured on.
-        random = " (random inputs)" if quality.get("evaluated_on") == "synthetic inputs" else ""
-        rows.append((quality["metric"] + random, f"{quality['baseline']:.3f}", f"{quality['result']:.3f}"))
+        on_noise = " (random inputs)" if quality.get("evaluated_on") == "synthetic inputs" else ""
+        rows.append((quality["metric"] + on_noise, f"{quality['baseline']:.3f}", f"{quality['result']:.3f}"))
     return rows
