@@ -162,8 +162,10 @@ def main() -> int:
             continue
         acc = [r["accuracy"] for r in good]
         spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""
+        failed = [r["error"] for r in runs if "error" in r]  # a build that shipped nothing says why, not just n
+        failed = f", {len(failed)} failed: {failed[0]}" if failed else ""
         raw = [r["raw"] for r in good if "raw" in r]
-        rows.append([str(per_class), method, str(steps), f"{statistics.mean(acc):.3f}{spread} (n={len(acc)})",
+        rows.append([str(per_class), method, str(steps), f"{statistics.mean(acc):.3f}{spread} (n={len(acc)}{failed})",
                      f"{statistics.mean(raw):.3f}" if raw else "-",
                      f"{statistics.median(r['p50'] for r in good):.3f}",
                      f"{statistics.median(r['speedup'] for r in good):.2f}x",
