@@ -69,6 +69,30 @@ def trim_padding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x[:, : int(used.max()) + 1] if len(used) else x[:, :1]
 
 
+def bucket_by_length(model: nn.Module, batches: list, seed: int = 0, pool: int = 50) -> list:
+    """``batches`` regrouped so that sentences of similar length share a batch, for a token-id model (else as is).
+
+    A batch is trimmed to its longest sentence, and docstring sentences average 25 tokens while a random batch of 16
+    reaches 58: most of a training step went on padding. As Hugging Face's ``group_by_length`` does, samples are
+    shuffled (seeded), sorted by length within pools of ``pool`` batches, cut into batches of the same size, and the
+    batches shuffled, so that batch order stays random. Labels travel with their samples."""
+    if not batches or token_mask(model, batches[0][0]) is None:
+        return batches
+    size = len(batches[0][0])
+    x = torch.cat([b[0] for b in batches])
+    y = None if any(b[1] is None for b in batches) else torch.cat([b[1] for b in batches])
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=generator)
+    lengths = token_mask(model, x).sum(dim=1)
+    chunks = []
+    for start in range(0, len(order), size * pool):
+        members = order[start : start + size * pool]
+        members = members[torch.argsort(lengths[members], stable=True)]
+        chunks += list(members.split(size))
+    chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator)]
+    return [(x[c], None if y is None else y[c]) for c in chunks]
+
+
 def token_mask(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """Where ``x`` holds real tokens (not padding), for a token-id model's batch of ids; None for anything else."""
     pad = getattr(model, "pad_id", None)

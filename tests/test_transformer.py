@@ -230,3 +230,29 @@ def test_compensation_of_an_encoder_fits_real_tokens_only():
         reference = model(held_out)
         cosine = [float(torch.cosine_similarity(m(held_out), reference).mean()) for m in (pruned, batched)]
     assert cosine[1] > cosine[0], cosine
+
+
+def test_distillation_batches_group_sentences_of_similar_length():
+    from edgeprune.text import bucket_by_length, trim_padding
+
+    model = _tiny_bert()
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, VOCAB, (160, LENGTH), generator=generator)
+    for row, length in enumerate(torch.randint(2, LENGTH + 1, (160,), generator=generator)):
+        ids[row, length:] = 0  # sentences of 2 to 16 tokens
+    labels = torch.arange(160)
+    batches = [(ids[i : i + 16], labels[i : i + 16]) for i in range(0, 160, 16)]
+    grouped = bucket_by_length(model, batches, pool=5)
+    assert [len(x) for x, _ in grouped] == [16] * 10
+    # the same samples, each with its own label
+    order = torch.cat([y for _, y in grouped])
+    assert sorted(order.tolist()) == list(range(160))
+    assert torch.equal(torch.cat([x for x, _ in grouped]), ids[order])
+
+    def tokens(groups):
+        return sum(trim_padding(model, x).numel() for x, _ in groups)
+
+    assert tokens(grouped) < 0.8 * tokens(batches)  # the padding a step computes on shrinks
+    assert [y.tolist() for _, y in bucket_by_length(model, batches, pool=5)] == [y.tolist() for _, y in grouped]
+    images = [(torch.randn(4, 3, 8, 8), None)]
+    assert bucket_by_length(nn.Conv2d(3, 3, 1), images) is images  # not a token-id model: as it was

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgeprune.rewrite.heads import head_of
-from edgeprune.text import is_embedding, trim_padding
+from edgeprune.text import bucket_by_length, is_embedding, trim_padding
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -156,6 +156,7 @@ def distill(
 
 def _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_weight, held_out, patience,
                    task_weight, embedding, taps) -> list[float]:  # fmt: skip
+    batches, aux = bucket_by_length(student, batches), aux and bucket_by_length(student, aux, seed=1)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     # The step size decays to zero over the planned steps (cosine): at a constant one, Adam's noise kept a pruned
     # MiniLM from fitting its own training sentences any better than the held-out ones.
