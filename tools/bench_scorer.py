@@ -170,7 +170,11 @@ def main() -> int:
             folder = Path(args.weights_dir) if args.weights_dir else Path(tmp)
             weights = str(folder / f"{name.replace(':', '_')}-{side}-e{args.epochs}.pt")
             model = load_model(spec, input_shape=shape).module
-            if Path(weights).is_file():
+            if args.prediction_only and not Path(weights).is_file():  # latency does not depend on the weights
+                folder.mkdir(parents=True, exist_ok=True)
+                weights = str(folder / f"{name.replace(':', '_')}-{side}-untrained.pt")
+                torch.save(model.state_dict(), weights)
+            elif Path(weights).is_file():
                 model.load_state_dict(torch.load(weights, weights_only=True))
                 model.eval()
             else:
@@ -178,7 +182,8 @@ def main() -> int:
                 model = train(model, x[:TRAIN], y[:TRAIN], args.epochs)
                 folder.mkdir(parents=True, exist_ok=True)
                 torch.save(model.state_dict(), weights)
-            trained_rows.append([name, f"{accuracy(model, x[TRAIN:], y[TRAIN:]):.3f}"])
+            untrained = weights.endswith("-untrained.pt")
+            trained_rows.append([name, "untrained" if untrained else f"{accuracy(model, x[TRAIN:], y[TRAIN:]):.3f}"])
             err.print(f"  held-out accuracy {trained_rows[-1][1]}")
             if args.train_only:
                 continue
