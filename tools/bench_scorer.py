@@ -170,7 +170,8 @@ def main() -> int:
             folder = Path(args.weights_dir) if args.weights_dir else Path(tmp)
             weights = str(folder / f"{name.replace(':', '_')}-{side}-e{args.epochs}.pt")
             model = load_model(spec, input_shape=shape).module
-            if args.prediction_only and not Path(weights).is_file():  # latency does not depend on the weights
+            untrained = args.prediction_only and not Path(weights).is_file()
+            if untrained:  # latency does not depend on the weights
                 folder.mkdir(parents=True, exist_ok=True)
                 weights = str(folder / f"{name.replace(':', '_')}-{side}-untrained.pt")
                 torch.save(model.state_dict(), weights)
@@ -182,7 +183,6 @@ def main() -> int:
                 model = train(model, x[:TRAIN], y[:TRAIN], args.epochs)
                 folder.mkdir(parents=True, exist_ok=True)
                 torch.save(model.state_dict(), weights)
-            untrained = weights.endswith("-untrained.pt")
             trained_rows.append([name, "untrained" if untrained else f"{accuracy(model, x[TRAIN:], y[TRAIN:]):.3f}"])
             err.print(f"  held-out accuracy {trained_rows[-1][1]}")
             if args.train_only:
