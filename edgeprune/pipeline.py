@@ -22,7 +22,7 @@ from edgeprune.backends import get_backend
 from edgeprune.budgets import COUNTED, fit_counted_budget, fit_memory_budget
 from edgeprune.data import Dataset, labels_in_label_space, load_dataset, split_held_out
 from edgeprune.device import open_device
-from edgeprune.errors import BadInput, BudgetNotMet
+from edgeprune.errors import BadInput, BudgetNotMet, EdgepruneError
 from edgeprune.estimate import EstimateDevice, measuring_device
 from edgeprune.farm.executor import make_executor
 from edgeprune.farm.pool import pool_status
@@ -200,6 +200,8 @@ def build(options: BuildOptions, say=print) -> dict:
                 _keep_unprunable_whole(ctx, options.strict)
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
+            if budget.kind == "latency_ms" and not decomposed and not ctx.latency_model.node_samples:
+                _learn_where_time_goes(ctx, baseline_artifact, device, say)
             ctx.allocation = options.allocation
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
@@ -366,6 +368,20 @@ def _input_hashes(options: BuildOptions, data: Dataset) -> dict:
     plan = {"path": options.plan, "sha256": sha256(Path(options.plan))} if options.plan else None
     return {"model": options.model, "weights": weights, "calib": {"source": data.source, "sha256": data_hash},
             "plan": plan, "seed": options.seed}  # fmt: skip
+
+
+def _learn_where_time_goes(ctx: SearchContext, baseline_artifact, device, say) -> None:
+    """The unpruned model's per-node times, where the runtime gives them: the first round is then priced layer by
+    layer (each layer's measured time scaled by its cut) rather than by one roofline for the whole model."""
+    if isinstance(device, EstimateDevice):
+        return
+    try:
+        nodes = ctx.backend.node_times(baseline_artifact, tuple(ctx.example.shape), ctx.target, device)
+    except EdgepruneError as exc:  # a refinement: the build goes on with the whole-model fit, and says so
+        say(f"per-node times not taken ({exc}); the cost model fits whole-model latencies only")
+        return
+    if nodes:
+        ctx.latency_model.add_nodes(ctx.structure.full_widths(), *nodes)
 
 
 def _keep_unprunable_whole(ctx: SearchContext, strict: bool) -> None:

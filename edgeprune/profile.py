@@ -91,24 +91,30 @@ def run_profile(
             say(f"[{i}/{len(plans)}] {name}: exporting and measuring ...")
             pruned_plan, _, _ = ctx.checked_plan(lambda plan=plan: plan)
             measurement, artifact = ctx.measure(apply_plan(model, pruned_plan, example), f"sample-{i}")
-            measured.append((name, structure.widths_of(pruned_plan), measurement))
+            # Where the time goes, node by node, when the runtime can say: what the per-layer fit learns from.
+            nodes = backend.node_times(artifact, shape, target, device, ctx.reference)
+            measured.append((name, structure.widths_of(pruned_plan), measurement, nodes))
             runtime = measurement.runtime
             if i == 1 and timed_beside_baseline("latency_ms", device, math.inf, 0.0):
                 # On this (shared) machine every sample is timed beside the unpruned model, as a build's rounds
                 # are, and fitted as the ratio of the two: absolute p50s of one artifact spread by 30-80% here
                 # from one benchmark to the next, the ratio far less (tools/bench_repeatability.py).
                 ctx.reference = artifact
-    baseline_p50, p50s = comparable_samples([m for _, _, m in measured])
-    measured = [(name, widths, p50) for (name, widths, _), p50 in zip(measured, p50s, strict=True)]
+    baseline_p50, p50s = comparable_samples([m for _, _, m, _ in measured])
+    measured = [(name, widths, p50, nodes) for (name, widths, _, nodes), p50 in zip(measured, p50s, strict=True)]
     latency = new_model(structure, target, runtime)
-    for _, widths, p50 in measured:
+    for _, widths, p50, nodes in measured:
+        if nodes:
+            latency.add_nodes(widths, *nodes)
         latency.add(widths, p50)
     path = profile_path(target, runtime, structure)
     latency.save(path, runtime)
     rows, earlier = [], len(latency.samples) - len(measured)  # samples cached by earlier builds come first
-    for i, (name, widths, p50) in enumerate(measured):  # each sample predicted by a fit on all the others
+    for i, (name, widths, p50, _) in enumerate(measured):  # each sample predicted by a fit on all the others
         held_out = [s for j, s in enumerate(latency.samples) if j != earlier + i]
-        others = LatencyModel(structure, target, samples=held_out, precision=target.precision)
+        nodes_held_out = [s for s in latency.node_samples if not np.array_equal(s[0], widths)]
+        others = LatencyModel(structure, target, samples=held_out, node_samples=nodes_held_out,
+                              precision=target.precision)  # fmt: skip
         others.fit()
         rows.append(ProfileRow(name, structure.macs(widths) / structure.macs(full), others.predict(widths), p50))
     return {"target": target.name, "model": model_spec, "source": latency.source, "not_measured": None,

@@ -49,6 +49,20 @@ def test_macs_and_params_of_any_plan_match_the_pruned_model(spec, models, exampl
         assert abs(structure.params(widths) - params) / params < 0.01  # norm scales are not counted
 
 
+def test_a_depthwise_conv_is_as_wide_at_its_input_as_at_its_output(mbv3, mbv3_scored, example):
+    """torch-pruning lists no input cut for a depthwise conv (its output handler cuts both sides); the bytes it reads
+    must still shrink with its group, or its cost looks fixed to every latency model."""
+    structure = read_structure(mbv3, example, [g.module for g in mbv3_scored])
+    half = uniform_plan(mbv3_scored, 0.5, 8, MBV3, tuple(example.shape), "m")
+    ins, outs = structure.layer_widths(structure.widths_of(half))
+    pruned = dict(apply_plan(mbv3, half, example).named_modules())
+    depthwise = [i for i, layer in enumerate(structure.layers) if layer.kind == "depthwise"]
+    assert depthwise and any(outs[i] < structure.layers[i].out_channels for i in depthwise)
+    for i in depthwise:
+        layer = pruned[structure.layers[i].name]
+        assert (ins[i], outs[i]) == (layer.in_channels, layer.out_channels)
+
+
 def allocate_widths(scored, widths, spec, example):
     from edgeprune.score.allocate import plan_from_widths
 
@@ -171,6 +185,10 @@ def test_profile_measures_fits_and_caches_and_a_build_starts_from_it(tmp_path):
     cached = list((tmp_path / "cache" / "profiles" / "x86-openvino").glob("*/*.json"))
     samples = json.loads(cached[0].read_text())["samples"]
     assert len(cached) == 1 and len(samples) == 4
+    # With each sample, where its time went node by node, counted beside the unpruned model (all but itself).
+    node_samples = json.loads(cached[0].read_text())["node_samples"]
+    assert len(node_samples) == 4 and all(ref > 0 for *_, ref in node_samples)
+    assert all(sum(per_layer) > 0 for _, per_layer, _, _ in node_samples)
     # The unpruned sample is the median unpruned p50 printed; the 75% uniform cut, scaled to it, is faster (the
     # milder cuts can measure near it on a busy machine).
     median = float(" ".join(result.stdout.split()).split("measured ")[-1].split(" ms (its median)")[0])
@@ -183,6 +201,7 @@ def test_profile_measures_fits_and_caches_and_a_build_starts_from_it(tmp_path):
     assert report is not None, built.stderr
     assert report["allocation"] == "global"
     assert report["cost_model"]["started_from"].startswith("profile (4 measurements")
+    assert "per-layer fit to 4 per-node profiles" in report["cost_model"]["started_from"]
     assert all(r["predicted_ms"] > 0 for r in report["iterations"])
     # The build's own rounds went into the cache as well.
     assert len(json.loads(cached[0].read_text())["samples"]) > 4

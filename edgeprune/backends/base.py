@@ -24,6 +24,7 @@ from edgeprune.target import Target
 # fusions; fp16 by rounding of every activation; int8 by quantisation.
 RELATIVE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8-dynamic": 1e-1, "int8": 1e-1}
 INT8_MIN_COSINE = 0.98
+NODE_TIME_RUNS = 100  # runs whose per-node times give each node's median: a few seconds on a model of a few ms
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,25 @@ class Backend(ABC):
             peak_memory_mb=result.get("peak_memory_mb"), windows_p50=tuple(lat.get("windows_p50", ())),
             reference_p50=result["reference_latency_ms"]["p50"] if "reference_latency_ms" in result else None,
         )  # fmt: skip
+
+    def node_times(
+        self, artifact: Artifact, shape: tuple[int, ...], target: Target, device: Device | None = None,
+        reference: Artifact | None = None, runs: int = NODE_TIME_RUNS,
+    ) -> tuple[list[tuple[str, str, float]], float | None] | None:  # fmt: skip
+        """(node name, node type, median ms over ``runs``) of every node the runtime executed, from its own per-node
+        counters, and the ``reference`` artifact's summed node time counted in alternating blocks with it (None
+        without one); None for a runtime that has no counters (only OpenVINO's are read)."""
+        if self.runtime != "openvino":
+            return None
+        device = device or LocalDevice()
+        settings = target.benchmark
+        args = self._runner_args(artifact, shape, target) + ["--node-times", str(runs)]
+        args += ["--warmup", str(settings.warmup), "--min-warmup-s", str(settings.min_warmup_s)]
+        if reference is not None:
+            args += ["--reference", str(reference.model)]
+        result = device.run_runner(args)["node_times"]
+        nodes = [(str(name), str(kind), float(ms)) for name, kind, ms in result["nodes"]]
+        return nodes, result.get("reference_ms")
 
     def validate(
         self,

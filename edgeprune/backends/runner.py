@@ -28,6 +28,8 @@ if sys.path and sys.path[0] and os.path.realpath(sys.path[0]) == os.path.dirname
 
 import numpy as np  # noqa: E402
 
+ALTERNATION_BLOCK = 10  # runs of one model before switching to the other, when a reference is timed alongside
+
 
 def _memory_mb(field: str) -> float:
     """VmRSS (now) or VmHWM (peak) of this process in MB, from /proc; ru_maxrss where there is no /proc.
@@ -45,11 +47,12 @@ def _memory_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _openvino(model: str, threads: int, precision: str):
+def _openvino(model: str, threads: int, precision: str, per_node: bool = False):
     import openvino as ov
 
     core = ov.Core()
     config = {
+        "PERF_COUNT": per_node,
         "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,
@@ -63,7 +66,43 @@ def _openvino(model: str, threads: int, precision: str):
         return np.array(request.infer([x])[compiled.output(0)])
 
     ids = compiled.input(0).get_element_type().is_integral()
+    run.nodes = lambda: [(p.node_name, p.node_type, p.real_time.total_seconds() * 1e3)
+                         for p in request.profiling_info if p.status.name == "EXECUTED"]  # fmt: skip
     return run, f"openvino {ov.get_version()}", core.get_property("CPU", "FULL_DEVICE_NAME"), ids
+
+
+def _node_times(model: str, shape: tuple[int, ...], args) -> dict:
+    """Each executed node's median time over ``args.node_times`` runs, from OpenVINO's own per-node counters: which
+    layers the time goes to, which a latency model of the whole network cannot tell apart from a few totals. In a
+    model compiled of its own, with the same settings as the timed one, so that the counters never slow the timing.
+
+    With ``args.reference``, the reference's nodes are counted in alternating blocks of runs too, and the median of
+    its summed node time is returned beside: on a shared machine a busy spell inflates every node of one run by the
+    same factor, which the caller divides out as it does for the p50s."""
+    runs = {"model": _openvino(model, args.threads, args.precision, per_node=True)}
+    if args.reference:
+        runs["reference"] = _openvino(args.reference, args.threads, args.precision, per_node=True)
+    generator = np.random.default_rng(0)
+    ids = runs["model"][3]
+    x = generator.integers(1, 100, shape) if ids else generator.standard_normal(shape).astype(np.float32)
+    for run, *_ in runs.values():
+        _warm_up(run, x, args.warmup, args.min_warmup_s)
+    times: dict[tuple[str, str], list[float]] = {}
+    reference_sums: list[float] = []
+    for _ in range(0, args.node_times, ALTERNATION_BLOCK):
+        for key, (run, *_) in runs.items():
+            for _ in range(ALTERNATION_BLOCK):
+                run(x)
+                nodes = run.nodes()
+                if key == "reference":
+                    reference_sums.append(sum(ms for _, _, ms in nodes))
+                    continue
+                for name, kind, ms in nodes:
+                    times.setdefault((name, kind), []).append(ms)
+    result: dict = {"nodes": [[name, kind, float(np.median(ms))] for (name, kind), ms in times.items()]}
+    if reference_sums:
+        result["reference_ms"] = float(np.median(reference_sums))
+    return result
 
 
 def _onnxruntime(model: str, threads: int, precision: str):
@@ -283,9 +322,6 @@ def _timed_window(run, x: np.ndarray, iterations: int, min_seconds: float) -> li
     return times
 
 
-ALTERNATION_BLOCK = 10  # runs of one model before switching to the other, when a reference is timed alongside
-
-
 def _alternating_window(runs: list, x: np.ndarray, args) -> list[list[float]]:
     """One window of a model and its reference, alternating every ALTERNATION_BLOCK runs until each has made its
     iterations and the window has lasted its seconds (both doubled: two models share it).
@@ -320,10 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reference", help="a second model timed alongside in alternating blocks (e.g. the unpruned one)"
     )
+    parser.add_argument("--node-times", type=int, default=0, help="openvino: time each node over this many runs")
     parser.add_argument("--inputs", help=".npy of N samples to run, batch by batch")
     parser.add_argument("--outputs", help="where to save the outputs for --inputs, as .npy")
     args = parser.parse_args(argv)
     shape = tuple(int(d) for d in args.shape.split(","))
+    if args.node_times > 0 and args.runtime != "openvino":
+        print(json.dumps({"error": f"--node-times needs OpenVINO's per-node counters, not {args.runtime}'s"}))
+        return 2
     if args.runtime == "tensorrt":
         return trtexec_main(args)
     # More threads than cores (a 4-core board's profile timed on a 2-core host) oversubscribes the CPU: the model and
@@ -383,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             # The reference's statistics come from the model's quietest window: the ratio of the two is what a
             # speedup budget compares, and it holds only for times taken side by side.
             result[key] = _statistics(timed, warmed, quietest)
+    if args.node_times > 0:
+        result["node_times"] = _node_times(args.model, shape, args)
     print(json.dumps(result))
     return 0
 

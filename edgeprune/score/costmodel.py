@@ -5,9 +5,10 @@ Two sources, and the report always says which one it used:
 - **estimate**: a roofline from the target profile's figures (``[estimate]`` peak GFLOP/s and memory GB/s): each
   layer takes max(compute time, memory time). Needs no device, and is only as good as those two figures.
 - **profile**: latencies measured on the target's own runtime (`edgeprune profile`, and every round of every build)
-  for plans of different widths, fitted by non-negative least squares to per-kind costs: a fixed time, time per
-  conv MAC, per depthwise MAC, per linear MAC, and per byte moved. Depthwise layers and memory-bound layers are why
-  MACs alone mispredict on a CPU; fitting the kinds separately is what catches it.
+  for plans of different widths. Where the runtime also gave per-node times (OpenVINO's counters, taken by
+  `edgeprune profile` and by a build's first measurement), each layer gets a fit of its own (``layerwise.py``) and
+  the measured p50s scale their sum. Otherwise the p50s are fitted by non-negative least squares to per-kind costs:
+  a fixed time, time per conv MAC, per depthwise MAC, per linear MAC, and per byte moved.
 
 With fewer measurements than the full fit needs, the roofline's shape is kept and only scaled (and offset, from two
 measurements on), so even the first round of a build starts from a prediction calibrated on the measured baseline.
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
+from edgeprune.score.layerwise import LayerwiseFit, attribute, fit_layerwise
 from edgeprune.score.structure import KINDS, Structure
 from edgeprune.target import Target
 
@@ -40,6 +42,10 @@ class LatencyModel:
     structure: Structure
     target: Target
     samples: list[tuple[list[float], float]] = field(default_factory=list)  # (group widths, measured p50 ms)
+    # (group widths, per-layer node ms in structure order, the other nodes' ms, the unpruned model's summed node ms
+    # counted alongside or None), from the runtime's counters
+    node_samples: list[tuple[list[float], list[float], float, float | None]] = field(default_factory=list)
+    layerwise: LayerwiseFit | None = None  # fitted to node_samples; when set, p50 ≈ offset + scale × its node sum
     coefficients: np.ndarray | None = None  # per FEATURES, fitted; None when the roofline is scaled instead
     scale: float = 1.0
     offset: float = 0.0
@@ -50,6 +56,8 @@ class LatencyModel:
         if not self.samples:
             return "estimate (the target's roofline figures, no measurement)"
         how = "per-kind fit" if self.coefficients is not None else "roofline scaled to the measurements"
+        if self.layerwise is not None:
+            how = f"per-layer fit to {len(self.node_samples)} per-node profiles, scaled to the measurements"
         return f"profile ({len(self.samples)} measurements on the target, {how})"
 
     def features(self, widths: np.ndarray) -> np.ndarray:
@@ -60,12 +68,24 @@ class LatencyModel:
 
     def roofline_ms(self, widths: np.ndarray) -> float:
         """Each layer's max(compute, memory) time at the target's peak figures, summed, in ms."""
+        return float(self.layer_terms(widths)[0].sum())
+
+    def layer_terms(self, widths: np.ndarray) -> tuple[np.ndarray, float]:
+        """Each layer's roofline time in ms, and the activation elements all layers write, under ``widths``."""
         macs, _, moved = self.structure.per_layer(widths, self.precision)
         compute = 2 * macs / (self.target.estimate.peak_gflops * 1e9)
         memory = moved / (self.target.estimate.memory_gbps * 1e9)
-        return float(np.maximum(compute, memory).sum() * 1e3)
+        _, outs = self.structure.layer_widths(widths)
+        positions = np.array([layer.out_positions for layer in self.structure.layers], dtype=float)
+        return np.maximum(compute, memory) * 1e3, float((outs * positions).sum())
+
+    def nodes_ms(self, widths: np.ndarray) -> float:
+        """The per-layer fit's summed node time of ``widths``."""
+        return self.layerwise.nodes_ms(*self.layer_terms(widths))
 
     def predict(self, widths: np.ndarray) -> float:
+        if self.layerwise is not None:
+            return self.offset + self.scale * self.nodes_ms(widths)
         if self.coefficients is not None:
             return float(self.features(widths) @ self.coefficients)
         return self.offset + self.scale * self.roofline_ms(widths)
@@ -75,15 +95,27 @@ class LatencyModel:
         self.samples = (self.samples + [([float(w) for w in widths], float(measured_ms))])[-MAX_SAMPLES:]
         self.fit()
 
+    def add_nodes(self, widths: np.ndarray, nodes: list[tuple[str, str, float]], reference_ms: float | None) -> None:
+        """Learn where the time of ``widths`` goes, from the runtime's per-node times (``Backend.node_times``);
+        ``reference_ms``: the unpruned model's summed node time counted alongside them."""
+        per_layer, rest = attribute(nodes, [layer.name for layer in self.structure.layers])
+        if reference_ms is None and np.array_equal(widths, self.structure.full_widths()):
+            reference_ms = sum(ms for _, _, ms in nodes)  # the unpruned model is its own reference
+        sample = ([float(w) for w in widths], per_layer, rest, reference_ms)
+        self.node_samples = (self.node_samples + [sample])[-MAX_SAMPLES:]
+        self.fit()
+
     def fit(self) -> None:
         """Refit on the samples: the per-kind fit when there are enough samples and it predicts them better (left
         out one at a time) than the scaled roofline does; else the scaled roofline."""
-        self.coefficients = None
+        self.coefficients, self.layerwise = None, None
         if not self.samples:
             self.scale, self.offset = 1.0, 0.0
             return
         widths = [np.array(w) for w, _ in self.samples]
         measured = np.array([ms for _, ms in self.samples])
+        if self.node_samples and self._fit_layerwise(widths, measured):
+            return
         roof = np.array([self.roofline_ms(w) for w in widths])
         self.scale, self.offset = _fit_scaled(roof, measured)
         if len(self.samples) < FULL_FIT_SAMPLES:
@@ -96,12 +128,35 @@ class LatencyModel:
             self.coefficients = _fit_nnls(features / units, measured) / units
         self._keep_responsive()
 
+    def _fit_layerwise(self, widths: list[np.ndarray], measured: np.ndarray) -> bool:
+        """Fit each layer to the node samples and the p50s to their sum; False where the nodes could not be
+        attributed to the layers (another exporter's names), and the whole-model fits are used instead."""
+        terms = [self.layer_terms(np.array(w)) for w, *_ in self.node_samples]
+        # A busy spell slows every node of one sample's run alike; the unpruned model counted alongside says by how
+        # much, and each sample is brought to the median level of those references.
+        references = [ref for *_, ref in self.node_samples if ref]
+        level = float(np.median(references)) if references else 1.0
+        factor = np.array([level / ref if ref else 1.0 for *_, ref in self.node_samples])
+        self.layerwise = fit_layerwise(
+            np.array([roofline for roofline, _ in terms]),
+            np.array([ms for _, ms, _, _ in self.node_samples]) * factor[:, None],
+            np.array([activations for _, activations in terms]),
+            np.array([rest for _, _, rest, _ in self.node_samples]) * factor,
+        )
+        if self.layerwise is None:
+            return False
+        self.scale, self.offset = _fit_scaled(np.array([self.nodes_ms(w) for w in widths]), measured)
+        self._keep_responsive()
+        return True
+
     def _keep_responsive(self) -> None:
         """Noisy measurements of a small model can fit "latency is a constant": the allocator would then see nothing
         worth cutting, and a build would stop at the unpruned model. Work must explain at least MIN_VARIABLE of the
         unpruned model's predicted time; a fit that says otherwise gives way to the roofline, only scaled."""
         full = self.structure.full_widths()
         fixed = self.coefficients[0] if self.coefficients is not None else self.offset
+        if self.layerwise is not None:
+            fixed = self.offset + self.scale * self.layerwise.fixed_ms()
         if fixed > (1 - MIN_VARIABLE) * self.predict(full):
             self.use_scaled_roofline()
 
@@ -109,7 +164,7 @@ class LatencyModel:
         """Predict with the roofline's shape, only scaled to the samples: the model that always says cutting pays."""
         measured = np.array([ms for _, ms in self.samples])
         roof = np.array([self.roofline_ms(np.array(w)) for w, _ in self.samples])
-        self.coefficients, self.offset = None, 0.0
+        self.coefficients, self.layerwise, self.offset = None, None, 0.0
         self.scale = float(np.median(measured / roof)) if len(roof) else 1.0
 
     def relative_errors(self) -> list[float]:
@@ -119,7 +174,8 @@ class LatencyModel:
     def save(self, path: Path, runtime: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"version": 1, "target": self.target.name, "runtime": runtime, "structure": self.structure.key,
-                "groups": self.structure.groups, "samples": self.samples}  # fmt: skip
+                "groups": self.structure.groups, "samples": self.samples,
+                "node_samples": self.node_samples}  # fmt: skip
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(data))
         partial.replace(path)  # never a half-written cache that a later build would trip over
@@ -133,6 +189,10 @@ def new_model(structure: Structure, target: Target, runtime: str) -> LatencyMode
         data = json.loads(path.read_text())
         if data.get("structure") == structure.key and data.get("groups") == structure.groups:
             model.samples = [(list(w), float(ms)) for w, ms in data["samples"]][-MAX_SAMPLES:]
+            model.node_samples = [
+                (list(w), [float(t) for t in layer_ms], float(rest), None if ref is None else float(ref))
+                for w, layer_ms, rest, ref in data.get("node_samples", [])
+            ][-MAX_SAMPLES:]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no cache, or one from another version: start from the estimate
     model.fit()

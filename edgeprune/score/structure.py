@@ -75,7 +75,12 @@ class Structure:
         removed = self.channels - widths
         base_in = np.array([layer.in_channels for layer in self.layers], dtype=float)
         base_out = np.array([layer.out_channels for layer in self.layers], dtype=float)
-        return np.maximum(base_in - self.in_cut @ removed, 1), np.maximum(base_out - self.out_cut @ removed, 1)
+        outs = np.maximum(base_out - self.out_cut @ removed, 1)
+        # torch-pruning cuts a depthwise conv's input channels with its output channels (one handler for both), so
+        # the dependency graph lists no input cut: its input is as wide as its output, times its multiplier.
+        depthwise = np.array([layer.kind == "depthwise" for layer in self.layers])
+        ins = np.where(depthwise, outs * base_in / base_out, np.maximum(base_in - self.in_cut @ removed, 1))
+        return ins, outs
 
     def per_layer(self, widths: np.ndarray, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per layer under ``widths``: MACs, parameters, and bytes moved (input, output and weights)."""

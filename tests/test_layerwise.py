@@ -1,0 +1,137 @@
+"""Stage 2's per-layer latency model: OpenVINO's per-node times, their attribution to layers, and the fit on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import MBV3  # noqa: F401
+
+from edgeprune.backends import get_backend
+from edgeprune.score.allocate import uniform_plan
+from edgeprune.score.costmodel import new_model
+from edgeprune.score.layerwise import _line_fits, attribute
+from edgeprune.score.structure import read_structure
+from edgeprune.target import load_target
+
+TARGET = load_target("x86-openvino")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+
+
+def test_node_names_are_attributed_to_the_layer_whose_scope_they_carry():
+    # Names as OpenVINO 2025's CPU plugin reported them for timm's mobilenetv3_large_100.
+    layers = ["conv_stem", "blocks.5.0.conv_pw", "blocks.5.1.se.conv_reduce", "classifier"]
+    nodes = [
+        ("input_abcd_acdb_/conv_stem/Conv/WithoutBiases", "Reorder", 0.1),  # a layout change: the rest
+        ("/conv_stem/Conv/WithoutBiases", "Convolution", 0.05),
+        ("/blocks/blocks.5/blocks.5.0/conv_pw/Conv/WithoutBiases", "Convolution", 0.03),
+        ("/blocks/blocks.5/blocks.5.1/se/conv_reduce/Conv/WithoutBiases", "Convolution", 0.02),
+        ("/blocks/blocks.5/blocks.5.1/se/ReduceMean", "ReduceMean", 0.04),  # no conv or linear layer: the rest
+        ("/classifier/Gemm/WithoutBiases", "FullyConnected", 0.01),
+        ("Multiply_n45", "Subgraph", 0.005),
+    ]
+    per_layer, rest = attribute(nodes, layers)
+    assert per_layer == pytest.approx([0.05, 0.03, 0.02, 0.01]) and rest == pytest.approx(0.145)
+
+
+def test_line_fits_recover_each_column_and_never_go_negative():
+    x = np.array([[1.0, 1.0, 2.0], [2.0, 2.0, 2.0], [3.0, 3.0, 2.0]])
+    y = np.array([[1.5, 3.0, 4.0], [2.5, 2.0, 4.0], [3.5, 1.0, 4.0]])
+    intercept, slope = _line_fits(x, y)
+    assert intercept[0] == pytest.approx(0.5) and slope[0] == pytest.approx(1.0)
+    # Time that falls as work grows (noise) gets no negative slope; a column that never varied scales through 0.
+    assert slope[1] == 0.0 and intercept[1] == pytest.approx(2.0)
+    assert intercept[2] == 0.0 and slope[2] == pytest.approx(2.0)
+    # From one sample: each layer's time scaled by its own work.
+    intercept, slope = _line_fits(x[:1], y[:1])
+    assert (intercept == 0).all() and slope == pytest.approx([1.5, 3.0, 2.0])
+
+
+def test_per_layer_fit_prices_layers_that_one_cost_per_mac_cannot(mbv3, mbv3_scored, example):
+    """A runtime on which each layer has its own efficiency, and depthwise layers are slow per MAC: the per-layer
+    fit on node times predicts new plans within 2%, where the roofline scaled to the same totals misses. Each
+    sample's node times are counted in a busy spell that slows them all alike, as the unpruned model counted
+    alongside shows: divided out."""
+    structure = read_structure(mbv3, example, [g.module for g in mbv3_scored])
+    model = new_model(structure, TARGET, "openvino 1.0")
+    rng = np.random.default_rng(0)
+    efficiency = rng.uniform(0.5, 3.0, len(structure.layers)) * np.where(structure.kind_mask("depthwise"), 8, 1)
+
+    def node_sum(widths):
+        roofline, activations = model.layer_terms(widths)
+        return 0.002 + efficiency * roofline, 0.05 + 2e-7 * activations
+
+    def runtime(widths, busy=1.0):  # node times, the reference's, and the p50 as a timer outside the counters sees it
+        per_layer, rest = node_sum(widths)
+        nodes = [(f"/{'/'.join(layer.name.split('.'))}/Conv", "Convolution", float(busy * ms))
+                 for layer, ms in zip(structure.layers, per_layer, strict=True)]  # fmt: skip
+        reference = busy * sum(node_sum(structure.full_widths())[0]) + busy * node_sum(structure.full_widths())[1]
+        return nodes + [("Reorder_n1", "Reorder", busy * rest)], reference, 0.3 + 1.1 * (per_layer.sum() + rest)
+
+    def random_widths():
+        return np.maximum(8, np.round(structure.channels * rng.uniform(0.3, 1.0, len(structure.channels)) / 8) * 8)
+
+    samples = [structure.full_widths()] + [random_widths() for _ in range(7)]
+    for i, widths in enumerate(samples):
+        nodes, reference, p50 = runtime(widths, busy=1.0 if i == 0 else rng.uniform(1.0, 2.0))
+        model.add_nodes(widths, nodes, None if i == 0 else reference)  # the unpruned model: its own reference
+        model.add(widths, p50)
+    assert model.layerwise is not None and "per-layer fit to 8 per-node profiles" in model.source
+    scaled = new_model(structure, TARGET, "openvino 1.0")
+    for widths in samples:
+        scaled.add(widths, runtime(widths)[2])
+    scaled.use_scaled_roofline()
+    errors, scaled_errors = [], []
+    for _ in range(6):
+        widths = random_widths()
+        truth = runtime(widths)[2]
+        errors.append(abs(model.predict(widths) - truth) / truth)
+        scaled_errors.append(abs(scaled.predict(widths) - truth) / truth)
+    assert max(errors) < 0.02 and max(scaled_errors) > 0.05
+    # The node samples are cached with the p50s: the next build starts from the same per-layer fit.
+    from edgeprune.score.costmodel import profile_path
+
+    model.save(profile_path(TARGET, "openvino 1.0", structure), "openvino 1.0")
+    again = new_model(structure, TARGET, "openvino 1.0")
+    assert again.layerwise is not None and again.predict(widths) == pytest.approx(model.predict(widths))
+
+
+def test_openvino_reports_node_times_that_fall_to_the_models_layers(mbv3, mbv3_scored, example, tmp_path):
+    backend = get_backend("openvino")
+    structure = read_structure(mbv3, example, [g.module for g in mbv3_scored])
+    artifact = backend.export(mbv3, example, tmp_path, TARGET)
+    nodes, reference = backend.node_times(artifact, tuple(example.shape), TARGET, runs=10)
+    per_layer, rest = attribute(nodes, [layer.name for layer in structure.layers])
+    assert reference is None
+    assert all(ms >= 0 for _, _, ms in nodes) and sum(per_layer) > 0
+    # Nearly every conv and linear layer is found by name, and most of the time is theirs.
+    found = sum(ms > 0 for ms in per_layer)
+    assert found >= 0.9 * len(structure.layers), (found, len(structure.layers))
+    assert sum(per_layer) > rest
+    # A halved model moves time off its layers: the counters see widths.
+    half = uniform_plan(mbv3_scored, 0.5, 8, MBV3, tuple(example.shape), "m")
+    from edgeprune.rewrite.prune import apply_plan
+
+    (tmp_path / "half").mkdir()
+    small = backend.export(apply_plan(mbv3, half, example), example, tmp_path / "half", TARGET)
+    # Counted beside the unpruned model, whose summed node time comes back with them.
+    half_nodes, reference = backend.node_times(small, tuple(example.shape), TARGET, reference=artifact, runs=20)
+    half_layers, half_rest = attribute(half_nodes, [layer.name for layer in structure.layers])
+    assert reference > sum(half_layers) + half_rest
+    assert sum(half_layers) / reference < sum(per_layer) / (sum(per_layer) + rest)
+
+
+def test_runtimes_without_node_counters_say_so(mbv3, example, tmp_path):
+    assert get_backend("tflite").node_times(None, tuple(example.shape), TARGET) is None  # never reaches a runner
+    from edgeprune.device import LocalDevice
+    from edgeprune.errors import EdgepruneError
+
+    onnx = get_backend("onnx")
+    artifact = onnx.export(mbv3, example, tmp_path, TARGET)
+    assert onnx.node_times(artifact, tuple(example.shape), TARGET) is None
+    with pytest.raises(EdgepruneError, match="--node-times needs OpenVINO's per-node counters"):
+        LocalDevice().run_runner(["--runtime", "onnxruntime", "--model", str(artifact.model), "--shape", "1,3,8,8",
+                                  "--node-times", "5"])  # fmt: skip
