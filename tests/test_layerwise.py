@@ -23,7 +23,7 @@ def private_cache(tmp_path, monkeypatch):
 
 def test_node_names_are_attributed_to_the_layer_whose_scope_they_carry():
     # Names as OpenVINO 2025's CPU plugin reported them for timm's mobilenetv3_large_100.
-    layers = ["conv_stem", "blocks.5.0.conv_pw", "blocks.5.1.se.conv_reduce", "classifier"]
+    layers = ["conv_stem", "blocks.5.0.conv_pw", "blocks.5.1.se.conv_reduce", "classifier", "stages.0.blocks.0.mlp.fc1"]
     nodes = [
         ("input_abcd_acdb_/conv_stem/Conv/WithoutBiases", "Reorder", 0.1),  # a layout change: the rest
         ("/conv_stem/Conv/WithoutBiases", "Convolution", 0.05),
@@ -32,9 +32,12 @@ def test_node_names_are_attributed_to_the_layer_whose_scope_they_carry():
         ("/blocks/blocks.5/blocks.5.1/se/ReduceMean", "ReduceMean", 0.04),  # no conv or linear layer: the rest
         ("/classifier/Gemm/WithoutBiases", "FullyConnected", 0.01),
         ("Multiply_n45", "Subgraph", 0.005),
+        # and for timm's convnext_atto: a container's index inside a stage's own container
+        ("/stages/stages.0/blocks/blocks.0/mlp/fc1/MatMul", "FullyConnected", 0.07),
+        ("/stages/stages.0/blocks/blocks.0/norm/LayerNormalization", "MVN", 0.06),
     ]
     per_layer, rest = attribute(nodes, layers)
-    assert per_layer == pytest.approx([0.05, 0.03, 0.02, 0.01]) and rest == pytest.approx(0.145)
+    assert per_layer == pytest.approx([0.05, 0.03, 0.02, 0.01, 0.07]) and rest == pytest.approx(0.205)
 
 
 def test_line_fits_recover_each_column_and_never_go_negative():

@@ -40,12 +40,16 @@ def attribute(nodes: list[tuple[str, str, float]], layer_names: list[str]) -> tu
 
 
 def _layer_of(node_name: str, index: dict[str, int]) -> int | None:
-    # The exporter writes a module inside a ModuleList or Sequential with its parent's path ("blocks.5" under
-    # "blocks"), and any other module by its attribute name alone ("conv_pw"): rebuild the dotted module path.
-    path, found = "", None
+    # The exporter names a module inside a ModuleList or Sequential by its container's scope and its index
+    # ("blocks.5" under "blocks", "blocks.5.0" under "blocks.5"), any other by its attribute name ("conv_pw"):
+    # "/stages/stages.0/blocks/blocks.0/mlp/fc1/MatMul" is the module "stages.0.blocks.0.mlp.fc1".
+    scopes, found = [], None
     for part in node_name.split("/")[1:]:
-        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
-        found = index.get(path, found)
+        if scopes and part.startswith(scopes[-1] + "."):
+            scopes[-1] = part
+        else:
+            scopes.append(part)
+        found = index.get(".".join(scopes), found)
     return found
 
 
