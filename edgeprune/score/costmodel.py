@@ -106,8 +106,9 @@ class LatencyModel:
         self.fit()
 
     def fit(self) -> None:
-        """Refit on the samples: the per-kind fit when there are enough samples and it predicts them better (left
-        out one at a time) than the scaled roofline does; else the scaled roofline."""
+        """Refit on the samples: the per-layer fit when there are node samples to fit it to; else the per-kind fit
+        when there are enough samples and it predicts them better (left out one at a time) than the scaled roofline
+        does; else the scaled roofline."""
         self.coefficients, self.layerwise = None, None
         if not self.samples:
             self.scale, self.offset = 1.0, 0.0
