@@ -200,7 +200,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 _keep_unprunable_whole(ctx, options.strict)
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
-            if budget.kind == "latency_ms" and not decomposed and not ctx.latency_model.node_samples:
+            if not counted and not decomposed and not ctx.latency_model.node_samples:
                 _learn_where_time_goes(ctx, baseline_artifact, device, say)
             ctx.allocation = options.allocation
             cost_model = {"started_from": ctx.latency_model.source}

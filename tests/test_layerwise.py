@@ -138,3 +138,26 @@ def test_runtimes_without_node_counters_say_so(mbv3, example, tmp_path):
     with pytest.raises(EdgepruneError, match="--node-times needs OpenVINO's per-node counters"):
         LocalDevice().run_runner(["--runtime", "onnxruntime", "--model", str(artifact.model), "--shape", "1,3,8,8",
                                   "--node-times", "5"])  # fmt: skip
+
+
+def test_a_speedup_build_on_an_empty_cache_prices_its_rounds_layer_by_layer(tmp_path):
+    """No profile, no earlier build: the unpruned baseline's per-node times are taken, for a speedup budget as for
+    one in ms, and the rounds are priced by the per-layer fit (a bug once skipped them for speedup budgets)."""
+    import json
+
+    from edgeprune import build
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.pipeline import BuildOptions
+    from edgeprune.target import Budget
+
+    options = BuildOptions(model="timm:resnet18", input_shape=(1, 3, 64, 64), budget=Budget(speedup=1.2),
+                           out=tmp_path / "out", recover_steps=0, max_rounds=1)  # fmt: skip
+    try:
+        report = build(options, say=lambda message: None)
+    except EdgepruneError as exc:  # one round may miss the budget on a busy machine: the cache still holds it
+        report = exc.report
+    cached = json.loads(next((tmp_path / "cache" / "profiles").rglob("*.json")).read_text())
+    assert len(cached["node_samples"]) == 1 and cached["node_samples"][0][3] > 0  # the unpruned model's own sum
+    assert len(cached["samples"]) >= 2  # the baseline and the round
+    if report is not None:
+        assert "per-layer fit to 1 per-node profiles" in report["cost_model"]["after_build"]
