@@ -33,6 +33,7 @@ from edgeprune.score.allocate import allocate, uniform_plan
 from edgeprune.score.costmodel import LatencyModel
 from edgeprune.score.importance import ScoredGroup
 from edgeprune.score.probe import find_unprunable
+from edgeprune.score.steepness import SteepnessChoice, choose_steepness
 from edgeprune.score.structure import Structure
 from edgeprune.target import Target
 
@@ -112,6 +113,10 @@ class SearchContext:
     structure: Structure | None = None  # the layers and groups as numbers: costs of a plan without pruning a copy
     latency_model: LatencyModel | None = None
     allocation: str = "global"
+    # Task batches global allocation's steepness is chosen on (score/steepness.py), at the first plan it makes; without
+    # them (synthetic data), steepness 0. The choice, once made, holds for every later plan of the build.
+    steepness_batches: list | None = None
+    steepness: SteepnessChoice | None = None
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
     executor: object = field(default_factory=LocalExecutor)  # where candidates are pruned, exported, measured
     in_flight: int = 1  # candidates per round, measured at once on an executor with workers
@@ -135,11 +140,16 @@ class SearchContext:
         """The plan the allocator picks for a predicted ``cost`` (default: latency in ms) within ``goal``, with its
         MACs and params."""
 
-        def make() -> Plan:
+        def make(steepness: float | None = None) -> Plan:
+            if steepness is None:
+                steepness = self.steepness.chosen if self.steepness else 0.0
             return allocate(self.scored, self.structure, cost or self.latency_model.predict, goal,
                             self.target.channel_multiple, self.allocation, self.spec, tuple(self.example.shape),
-                            self.method)  # fmt: skip
+                            self.method, steepness)  # fmt: skip
 
+        if self.allocation == "global" and self.steepness is None and self.steepness_batches:
+            self.steepness = choose_steepness(self.model, self.example, self.steepness_batches, make)
+            self.say(f"global allocation: {self.steepness.describe()}")
         return self.checked_plan(make)
 
     def checked_plan(self, make: Callable[[], Plan]) -> tuple[Plan, int, int]:

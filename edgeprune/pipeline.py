@@ -22,7 +22,7 @@ from edgeprune.backends import get_backend
 from edgeprune.budgets import COUNTED, fit_counted_budget, fit_memory_budget
 from edgeprune.data import Dataset, labels_in_label_space, load_dataset, split_held_out
 from edgeprune.device import open_device
-from edgeprune.errors import BadInput, BudgetNotMet, EdgepruneError
+from edgeprune.errors import BadInput, BudgetNotMet
 from edgeprune.estimate import EstimateDevice, measuring_device
 from edgeprune.farm.executor import make_executor
 from edgeprune.farm.pool import pool_status
@@ -38,6 +38,7 @@ from edgeprune.loop import (
     unreachable_message,
 )
 from edgeprune.model import DEFAULT_MODEL, load_model
+from edgeprune.profile import learn_where_time_goes
 from edgeprune.report import check_output_dir, new_workdir, publish, versions, write_json
 from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decomposition
 from edgeprune.rewrite.plan import Plan
@@ -63,6 +64,7 @@ BATCH = 16
 # Images are read into memory whole, and a few hundred pin down BN statistics, int8 ranges and a refit; token ids are
 # small, and distilling a pruned encoder wants every sentence there is (README, issue 6).
 IMAGE_SAMPLES = 256
+STEEPNESS_BATCHES = 8  # of BATCH samples: global allocation's steepness is chosen on their outputs
 VALIDATION_SAMPLES = 16
 
 
@@ -201,8 +203,10 @@ def build(options: BuildOptions, say=print) -> dict:
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
             if not counted and not decomposed and not ctx.latency_model.node_samples:
-                _learn_where_time_goes(ctx, baseline_artifact, device, say)
+                learn_where_time_goes(ctx, baseline_artifact, device, say)
             ctx.allocation = options.allocation
+            if not data.synthetic:  # global allocation's steepness is chosen on them (score/steepness.py)
+                ctx.steepness_batches = list(score_set.batches(BATCH))[:STEEPNESS_BATCHES]
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
             try:
@@ -294,6 +298,7 @@ def build(options: BuildOptions, say=print) -> dict:
             "quality": recovery, "adapted": adapted,
             "method": method, "seed": options.seed, "allocation": None if options.plan else options.allocation,
             "cost_model": None if options.plan else cost_model,
+            "steepness": ctx.steepness.to_dict() if ctx.steepness else None,
             "unprunable": [{"module": name, "reason": reason} for name, reason in sorted(ctx.unprunable.items())],
             "model": {"spec": options.model, "weights": options.weights, "input_shape": list(example.shape)},
             "data": {"calib": data.source, "synthetic": data.synthetic, "samples": len(data)},
@@ -368,20 +373,6 @@ def _input_hashes(options: BuildOptions, data: Dataset) -> dict:
     plan = {"path": options.plan, "sha256": sha256(Path(options.plan))} if options.plan else None
     return {"model": options.model, "weights": weights, "calib": {"source": data.source, "sha256": data_hash},
             "plan": plan, "seed": options.seed}  # fmt: skip
-
-
-def _learn_where_time_goes(ctx: SearchContext, baseline_artifact, device, say) -> None:
-    """The unpruned model's per-node times, where the runtime gives them: the first round is then priced layer by
-    layer (each layer's measured time scaled by its cut) rather than by one roofline for the whole model."""
-    if isinstance(device, EstimateDevice):
-        return
-    try:
-        nodes = ctx.backend.node_times(baseline_artifact, tuple(ctx.example.shape), ctx.target, device)
-    except EdgepruneError as exc:  # a refinement: the build goes on with the whole-model fit, and says so
-        say(f"per-node times not taken ({exc}); the cost model fits whole-model latencies only")
-        return
-    if nodes:
-        ctx.latency_model.add_nodes(ctx.structure.full_widths(), *nodes)
 
 
 def _keep_unprunable_whole(ctx: SearchContext, strict: bool) -> None:

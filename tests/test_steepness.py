@@ -1,0 +1,92 @@
+"""Global allocation's steepness: how much dearer a layer is to cut the emptier it is, and its choice on task data."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from conftest import R18  # noqa: F401
+
+from edgeprune.rewrite.plan import GroupPlan, Plan
+from edgeprune.score.allocate import global_widths, plan_from_widths
+from edgeprune.score.costmodel import new_model
+from edgeprune.score.steepness import choose_steepness, output_distance
+from edgeprune.score.structure import read_structure
+from edgeprune.target import load_target
+
+TARGET = load_target("x86-openvino")
+
+
+def _scores(r18_scored):
+    """Taylor-like scores, comparable across groups, of about the same size in every group."""
+    generator = torch.Generator().manual_seed(0)
+    groups = []
+    for g in r18_scored:
+        if g.scores is not None:
+            scores = torch.rand(g.channels, generator=generator) + 1.0
+            g = replace(g, scores=scores, comparable=True)
+        groups.append(g)
+    return groups
+
+
+def test_steepness_spares_a_layer_the_scores_would_empty(r18, r18_scored, example):
+    """At steepness 0 a few groups, where a channel saves the most time, take the whole cut; the steeper the
+    allocation, the more groups share it and the less any one group loses, while every allocation meets the goal."""
+    scored = _scores(r18_scored)
+    structure = read_structure(r18, example, [g.module for g in scored])
+    model = new_model(structure, TARGET, "openvino 1.0")
+    goal = 0.7 * model.predict(structure.full_widths())
+    kept = {}
+    for steepness in (0.0, 2.0, 8.0):
+        widths = global_widths(scored, structure, model.predict, goal, 8, steepness)
+        assert model.predict(widths) <= goal
+        kept[steepness] = widths / structure.channels
+    prunable = [i for i, g in enumerate(scored) if g.scores is not None and g.channels > 8]
+    # Measured: at 0, two groups cut to about half and the rest whole; at 8, every group cut, none below 0.7.
+    assert kept[0.0].min() < kept[2.0].min() < kept[8.0].min()
+    assert sum(kept[0.0][prunable] < 1) < sum(kept[2.0][prunable] < 1) < sum(kept[8.0][prunable] < 1)
+    assert np.ptp(kept[8.0][prunable]) < np.ptp(kept[0.0][prunable])
+
+
+def test_output_distance_is_zero_for_the_same_model_and_grows_with_the_cut(r18, r18_scored, example):
+    batches = [(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(1)), None)]
+    assert output_distance(r18, r18, batches) < 1e-9
+    from edgeprune.rewrite.prune import apply_plan
+    from edgeprune.score.allocate import uniform_plan
+
+    mild, deep = (apply_plan(r18, uniform_plan(r18_scored, r, 8, R18, tuple(example.shape), "m"), example)
+                  for r in (0.25, 0.75))  # fmt: skip
+    assert 0 < output_distance(mild, r18, batches) < output_distance(deep, r18, batches)
+
+
+def test_the_steepness_whose_plan_stays_closest_to_the_unpruned_model_is_chosen(r18, r18_scored, example):
+    """choose_steepness prunes each steepness's plan, recalibrates batch norm and compares outputs: a plan that cuts
+    nothing (steepness 2 here) stays closest and is chosen; plans that are the same are measured once."""
+    batches = [(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(2)), None)]
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    full = structure.full_widths()
+    halved = np.where(full > 8, np.maximum(8, full // 16 * 8), full)
+    made = []
+
+    def make_plan(steepness: float) -> Plan:
+        made.append(steepness)
+        widths = full if steepness == 2.0 else halved
+        return plan_from_widths(r18_scored, widths, R18, tuple(example.shape), "m")
+
+    choice = choose_steepness(r18, example, batches, make_plan, (0.0, 1.0, 2.0, 4.0))
+    assert made == [0.0, 1.0, 2.0, 4.0]
+    # Recalibrated on these few random inputs, even the uncut plan moves a little; the halved one moves more.
+    assert choice.chosen == 2.0 and 0 < choice.losses[2.0] < choice.losses[0.0] == choice.losses[1.0]
+    assert choice.samples == 4 and "steepness 2 (output distance" in choice.describe()
+    assert choice.to_dict()["distance"]["4"] == choice.losses[4.0]
+
+
+def test_a_plan_that_fails_to_prune_is_not_chosen(r18, r18_scored, example):
+    batches = [(torch.randn(2, *example.shape[1:]), None)]
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    good = plan_from_widths(r18_scored, structure.full_widths(), R18, tuple(example.shape), "m")
+    broken = replace(good, groups=(GroupPlan(module="no.such.layer", channels=8, kept=(0,)),))
+
+    choice = choose_steepness(r18, example, batches, lambda s: good if s == 1.0 else broken, (0.0, 1.0))
+    assert choice.chosen == 1.0 and choice.losses[0.0] is None and "0: failed" in choice.describe()
