@@ -135,6 +135,7 @@ def fidelity(spec: str, weights: str, shape: tuple[int, ...], budget_ms: float, 
         "macs": report["result"]["macs"] / report["baseline"]["macs"],
         "top1": float((a.argmax(1) == b.argmax(1)).float().mean()),
         "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()),
+        "steepness": (report.get("steepness") or {}).get("chosen"),
     }  # fmt: skip
 
 
@@ -142,7 +143,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="SPEC@SIDE")
     parser.add_argument("--samples", type=int, default=8, help="profile measurements per model")
-    parser.add_argument("--candidates", type=int, default=6, help="new plans predicted, then measured, per model")
+    parser.add_argument("--candidates", type=int, default=6,
+                        help="new plans predicted, then measured, per model (0: (b) only)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1, help="measurements per candidate in (a); the median counts")
     parser.add_argument("--prediction-only", action="store_true", help="run (a) only, not the builds of (b)")
     parser.add_argument("--budget-fraction", type=float, default=0.6, help="of the unpruned p50, for (b)")
@@ -193,10 +195,11 @@ def main() -> int:
                 predicted_rows.append([name, "-", "-", "-", "-", f"failed: {' '.join(str(exc).split())[:200]}"])
                 continue
             errors = [abs(r["error"]) for r in rows]
-            predicted_rows.append([name, str(len(rows)), f"{sum(e <= 0.10 for e in errors)}/{len(rows)}",
-                                   f"{statistics.median(errors):.1%}", f"{max(errors):.1%}",
-                                   f"{statistics.median(r['spread'] for r in rows):.1%}"])  # fmt: skip
-            err.print("  " + " | ".join(predicted_rows[-1]))
+            if errors:  # none with --candidates 0: the profile only, for (b)'s baseline
+                predicted_rows.append([name, str(len(rows)), f"{sum(e <= 0.10 for e in errors)}/{len(rows)}",
+                                       f"{statistics.median(errors):.1%}", f"{max(errors):.1%}",
+                                       f"{statistics.median(r['spread'] for r in rows):.1%}"])  # fmt: skip
+                err.print("  " + " | ".join(predicted_rows[-1]))
             if args.prediction_only:
                 continue
             budget = args.budget_fraction * baseline
@@ -214,7 +217,8 @@ def main() -> int:
                 fidelity_rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{budget:.3f}",
                                       f"{r['latency']:.3f}", f"{r['macs']:.0%}", str(r["rounds"]),
                                       f"{r['top1']:.3f}", f"{r['cosine']:.4f}",
-                                      f"{r['accuracy']:.3f} ({r['unpruned_accuracy']:.3f})", ""])  # fmt: skip
+                                      f"{r['accuracy']:.3f} ({r['unpruned_accuracy']:.3f})",
+                                      "" if r["steepness"] is None else f"steepness {r['steepness']:g}"])  # fmt: skip
                 err.print("  " + " | ".join(fidelity_rows[-1]))
     heads = (
         ["model", "candidates", "within ±10%", "median |error|", "worst |error|", "median spread of repeats"],
