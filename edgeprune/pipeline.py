@@ -54,12 +54,12 @@ from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_
 from edgeprune.target import Budget, load_target
 from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, file_hashes, sha256, write_manifest
 
-# compensate: zero-shot magnitude selection, then the closed-form least-squares refit; no gradient step.
-# lowrank: prune SVD basis vectors; double: basis vectors and channels under one budget (rewrite/lowrank.py).
-# vote: the kept channels of the nearest earlier tasks in --bank (score/vote.py).
+# compensate: taylor selection (with magnitude, a 2x build stayed at chance: README), then the closed-form
+# least-squares refit; no gradient step. lowrank: prune SVD basis vectors; double: basis vectors and channels under
+# one budget (rewrite/lowrank.py). vote: the kept channels of the nearest earlier tasks in --bank, within each
+# group's worth by taylor on this task (score/vote.py).
 METHODS = ("auto", "magnitude", "taylor", "compensate", "lowrank", "double", "vote")
-# compensate: taylor, as its refit needs task data anyway (with magnitude, a 2x build stayed at chance: README)
-IMPORTANCE = {"compensate": "taylor", "lowrank": "l2", "double": "l2", "vote": "magnitude"}
+IMPORTANCE = {"compensate": "taylor", "lowrank": "l2", "double": "l2", "vote": "taylor"}
 BATCH = 16
 # Images are read into memory whole, and a few hundred pin down BN statistics, int8 ranges and a refit; token ids are
 # small, and distilling a pruned encoder wants every sentence there is (README, issue 6).

@@ -346,6 +346,41 @@ def test_rounds_between_two_measured_plans_aim_between_them(r18, r18_scored, exa
     assert all(c.latency < budget for c in candidates), rounds  # ... and no round went back over the budget
 
 
+class _BusyOnce(_SkewedTarget):
+    """The skewed target, but its first measurement lands in a busy spell: three times its true latency."""
+
+    def map(self, function, shared, items, num_cpus=1) -> list:
+        done = super().map(function, shared, items, num_cpus)
+        if not getattr(self, "busy_spell_over", False):
+            self.busy_spell_over = True
+            m = done[0].measurement
+            done = [Evaluated(0, 0, replace(m, p50=3 * m.p50, p90=3 * m.p90, p99=3 * m.p99, mean=3 * m.mean), None)]
+        return done
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_the_deepest_cut_is_measured_twice_before_a_budget_is_called_unreachable(r18, r18_scored, example,
+                                                                                tmp_path, busy):  # fmt: skip
+    """A build gave up after one round when the deepest plan it makes measured over budget: once in a busy spell
+    it can measure 80% slow. That plan is measured again; only a second miss makes the budget unreachable."""
+    skewed = _BusyOnce() if busy else _SkewedTarget()
+    ctx = SearchContext(r18, example, r18_scored, R18, "magnitude", TARGET, get_backend("openvino"), None, tmp_path,
+                        say=lambda _: None, executor=skewed)  # fmt: skip
+    ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
+    ctx.latency_model = new_model(ctx.structure, TARGET, f"simulated-busy-{busy}")
+    baseline = skewed.measure(r18, example)
+    deepest, _, _ = ctx.plan_for(0.0, ctx.latency_model.roofline_ms)
+    true_ms = skewed.measure(apply_plan(r18, deepest, example), example).p50
+    # Reachable only by the deepest plan (in the middle of the band), or by nothing at all.
+    budget = true_ms / (BAND_LOW + GUARD) * 2 if busy else true_ms / 2
+    chosen, candidates, unreachable = search(ctx, (baseline, None), budget, max_rounds=4)
+    assert [c.plan.groups == deepest.groups for c in candidates] == [True, True]
+    if busy:
+        assert not unreachable and chosen is candidates[1] and chosen.latency == pytest.approx(true_ms)
+    else:
+        assert unreachable and chosen is None
+
+
 @pytest.mark.parametrize("in_flight", [2, 4])
 def test_candidates_in_flight_spread_over_the_band_and_take_fewer_rounds(r18, r18_scored, example, tmp_path, in_flight):
     """With several candidates per round their goals spread around the band, so the search needs fewer rounds on

@@ -58,3 +58,17 @@ def test_bank_entries_are_whole_json_files(tmp_path):
     path = save_entry(tmp_path, "m", SHAPE, torch.tensor([1.0]), _plan([0]), {})
     assert json.loads(path.read_text())["kept"] == {"pw": [0]}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_votes_keep_the_worth_of_each_group_when_the_scores_are_comparable(tmp_path):
+    """With taylor's scores (comparable across groups), a group whose channels matter ten times more to this task
+    keeps ten times the score for the channels voted in, so global allocation still cuts it last; channels no
+    neighbour kept are nearly free in both."""
+    plan = {"groups": [{"module": m, "channels": 4, "kept": [0, 1]} for m in ("a", "b")]}
+    save_entry(tmp_path, "m", SHAPE, torch.tensor([1.0]), plan, {})
+    base = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    own = [ScoredGroup("a", 4, base * 10, comparable=True), ScoredGroup("b", 4, base, comparable=True)]
+    voted, _ = vote_scores(own, load_entries(tmp_path, "m", SHAPE), torch.tensor([1.0]))
+    a, b = voted[0].scores, voted[1].scores
+    assert voted[0].comparable and torch.allclose(a, b * 10)
+    assert a[:2].min() > 20 * a[2:].max()  # voted in: the group's mean worth; voted out: the tie-break only

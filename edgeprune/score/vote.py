@@ -4,8 +4,9 @@ Every build given ``--bank DIR`` stores what it kept (plan.json's kept channels 
 task: the mean of the pretrained model's penultimate features (the input of its output layer) over the task's
 images, L2-normalised. A ``--method vote`` build embeds its own task the same way, takes the K nearest stored tasks
 of the same model and input shape by cosine similarity, and scores each channel by the similarity-weighted share of
-those tasks that kept it (a small magnitude term breaks ties). Channels that similar tasks needed are kept; the
-search, allocation and budget are the usual ones, so the votes only decide *which* channels, not how many.
+those tasks that kept it (a small term of the task's own score breaks ties), times the mean of the group's own taylor
+scores on this task, so that groups stay comparable. Channels that similar tasks needed are kept, and channels they
+all cut go first; the search, allocation and budget are the usual ones.
 
 Bank entries are plain JSON files named by their content hash; one that cannot be read is skipped, never fatal.
 """
@@ -106,6 +107,13 @@ def vote_scores(scored: list[ScoredGroup], entries: list[dict], embedding: torch
             voted.append(group)
             continue
         own = group.scores / group.scores.abs().max().clamp_min(1e-12)
-        voted.append(replace(group, scores=votes / covered + TIE_BREAK * own))
+        shares = votes / covered + TIE_BREAK * own
+        # With comparable scores (taylor's loss estimates on this task), each group's votes are scaled by what its
+        # channels are worth to this task, so that global allocation still weighs groups against each other: a
+        # channel no neighbour kept is nearly free to cut, one every neighbour kept costs its group's mean worth.
+        # Shares alone, normalised per group, priced every group alike and cut where a channel saves most time
+        # (vote lost 4 points to taylor with them: README, issue 4).
+        scale = group.scores.abs().mean() if group.comparable else 1.0
+        voted.append(replace(group, scores=shares * scale))
     used = [{"similarity": similarity[i], **entries[i].get("info", {})} for i in nearest]
     return voted, used
