@@ -18,7 +18,8 @@ to train, the other 597 held out for calibration and evaluation. Then, per model
     allocation of taylor scores computed on those digits), and Torch-Pruning's uniform L1 (magnitude importance, the
     same fraction of every group, rounded to the same multiple). Fidelity of each pruned model to the unpruned one
     on the 597 held-out digits, which no build sees: top-1 agreement and mean cosine similarity of outputs, and the
-    task accuracy of both.
+    task accuracy of both. Global allocation's steepness is chosen by the build on its --calib digits. The verdict
+    table calls a winner only where the better arm landed at no more latency than the other (see verdict()).
 """
 
 from __future__ import annotations
@@ -139,6 +140,22 @@ def fidelity(spec: str, weights: str, shape: tuple[int, ...], budget_ms: float, 
     }  # fmt: skip
 
 
+def verdict(global_arm: dict | None, uniform_arm: dict | None) -> str:
+    """Which allocation (b) says is better. Both builds land somewhere in the acceptance band, [0.85, 0.97] of the
+    budget, so their latencies differ by up to 14% plus noise: a higher top-1 agreement decides only where it came
+    with no more latency than the other arm's; otherwise the row says so rather than calling it."""
+    if not global_arm or "error" in global_arm or not uniform_arm or "error" in uniform_arm:
+        return "not decided: a build failed"
+    better, faster = global_arm["top1"] - uniform_arm["top1"], global_arm["latency"] <= uniform_arm["latency"]
+    slower = global_arm["latency"] / uniform_arm["latency"] - 1
+    if better >= 0 and faster:
+        return f"global wins: {better:+.3f} top-1 agreement at {slower:+.0%} latency"
+    if better < 0 and not faster:
+        quicker = uniform_arm["latency"] / global_arm["latency"] - 1
+        return f"uniform wins: {-better:+.3f} top-1 agreement at {quicker:+.0%} latency"
+    return f"not decided: global {better:+.3f} top-1 agreement at {slower:+.0%} latency"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="SPEC@SIDE")
@@ -154,7 +171,7 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     err = Console(stderr=True)
-    predicted_rows, fidelity_rows, trained_rows = [], [], []
+    predicted_rows, fidelity_rows, trained_rows, verdict_rows = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-scorer-") as tmp:
         os.environ["EDGEPRUNE_CACHE"] = str(Path(tmp) / "cache")  # every model starts from no measurement
         for item in args.models:
@@ -203,6 +220,7 @@ def main() -> int:
             if args.prediction_only:
                 continue
             budget = args.budget_fraction * baseline
+            arms = {}
             for allocation in ("global", "uniform"):
                 err.print(f"{name}: building to {budget:.3f} ms with {allocation} allocation ...")
                 try:
@@ -220,6 +238,8 @@ def main() -> int:
                                       f"{r['accuracy']:.3f} ({r['unpruned_accuracy']:.3f})",
                                       "" if r["steepness"] is None else f"steepness {r['steepness']:g}"])  # fmt: skip
                 err.print("  " + " | ".join(fidelity_rows[-1]))
+                arms[allocation] = r
+            verdict_rows.append([name, verdict(arms.get("global"), arms.get("uniform"))])
     heads = (
         ["model", "candidates", "within ±10%", "median |error|", "worst |error|", "median spread of repeats"],
         [
@@ -235,9 +255,12 @@ def main() -> int:
             "note",
         ],
         ["model", "held-out accuracy after training"],
+        ["model", "global allocation against uniform L1"],
     )
-    titles = ("(a) predicted vs measured latency", "(b) fidelity at equal measured latency", "the trained models")
-    for title, head, rows in zip(titles, heads, (predicted_rows, fidelity_rows, trained_rows), strict=True):
+    titles = ("(a) predicted vs measured latency", "(b) fidelity at equal measured latency", "the trained models",
+              "(b) verdict")  # fmt: skip
+    tables = (predicted_rows, fidelity_rows, trained_rows, verdict_rows)
+    for title, head, rows in zip(titles, heads, tables, strict=True):
         if args.markdown:
             print(f"\n{title}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
             print("\n".join("| " + " | ".join(row) + " |" for row in rows))
