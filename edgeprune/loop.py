@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from edgeprune.aim import AIM, BAND_LOW, GUARD, NUDGE, aim, round_goals
 from edgeprune.backends import Artifact, Backend, Measurement
 from edgeprune.device import Device, LocalDevice
 from edgeprune.errors import BadInput
@@ -36,29 +36,6 @@ from edgeprune.score.probe import find_unprunable
 from edgeprune.score.steepness import SteepnessChoice, choose_steepness
 from edgeprune.score.structure import Structure
 from edgeprune.target import Target
-
-# A round is accepted when its p50 is within [0.85·budget, 0.97·budget]. The band is wide because one pruned model
-# measured again here, next to the unpruned one, gives speedups 15-60% apart (tools/bench_repeatability.py): a
-# narrower band is missed by noise alone, round after round, for a few percent less pruning.
-BAND_LOW = 0.85
-# The 3% guard below the budget: with run-to-run noise on a shared machine, a round accepted at 0.995·budget
-# re-measures over budget about half the time. Rounds in (0.97, 1]·budget are marginal: the search
-# prunes a little more, and keeps them as a fallback.
-GUARD = 0.97
-AIM = (BAND_LOW + GUARD) / 2  # rounds aim at the middle of the band
-NUDGE = 0.04  # when the model points at a plan already measured, aim this much further from where that one landed
-SPREAD = 0.06  # with several candidates in flight, how far apart (× the middle of the band) their goals are set
-
-
-def round_goals(budget_ms: float, in_flight: int) -> list[float]:
-    """The latency goals of one round's candidates: the middle of the band for one; for several, spread around it
-    (two land at the band's edges, four reach past it), so that a cost model off by more than the band still puts
-    one candidate in it, or brackets it for the next round."""
-    if in_flight <= 1:
-        return [AIM * budget_ms]
-    offsets = np.linspace(-1.0, 1.0, in_flight) * SPREAD * (in_flight - 1)
-    return [AIM * budget_ms * (1 + o) for o in offsets]
-
 
 Say = Callable[[str], None]
 
@@ -210,20 +187,16 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         # The unpruned model is a measured point too: after a first round under the band, it is the other side.
         measured = [(ctx.structure.full_widths(), baseline.p50)]
         measured += [(ctx.structure.widths_of(c.plan), c.latency) for c in candidates]
-        bracket = bracketing(measured, budget_ms, model)
-
-        # Inside a bracket the goal is set in the refitted model's own units, between its predictions for the two
-        # plans that measured on either side of the band; the correction then no longer applies.
-        def aimed(g: float, bracket=bracket, correction=correction) -> float:
-            return interpolated(bracket, goal_ms=g) if bracket else g / correction
-
+        # Between two plans measured on either side of the band, the goal is set in the refitted model's own units
+        # from its predictions for them; else by the last correction (aim.py).
+        aiming = aim(measured, budget_ms, model, correction)
         plans, goals = [], []
         for goal in round_goals(budget_ms, ctx.in_flight):
-            plan, macs, _ = ctx.plan_for(aimed(goal))
+            plan, macs, _ = ctx.plan_for(aiming.to_model(goal))
             repeat = next((c for c in candidates if c.plan.groups == plan.groups), None)
             if repeat is not None:  # the refitted model still picks a plan measured already: aim past it
                 goal *= (1 - NUDGE) if repeat.latency > GUARD * budget_ms else (1 + NUDGE)
-                plan, macs, _ = ctx.plan_for(aimed(goal))
+                plan, macs, _ = ctx.plan_for(aiming.to_model(goal))
             known = [c.plan for c in candidates] if ctx.in_flight > 1 else []  # one alone is measured again
             if all(plan.groups != other.groups for other in plans + known):  # close goals can pick one plan
                 plans.append(plan)
@@ -233,10 +206,10 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         predictions = []
         for plan in plans:
             raw = model.predict(ctx.structure.widths_of(plan))
-            predictions.append(interpolated(bracket, model_ms=raw) if bracket else raw * correction)
+            predictions.append(aiming.to_ms(raw))
             macs = ctx.structure.macs(ctx.structure.widths_of(plan)) / ctx.structure.macs(ctx.structure.full_widths())
-            ctx.say(f"round {step}: {macs:.0%} of the MACs, predicted {predictions[-1]:.3f} ms; exporting and"
-                    " measuring ...")  # fmt: skip
+            ctx.say(f"round {step}: {macs:.0%} of the MACs, predicted {predictions[-1]:.3f} ms (aimed by"
+                    f" {aiming.how}); exporting and measuring ...")  # fmt: skip
         measured_now = measure_plans(ctx, plans, baseline.p50, step, budget_ms)
         measured_now = [replace(c, predicted=p) for c, p in zip(measured_now, predictions, strict=True)]
         candidates += measured_now
@@ -274,47 +247,6 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         return max(guarded, key=lambda c: c.latency), candidates, False
     under = [c for c in candidates if c.latency <= budget_ms]
     return (min(under, key=lambda c: c.latency) if under else None), candidates, False
-
-
-@dataclass(frozen=True)
-class Bracket:
-    """The measured plans closest to the acceptance band from either side, with the latencies the refitted cost
-    model predicts for them.
-
-    Why it exists: where the model's shape is wrong (ConvNeXt's LayerNorms and GELUs cost time that MACs do not
-    count), a fit corrected by the last round's error swings from one side of the band to the other. Measured on
-    convnext_femto for 1.5x: 58% of the MACs measured 1.18x, the next round 8% (6.77x), the next 75% (1.12x), and
-    the build shipped the 8% plan. Between two measured plans, the next one is aimed between them."""
-
-    fast_ms: float  # measured: the slowest plan under the band
-    slow_ms: float  # measured: the fastest plan over the guard
-    fast_model: float  # the model's predictions for the same two plans
-    slow_model: float
-
-
-def bracketing(measured: list[tuple[np.ndarray, float]], budget_ms: float, model: LatencyModel) -> Bracket | None:
-    """The Bracket of the ``measured`` (widths, latency) points, or None without points on both sides of the band
-    (or when the model orders the two the other way round, so that its units cannot be interpolated)."""
-    fast = [m for m in measured if m[1] < BAND_LOW * budget_ms]
-    slow = [m for m in measured if m[1] > GUARD * budget_ms]
-    if not fast or not slow:
-        return None
-    (fast_widths, fast_ms), (slow_widths, slow_ms) = max(fast, key=lambda m: m[1]), min(slow, key=lambda m: m[1])
-    fast_model, slow_model = model.predict(fast_widths), model.predict(slow_widths)
-    if slow_model <= fast_model:
-        return None
-    return Bracket(fast_ms, slow_ms, fast_model, slow_model)
-
-
-def interpolated(bracket: Bracket, goal_ms: float | None = None, model_ms: float | None = None) -> float:
-    """Linear interpolation between the bracket's two plans: a measured ``goal_ms`` to the model's units (kept
-    within the middle 80% of the bracket, so that every round narrows it), or a prediction ``model_ms`` back to
-    measured ms."""
-    if goal_ms is not None:
-        share = (goal_ms - bracket.fast_ms) / (bracket.slow_ms - bracket.fast_ms)
-        return bracket.fast_model + min(max(share, 0.1), 0.9) * (bracket.slow_model - bracket.fast_model)
-    share = (model_ms - bracket.fast_model) / (bracket.slow_model - bracket.fast_model)
-    return bracket.fast_ms + share * (bracket.slow_ms - bracket.fast_ms)
 
 
 def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int, budget_ms: float) -> Candidate:
