@@ -94,6 +94,7 @@ class SearchContext:
     # them (synthetic data), steepness 0. The choice, once made, holds for every later plan of the build.
     steepness_batches: list | None = None
     steepness: SteepnessChoice | None = None
+    compensating: bool = False  # the build refits by least squares: steepness is judged after the same refit
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
     executor: object = field(default_factory=LocalExecutor)  # where candidates are pruned, exported, measured
     in_flight: int = 1  # candidates per round, measured at once on an executor with workers
@@ -125,7 +126,8 @@ class SearchContext:
                             self.method, steepness)  # fmt: skip
 
         if self.allocation == "global" and self.steepness is None and self.steepness_batches:
-            self.steepness = choose_steepness(self.model, self.example, self.steepness_batches, make)
+            self.steepness = choose_steepness(self.model, self.example, self.steepness_batches, make,
+                                              compensating=self.compensating)  # fmt: skip
             self.say(f"global allocation: {self.steepness.describe()}")
         return self.checked_plan(make)
 

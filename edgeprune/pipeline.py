@@ -49,6 +49,7 @@ from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.importance import STRUCTURES, score_groups, select_structures
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import find_unprunable
+from edgeprune.score.steepness import SteepnessChoice
 from edgeprune.score.structure import read_structure
 from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_scores
 from edgeprune.target import Budget, load_target
@@ -95,6 +96,7 @@ class BuildOptions:
     strict: bool = False  # a group that cannot be pruned safely is an error, not kept whole
     plan: str | None = None  # replay this plan.json instead of searching (reproducible builds)
     allocation: str = "global"  # or "uniform": the same fraction of every group (for comparison)
+    steepness: float | None = None  # global allocation's; None: chosen on the task's data (score/steepness.py)
     structures: str = "all"  # or "heads" / "neurons": only attention heads, or all but them (score/importance.py)
     executor: str | None = None  # where candidates run: this process (None, "local") or Ray (farm/executor.py)
     in_flight: int = 1  # candidates per round
@@ -205,8 +207,11 @@ def build(options: BuildOptions, say=print) -> dict:
             if not counted and not decomposed and not ctx.latency_model.node_samples:
                 learn_where_time_goes(ctx, baseline_artifact, device, say)
             ctx.allocation = options.allocation
-            if not data.synthetic:  # global allocation's steepness is chosen on them (score/steepness.py)
+            if options.steepness is not None:
+                ctx.steepness = SteepnessChoice(options.steepness, {}, 0)
+            elif not data.synthetic:  # global allocation's steepness is chosen on them (score/steepness.py)
                 ctx.steepness_batches = list(score_set.batches(BATCH))[:STEEPNESS_BATCHES]
+                ctx.compensating = options.compensate or method == "compensate"
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
             try:

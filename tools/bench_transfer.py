@@ -68,7 +68,7 @@ def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Pat
         budget=budget, method="magnitude" if method in ("tp-uniform", "unpruned") else method.split("+")[0],
         allocation="uniform" if method == "tp-uniform" else "global", recover_steps=recover_steps,
         compensate=method.endswith("+compensate"),
-        adapt_steps=args.adapt_steps, bank=str(bank) if bank else None,
+        adapt_steps=args.adapt_steps, bank=str(bank) if bank else None, steepness=args.steepness,
     )  # fmt: skip
     started = time.perf_counter()
     try:
@@ -115,6 +115,12 @@ def main() -> int:
         type=int,
         default=None,
         help="labelled samples per class of the earlier tasks in vote's bank (default: --per-class)",
+    )
+    parser.add_argument(
+        "--steepness",
+        type=float,
+        default=None,
+        help="pin global allocation's steepness (default: each build chooses it on its data)",
     )
     parser.add_argument("--markdown", action="store_true", help="(the table is always markdown)")
     args = parser.parse_args()

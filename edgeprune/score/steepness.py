@@ -36,6 +36,8 @@ class SteepnessChoice:
     samples: int
 
     def describe(self) -> str:
+        if not self.losses:
+            return f"steepness {self.chosen:g} (pinned)"
         tried = ", ".join(f"{s:g}: {'failed' if v is None else f'{v:.4f}'}" for s, v in self.losses.items())
         return f"steepness {self.chosen:g} (output distance to the unpruned model on {self.samples} samples: {tried})"
 
@@ -67,11 +69,17 @@ def output_distance(student: nn.Module, teacher: nn.Module, batches: list) -> fl
 
 def choose_steepness(
     model: nn.Module, example: torch.Tensor, batches: list, make_plan: Callable[[float], Plan],
-    steepnesses: tuple[float, ...] = STEEPNESSES,
+    steepnesses: tuple[float, ...] = STEEPNESSES, compensating: bool = False,
 ) -> SteepnessChoice:  # fmt: skip
     """The steepness whose plan (``make_plan(steepness)``, all for the same goal) keeps ``model``'s outputs closest on
-    ``batches``, after the batch-norm recalibration every build does. Plans that are the same are measured once;
-    a plan that fails to prune is skipped (the loop's own checks deal with it if it is chosen anyway)."""
+    ``batches``, after the recovery without gradient steps that the build will do: batch-norm recalibration, or
+    with ``compensating`` the least-squares refit, fitted on every other batch and judged on the rest (a plan cut
+    deep in a few layers is the one a refit repairs best, so judging it unrefitted chose worse plans: README).
+    Plans that are the same are measured once; a plan that fails to prune is skipped (the loop's own checks deal
+    with it if it is chosen anyway)."""
+    from edgeprune.rewrite.compensate import compensate
+
+    fit, judge = (batches[::2], batches[1::2]) if compensating and len(batches) > 1 else (batches, batches)
     losses: dict[float, float | None] = {}
     seen: dict[tuple, float | None] = {}
     for steepness in steepnesses:
@@ -83,10 +91,13 @@ def choose_steepness(
             except Exception:  # whatever the model's own code raises at these widths
                 seen[key] = None
             else:
-                recalibrate_batchnorm(pruned, batches)
-                seen[key] = output_distance(pruned, model, batches)
+                if compensating:
+                    compensate(model, pruned, [x for x, _ in fit])
+                else:
+                    recalibrate_batchnorm(pruned, fit)
+                seen[key] = output_distance(pruned, model, judge)
         losses[steepness] = seen[key]
     measured = {s: v for s, v in losses.items() if v is not None and np.isfinite(v)}
     # Ties (the same plan) go to the lower steepness: the scores as they are, unless the data says otherwise.
     chosen = min(measured, key=lambda s: (measured[s], s)) if measured else steepnesses[0]
-    return SteepnessChoice(chosen, losses, sum(len(x) for x, _ in batches))
+    return SteepnessChoice(chosen, losses, sum(len(x) for x, _ in judge))
