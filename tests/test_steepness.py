@@ -90,3 +90,20 @@ def test_a_plan_that_fails_to_prune_is_not_chosen(r18, r18_scored, example):
 
     choice = choose_steepness(r18, example, batches, lambda s: good if s == 1.0 else broken, (0.0, 1.0))
     assert choice.chosen == 1.0 and choice.losses[0.0] is None and "0: failed" in choice.describe()
+
+
+def test_when_the_build_compensates_plans_are_judged_after_the_refit_on_samples_it_did_not_see(r18, r18_scored,
+                                                                                          example):  # fmt: skip
+    """With compensating, each plan is refitted by least squares on every other batch and judged on the rest: the
+    refit brings the halved plan's outputs closer than batch-norm recalibration does, on samples it was not fitted
+    on."""
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, *example.shape[1:], generator=generator), None) for _ in range(4)]
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    full = structure.full_widths()
+    halved = plan_from_widths(r18_scored, np.where(full > 8, np.maximum(8, full // 16 * 8), full), R18,
+                              tuple(example.shape), "m")  # fmt: skip
+    refit = choose_steepness(r18, example, batches, lambda s: halved, (0.0,), compensating=True)
+    recalibrated = choose_steepness(r18, example, batches, lambda s: halved, (0.0,))
+    assert refit.samples == 16 and recalibrated.samples == 32  # judged on the two batches it was not fitted on
+    assert refit.losses[0.0] < recalibrated.losses[0.0]
