@@ -131,8 +131,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         root = Path(tmp)
         # Every run starts from no measurement (within it, builds share the cache as a team's builds would). With
-        # the user's cache, each run started from all the runs before it, and the same command at the same commit
-        # shipped plans of 0.46 M params in one session where it had shipped 0.9 M the session before.
+        # the user's cache, each run started from all the runs before it, and runs were not comparable: the same
+        # command shipped plans of 0.44-0.56 M params in one session where it had shipped 0.72-0.92 M the session
+        # before (the cache was the state that differed; the cause was not isolated further).
         os.environ["EDGEPRUNE_CACHE"] = str(root / "cache")
         for per_class in args.per_class:
             for seed in args.seeds:
