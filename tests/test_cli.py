@@ -130,7 +130,8 @@ def test_existing_output_needs_force(tmp_path, monkeypatch):
 def test_unreachable_budget_exits_1_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("build", *SMALL, "--latency-ms", "0.0001", "--out", "out")
-    assert_one_line_error(result, 1, "not reached", "after 1 round(s)", "relax the budget")
+    # Two rounds: the deepest plan is measured twice before a budget is called unreachable (one can be a busy spell).
+    assert_one_line_error(result, 1, "not reached", "after 2 round(s)", "relax the budget")
     assert leftovers(tmp_path) == []
 
 
