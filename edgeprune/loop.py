@@ -94,7 +94,7 @@ class SearchContext:
     # them (synthetic data), steepness 0. The choice, once made, holds for every later plan of the build.
     steepness_batches: list | None = None
     steepness: SteepnessChoice | None = None
-    compensating: bool = False  # the build refits by least squares: steepness is judged after the same refit
+    compensating: bool = False  # the build refits by least squares after pruning (steepness is judged after it too)
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
     executor: object = field(default_factory=LocalExecutor)  # where candidates are pruned, exported, measured
     in_flight: int = 1  # candidates per round, measured at once on an executor with workers

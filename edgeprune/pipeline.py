@@ -163,7 +163,9 @@ def build(options: BuildOptions, say=print) -> dict:
     try:
         # On Ray the device (or pool) is held by actors: one benchmark per device at a time, from any worker.
         ctx = SearchContext(model, example, [], options.model, method, target, backend, executor.devices(device),
-                            workdir / "rounds", say, executor=executor, in_flight=options.in_flight)  # fmt: skip
+                            workdir / "rounds", say, executor=executor, in_flight=options.in_flight,
+                            allocation=options.allocation,
+                            compensating=options.compensate or method == "compensate")  # fmt: skip
         ctx.calibration = calib.x if calib is not None else score_set.x
         ctx.evaluate = lambda pruned: quality(pruned, model, eval_set.batches(BATCH))[1]
         with timed(say, "measuring the unpruned model"):
@@ -206,12 +208,10 @@ def build(options: BuildOptions, say=print) -> dict:
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
             if not counted and not decomposed and not ctx.latency_model.node_samples:
                 learn_where_time_goes(ctx, baseline_artifact, device, say)
-            ctx.allocation = options.allocation
             if options.steepness is not None:
                 ctx.steepness = SteepnessChoice(options.steepness, {}, 0)
             elif not data.synthetic:  # global allocation's steepness is chosen on them (score/steepness.py)
                 ctx.steepness_batches = list(score_set.batches(BATCH))[:STEEPNESS_BATCHES]
-                ctx.compensating = options.compensate or method == "compensate"
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
             try:
@@ -250,10 +250,9 @@ def build(options: BuildOptions, say=print) -> dict:
                 chosen = replace(chosen, plan=with_decomposition(chosen.plan, decomposed))
 
         with timed(say, "recovering accuracy on the chosen structure"):
-            compensating = options.compensate or method == "compensate"
             steps = 0 if method == "compensate" else options.recover_steps
             pruned, recovery = recover(
-                model, chosen.plan, example, score_set, eval_set, steps, compensating, BATCH, aux
+                model, chosen.plan, example, score_set, eval_set, steps, ctx.compensating, BATCH, aux
             )
         with timed(say, "exporting and validating the final artifact"):
             artifact = backend.export(pruned, example, workdir, target, ctx.calibration)

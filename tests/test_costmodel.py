@@ -10,10 +10,7 @@ import pytest
 import torch
 from conftest import MBV3, R18  # noqa: F401
 
-from edgeprune.backends import Measurement, get_backend
-from edgeprune.farm.executor import LocalExecutor
-from edgeprune.farm.work import Evaluated
-from edgeprune.loop import BAND_LOW, GUARD, SearchContext, search
+from edgeprune.backends import Measurement
 from edgeprune.profile import comparable_samples
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import GLOBAL_MIN_KEEP, allocate, global_widths, uniform_plan
@@ -309,96 +306,6 @@ def test_noise_that_fits_a_constant_latency_falls_back_to_the_scaled_roofline(r1
     full = structure.full_widths()
     half = structure.widths_of(uniform_plan(r18_scored, 0.5, 8, R18, tuple(example.shape), "m"))
     assert model.predict(half) < 0.7 * model.predict(full)  # cutting still pays, so the allocator still cuts
-
-
-class _SkewedTarget(LocalExecutor):
-    """An executor whose unit of work times a target that the cost model's shape gets wrong: its latency falls with
-    the square of the MACs kept (12 ms at full width, 3 ms at half the MACs). Deterministic, so that the test is
-    about the search and not about this machine's noise; nothing is exported."""
-
-    def measure(self, model, example) -> Measurement:
-        macs, _ = count_macs_params(model, example)
-        self.full_macs = getattr(self, "full_macs", macs)
-        p50 = 12.0 * (macs / self.full_macs) ** 2
-        return Measurement(p50, p50, p50, p50, 100, "local", "simulated", 1)
-
-    def map(self, function, shared, items, num_cpus=1) -> list:
-        pruned = [apply_plan(shared.model, job.plan, shared.example) for job in items]
-        return [Evaluated(0, 0, self.measure(model, shared.example), None) for model in pruned]
-
-
-def test_rounds_between_two_measured_plans_aim_between_them(r18, r18_scored, example, tmp_path):
-    """Once a round measured under the acceptance band (the unpruned model is over it), the next plan is aimed between
-    the two by interpolation. Before, each round was corrected by the last one's error alone: on this target the
-    rounds swung between 2.8 ms and the unpruned 12 ms and the build shipped 3.0 ms for a budget of 8 (4x for 1.5x);
-    convnext_femto at 1.5x shipped 8% of its MACs (4.3x) that way in the sweep."""
-    skewed = _SkewedTarget()
-    ctx = SearchContext(r18, example, r18_scored, R18, "magnitude", TARGET, get_backend("openvino"), None, tmp_path,
-                        say=lambda _: None, executor=skewed)  # fmt: skip
-    ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
-    ctx.latency_model = new_model(ctx.structure, TARGET, "simulated")
-    budget = 12.0 / 1.5
-    chosen, candidates, unreachable = search(ctx, (skewed.measure(r18, example), None), budget, max_rounds=4)
-    rounds = [round(c.latency, 2) for c in candidates]
-    assert not unreachable and chosen is not None
-    assert BAND_LOW * budget <= chosen.latency <= GUARD * budget, rounds
-    assert candidates[0].latency < BAND_LOW * budget, rounds  # the first round is under the band ...
-    assert all(c.latency < budget for c in candidates), rounds  # ... and no round went back over the budget
-
-
-class _BusyOnce(_SkewedTarget):
-    """The skewed target, but its first measurement lands in a busy spell: three times its true latency."""
-
-    def map(self, function, shared, items, num_cpus=1) -> list:
-        done = super().map(function, shared, items, num_cpus)
-        if not getattr(self, "busy_spell_over", False):
-            self.busy_spell_over = True
-            m = done[0].measurement
-            done = [Evaluated(0, 0, replace(m, p50=3 * m.p50, p90=3 * m.p90, p99=3 * m.p99, mean=3 * m.mean), None)]
-        return done
-
-
-@pytest.mark.parametrize("busy", [False, True])
-def test_the_deepest_cut_is_measured_twice_before_a_budget_is_called_unreachable(r18, r18_scored, example,
-                                                                                tmp_path, busy):  # fmt: skip
-    """A build gave up after one round when the deepest plan it makes measured over budget: once in a busy spell
-    it can measure 80% slow. That plan is measured again; only a second miss makes the budget unreachable."""
-    skewed = _BusyOnce() if busy else _SkewedTarget()
-    ctx = SearchContext(r18, example, r18_scored, R18, "magnitude", TARGET, get_backend("openvino"), None, tmp_path,
-                        say=lambda _: None, executor=skewed)  # fmt: skip
-    ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
-    ctx.latency_model = new_model(ctx.structure, TARGET, f"simulated-busy-{busy}")
-    baseline = skewed.measure(r18, example)
-    deepest, _, _ = ctx.plan_for(0.0, ctx.latency_model.roofline_ms)
-    true_ms = skewed.measure(apply_plan(r18, deepest, example), example).p50
-    # Reachable only by the deepest plan (in the middle of the band), or by nothing at all.
-    budget = true_ms / (BAND_LOW + GUARD) * 2 if busy else true_ms / 2
-    chosen, candidates, unreachable = search(ctx, (baseline, None), budget, max_rounds=4)
-    assert [c.plan.groups == deepest.groups for c in candidates] == [True, True]
-    if busy:
-        assert not unreachable and chosen is candidates[1] and chosen.latency == pytest.approx(true_ms)
-    else:
-        assert unreachable and chosen is None
-
-
-@pytest.mark.parametrize("in_flight", [2, 4])
-def test_candidates_in_flight_spread_over_the_band_and_take_fewer_rounds(r18, r18_scored, example, tmp_path, in_flight):
-    """With several candidates per round their goals spread around the band, so the search needs fewer rounds on
-    the target the cost model gets wrong (above: one candidate at a time takes 2), and ships one of them."""
-    rounds = {}
-    for k in (1, in_flight):
-        skewed = _SkewedTarget()
-        ctx = SearchContext(r18, example, r18_scored, R18, "magnitude", TARGET, get_backend("openvino"), None,
-                            tmp_path, say=lambda _: None, executor=skewed, in_flight=k)  # fmt: skip
-        ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
-        ctx.latency_model = new_model(ctx.structure, TARGET, f"simulated-{k}-{in_flight}")
-        budget = 12.0 / 1.5
-        chosen, candidates, _ = search(ctx, (skewed.measure(r18, example), None), budget, max_rounds=4)
-        assert chosen is not None and BAND_LOW * budget <= chosen.latency <= GUARD * budget
-        rounds[k] = max(c.step for c in candidates)
-        per_round = [sum(c.step == step for c in candidates) for step in range(1, rounds[k] + 1)]
-        assert per_round[0] == k  # the first round measures every candidate; later ones skip plans measured already
-    assert rounds[in_flight] < rounds[1], rounds
 
 
 def test_profile_samples_are_scaled_to_the_median_unpruned_p50_timed_beside_them():
