@@ -4,8 +4,9 @@ Global allocation trusts first-order scores, which price a deep cut of one layer
 losses one by one; how far that underrates the deep cut depends on the model (measured, tools/bench_scorer.py: it
 held on ResNet-18 and EfficientNet-Lite0, where global allocation beat uniform L1 by 0.27-0.38 of top-1 agreement,
 and not on MobileNetV3, RegNetX or ConvNeXt, where it lost). So the build does not guess: it makes the global plan
-for the first goal at a few steepnesses (allocate.global_widths), prunes each, recalibrates batch norm as the final
-model will be, and keeps the steepness whose outputs are closest to the unpruned model's on the task's data. Every
+for the first goal at a few steepnesses (allocate.global_widths), prunes each, recovers it without gradient steps
+as the final model will be (batch-norm recalibration, or the least-squares refit when the build compensates), and
+keeps the steepness whose outputs are closest to the unpruned model's on the task's data. Every
 later round uses the same steepness, so the rounds stay one family of plans that the loop can aim between.
 """
 
