@@ -1,0 +1,95 @@
+"""Global allocation's steepness at one predicted latency, offline: does the distance a build chooses by rank plans
+as their held-out fidelity does, and where does each land against uniform allocation? The README quotes it.
+
+    python tools/bench_steepness.py --weights-dir DIR [--models timm:convnext_atto@128 ...] [--fraction 0.55]
+
+Per model (trained on the digits as tools/bench_scorer.py trains it; weights from --weights-dir, trained there when
+missing): `edgeprune profile` fits the latency model, then at --fraction of the unpruned model's predicted latency
+it makes the global plan of taylor scores at steepness 0, 1, 2, 4, 8, 16, the uniform plan of taylor scores and
+Torch-Pruning's uniform L1 plan, prunes each and recalibrates batch norm on 128 training digits. For each: the
+predicted latency and MACs, the output distance a build chooses by (KL, on those 128 digits) and the top-1
+agreement with the unpruned model on the 597 held-out digits. Nothing is exported or timed beyond the profile:
+the plans are compared at equal *predicted* latency, which the builds of bench_scorer.py cannot pin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_task import digits, task_model_spec, train  # noqa: E402
+
+TRAIN = 1200
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["timm:convnext_atto@128"], help="SPEC@SIDE")
+    parser.add_argument("--fraction", type=float, default=0.55, help="of the unpruned model's predicted latency")
+    parser.add_argument("--weights-dir", required=True, help="trained weights (as bench_scorer.py keeps them)")
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args()
+    from edgeprune.model import load_model
+    from edgeprune.profile import run_profile
+    from edgeprune.rewrite.prune import apply_plan
+    from edgeprune.rewrite.recover import recalibrate_batchnorm
+    from edgeprune.score.allocate import allocate
+    from edgeprune.score.costmodel import new_model
+    from edgeprune.score.importance import score_groups
+    from edgeprune.score.steepness import output_distance
+    from edgeprune.score.structure import read_structure
+    from edgeprune.target import load_target
+
+    target = load_target("x86-openvino")
+    print("| model | importance | allocation | steepness | predicted ms | MACs | distance (calib) | held-out top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="bench-steepness-") as tmp:
+        os.environ["EDGEPRUNE_CACHE"] = str(Path(tmp) / "cache")
+        for item in args.models:
+            name, _, side = item.rpartition("@")
+            shape = (1, 3, int(side), int(side))
+            x, y = digits(int(side))
+            spec = task_model_spec(name, Path(tmp))
+            weights = Path(args.weights_dir) / f"{name.replace(':', '_')}-{side}-e{args.epochs}.pt"
+            if not weights.is_file():
+                trained = train(load_model(spec, input_shape=shape).module, x[:TRAIN], y[:TRAIN], args.epochs)
+                weights.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(trained.state_dict(), weights)
+            profiled = run_profile("x86-openvino", spec, str(weights), input_shape=shape, samples=8,
+                                   say=lambda message: None)  # fmt: skip
+            model = load_model(spec, str(weights), input_shape=shape).module.eval()
+            example = torch.zeros(shape)
+            calib = [(x[i : i + 16], None) for i in range(0, 256, 16)]  # scored on the first 64, judged on 128
+            with torch.no_grad():
+                reference = model(x[TRAIN:]).argmax(1)
+            for method in ("taylor", "magnitude"):
+                scored = [replace(g, scores=None) if g.module in profiled["kept_whole"] else g
+                          for g in score_groups(model, example, method, calib[:4])]  # fmt: skip
+                structure = read_structure(model, example, [g.module for g in scored])
+                latency = new_model(structure, target, profiled["runtime"])
+                goal = args.fraction * latency.predict(structure.full_widths())
+                arms = [("global", s) for s in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)] if method == "taylor" else []
+                for allocation, steepness in [*arms, ("uniform", None)]:
+                    plan = allocate(scored, structure, latency.predict, goal, target.channel_multiple, allocation,
+                                    spec, shape, method, steepness or 0.0)  # fmt: skip
+                    pruned = apply_plan(model, plan, example)
+                    recalibrate_batchnorm(pruned, calib[8:])
+                    widths = structure.widths_of(plan)
+                    with torch.no_grad():
+                        top1 = float((pruned.eval()(x[TRAIN:]).argmax(1) == reference).float().mean())
+                    macs = structure.macs(widths) / structure.macs(structure.full_widths())
+                    print(f"| {name} | {method} | {allocation} | {'-' if steepness is None else f'{steepness:g}'} |"
+                          f" {latency.predict(widths):.3f} | {macs:.0%} |"
+                          f" {output_distance(pruned, model, calib[8:]):.4f} | {top1:.3f} |", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
