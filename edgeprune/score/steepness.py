@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgeprune.rewrite.compensate import compensate
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.rewrite.recover import recalibrate_batchnorm
@@ -79,8 +80,6 @@ def choose_steepness(
     deep in a few layers is the one a refit repairs best, so judging it unrefitted chose worse plans: README).
     Plans that are the same are measured once; a plan that fails to prune is skipped (the loop's own checks deal
     with it if it is chosen anyway)."""
-    from edgeprune.rewrite.compensate import compensate
-
     fit, judge = (batches[::2], batches[1::2]) if compensating and len(batches) > 1 else (batches, batches)
     losses: dict[float, float | None] = {}
     seen: dict[tuple, float | None] = {}
