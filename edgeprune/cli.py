@@ -124,7 +124,10 @@ def build(
     recover_steps: Annotated[int | None, typer.Option(help="Distillation steps (needs --calib) [default: 20].")] = None,
     calib_limit: Annotated[
         int | None,
-        typer.Option(help="Most samples read from each of --train, --calib, --aux [default: 256 images; all text]."),
+        typer.Option(
+            help="Most samples read from each of --train, --calib, --aux [default: 2048 --train images, 256 others;"
+            " all text]."
+        ),
     ] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow weights files that need unpickling.")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on layers that cannot be pruned, not keep them.")] = False,

@@ -92,3 +92,24 @@ def test_a_conv_subclass_is_refitted_only_where_it_computes_a_plain_conv():
     # Padding inside forward (3×3) or standardised weights: the unfolded rows are not what it multiplies; kept as is.
     assert "spatial" not in report and "standardised" not in report
     assert all(torch.equal(getattr(pruned, n).weight, w) for n, w in before.items())
+
+
+def test_the_refit_also_fits_on_the_unlabelled_images_it_is_given():
+    """A few labelled samples leave the refit few rows (here 4 images for a 17-input linear head); the task's
+    unlabelled --calib images need no labels and join the fit: the output error on other images drops."""
+    from edgeprune.data import Dataset
+    from edgeprune.rewrite.recover import recover
+
+    model = _trained_looking(TinyDeeper())
+    example = torch.zeros(SHAPE)
+    plan = uniform_plan(score_groups(model, example, "magnitude"), 0.5, 4, "tiny", SHAPE, "magnitude")
+    torch.manual_seed(2)
+    few = Dataset(torch.randn(4, *SHAPE[1:]), torch.tensor([0, 1, 2, 3]), "few.npz", False)
+    many = Dataset(torch.randn(96, *SHAPE[1:]), None, "calib.npz", False)
+    held_out = torch.randn(64, *SHAPE[1:])
+    judge = Dataset(held_out, None, "held-out", False)  # fidelity to the unpruned model decides what ships
+    alone, info_alone = recover(model, plan, example, few, judge, 0, compensating=True)
+    joined, info_joined = recover(model, plan, example, few, judge, 0, compensating=True, unlabelled=many)
+    assert info_alone["compensated_on"] == "4 samples" and info_joined["compensated_on"] == "100 samples"
+    assert info_joined["result"] == info_joined["recovered"] >= info_joined["pruned"]  # the refit shipped
+    assert _relative_error(joined, model, held_out) < 0.8 * _relative_error(alone, model, held_out)

@@ -15,14 +15,15 @@ import pytest
 sklearn = pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
 
 
-def _digits(path, classes: range, side: int = 32, per_class: int = 20) -> None:
+def _digits(path, classes: range, side: int = 32, per_class: int = 20, skip: int = 0, labelled: bool = True) -> None:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    chosen = np.concatenate([np.flatnonzero(data.target == c)[:per_class] for c in classes])
+    chosen = np.concatenate([np.flatnonzero(data.target == c)[skip : skip + per_class] for c in classes])
     images = data.images[chosen].astype(np.float32) / 16.0
     x = np.repeat(np.kron(images, np.ones((side // 8, side // 8), np.float32))[:, None], 3, axis=1)
-    np.savez(path, x=(x - 0.5) / 0.5, y=data.target[chosen].astype(np.int64))
+    labels = {"y": data.target[chosen].astype(np.int64)} if labelled else {}
+    np.savez(path, x=(x - 0.5) / 0.5, **labels)
 
 
 def _build(tmp_path, name: str, *args: str) -> dict:
@@ -36,12 +37,15 @@ def _build(tmp_path, name: str, *args: str) -> dict:
 
 
 def test_adapt_compensate_into_a_bank_then_vote(tmp_path):
-    _digits(tmp_path / "task_a.npz", range(10), per_class=10)
+    _digits(tmp_path / "task_a.npz", range(10), per_class=30)
+    _digits(tmp_path / "unlabelled.npz", range(10), per_class=4, skip=30, labelled=False)
     _digits(tmp_path / "task_b.npz", range(10), per_class=8)
     bank = tmp_path / "bank"
-    first = _build(
-        tmp_path, "a", "--train", str(tmp_path / "task_a.npz"), "--method", "compensate", "--bank", str(bank)
-    )
+    first = _build(tmp_path, "a", "--train", str(tmp_path / "task_a.npz"), "--calib", str(tmp_path / "unlabelled.npz"),
+                   "--method", "compensate", "--bank", str(bank))  # fmt: skip
+    # Every one of the 300 labelled samples is read (images from --calib stop at 256), and the refit fits on the
+    # 225 that are not held out plus the 40 unlabelled images.
+    assert first["data"]["samples"] == 300 and first["quality"]["compensated_on"] == "265 samples"
     # A new 10-class head on the 100-class model, fine-tuned with held-out early stopping.
     assert first["adapted"]["classes"] == 10 and first["adapted"]["steps"] >= 1
     assert first["quality"]["metric"] == "accuracy"

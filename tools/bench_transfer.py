@@ -47,16 +47,25 @@ TRAIN_POOL = 1200
 RELATED = {"0-4": range(5), "5-9": range(5, 10), "even": range(0, 10, 2), "odd": range(1, 10, 2)}
 
 
-def sample(x, y, per_class: int, seed: int, classes=range(10)) -> tuple[np.ndarray, np.ndarray]:
-    """``per_class`` training digits of each class, drawn with ``seed`` from the training pool, relabelled 0..k-1."""
+def sample(x, y, per_class: int, seed: int, classes=range(10)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``per_class`` training digits of each class, drawn with ``seed`` from the training pool, relabelled 0..k-1,
+    and their indices in the pool."""
     rng = np.random.default_rng(seed)
     chosen = [rng.choice(np.flatnonzero(y[:TRAIN_POOL] == c), per_class, replace=False) for c in classes]
     index = np.concatenate(chosen)
     relabel = {c: i for i, c in enumerate(classes)}
-    return x[index], np.array([relabel[int(c)] for c in y[index]])
+    return x[index], np.array([relabel[int(c)] for c in y[index]]), index
 
 
-def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Path | None = None) -> dict:
+def unlabelled_pool(x, y, taken: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` training-pool digits that are not among the labelled ones (``taken``), without their labels: the
+    unlabelled images of the task's domain a team usually has plenty of (never the test digits)."""
+    rest = np.setdiff1d(np.arange(TRAIN_POOL), taken)
+    return x[np.random.default_rng(seed + 200).choice(rest, min(count, len(rest)), replace=False)]
+
+
+def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Path | None = None,
+          unlabelled: Path | None = None) -> dict:  # fmt: skip
     from edgeprune.errors import EdgepruneError
     from edgeprune.pipeline import BuildOptions
     from edgeprune.pipeline import build as run_build
@@ -70,6 +79,8 @@ def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Pat
         allocation="uniform" if method == "tp-uniform" else "global", recover_steps=recover_steps,
         compensate=method.endswith("+compensate"),
         adapt_steps=args.adapt_steps, bank=str(bank) if bank else None, steepness=args.steepness,
+        calib=str(unlabelled) if unlabelled else None, aux=str(unlabelled) if unlabelled and args.distil_unlabelled
+        else None, calib_limit=max(args.unlabelled, TRAIN_POOL) if unlabelled else None,
     )  # fmt: skip
     started = time.perf_counter()
     try:
@@ -123,6 +134,17 @@ def main() -> int:
         default=None,
         help="pin global allocation's steepness (default: each build chooses it on its data)",
     )
+    parser.add_argument(
+        "--unlabelled",
+        type=int,
+        default=0,
+        help="give each build this many other training-pool digits, unlabelled, as --calib (the refit uses them)",
+    )
+    parser.add_argument(
+        "--distil-unlabelled",
+        action="store_true",
+        help="and as --aux too: recovery distils on them as well",
+    )
     parser.add_argument("--markdown", action="store_true", help="(the table is always markdown)")
     args = parser.parse_args()
     x, y = digits(args.side)
@@ -139,14 +161,18 @@ def main() -> int:
             for seed in args.seeds:
                 torch.manual_seed(seed)
                 task = root / f"task-{per_class}-{seed}.npz"
-                tx, ty = sample(x.numpy(), y.numpy(), per_class, seed)
+                tx, ty, taken = sample(x.numpy(), y.numpy(), per_class, seed)
                 np.savez(task, x=tx, y=ty)
+                unlabelled = None
+                if args.unlabelled:
+                    unlabelled = root / f"unlabelled-{per_class}-{seed}.npz"
+                    np.savez(unlabelled, x=unlabelled_pool(x.numpy(), y.numpy(), taken, args.unlabelled, seed))
                 bank, adapted = None, None
                 if any(m.startswith("vote") for m in args.methods):  # related tasks first, each into the bank
                     bank = root / f"bank-{per_class}-{seed}"
                     for name, classes in RELATED.items():
                         related = root / f"related-{name}-{per_class}-{seed}.npz"
-                        rx, ry = sample(x.numpy(), y.numpy(), args.bank_per_class or per_class, seed + 100, classes)
+                        rx, ry, _ = sample(x.numpy(), y.numpy(), args.bank_per_class or per_class, seed + 100, classes)
                         np.savez(related, x=rx, y=ry)
                         print(f"[{per_class}/class seed {seed}] bank: {name}", file=sys.stderr, flush=True)
                         build(related, root / "related-out", "taylor", args, args.recover_steps, bank)
@@ -160,7 +186,7 @@ def main() -> int:
                         out = root / f"out-{method}-{steps}"
                         print(f"[{per_class}/class seed {seed}] {method}, {steps} recovery steps", file=sys.stderr,
                               flush=True)  # fmt: skip
-                        done = build(task, out, method, args, steps, bank if base == "vote" else None)
+                        done = build(task, out, method, args, steps, bank if base == "vote" else None, unlabelled)
                         if "error" not in done:
                             report = done["report"]
                             done.update(accuracy=test_accuracy(out, 10, args.side, test_x, test_y),

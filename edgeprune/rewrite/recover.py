@@ -221,11 +221,14 @@ def quality(model: nn.Module, reference: nn.Module, batches: Batches) -> tuple[s
 
 
 def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, steps: int, compensating: bool,
-            batch: int = 16, aux=None) -> tuple[nn.Module, dict]:  # fmt: skip
+            batch: int = 16, aux=None, unlabelled=None) -> tuple[nn.Module, dict]:  # fmt: skip
     """Prune ``model`` by ``plan`` and, with real data, recover: batch-norm recalibration (or, ``compensating``, the
     closed-form least-squares refit, which aims every layer at the unpruned model's outputs so the original
     batch-norm statistics stay right), then ``steps`` of distillation. The recovered weights are kept only if they
-    score better on ``eval_set`` than the pruned weights; the returned dict says what was done and measured."""
+    score better on ``eval_set`` than the pruned weights; the returned dict says what was done and measured.
+
+    ``unlabelled`` (the task's --calib images, when it also has labelled --train data) joins the refit: it needs the
+    unpruned model's outputs, not labels, and a few labelled samples per class leave it few rows to fit."""
     from edgeprune.rewrite.compensate import compensate
     from edgeprune.rewrite.prune import apply_plan
 
@@ -238,9 +241,11 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
         return pruned, info
     recovered = apply_plan(model, plan, example)
     if compensating:
-        calibration = [x for x, _ in score_set.batches(batch)][: -(-COMPENSATE_SAMPLES // batch)]
+        sets = [score_set] + ([unlabelled] if unlabelled is not None and not unlabelled.synthetic else [])
+        calibration = [x for part in sets for x, _ in part.batches(batch)][: -(-COMPENSATE_SAMPLES // batch)]
         refits = compensate(model, recovered, calibration)
         info["compensated_layers"] = len(refits)
+        info["compensated_on"] = f"{min(COMPENSATE_SAMPLES, sum(len(part) for part in sets))} samples"
         done = f"least-squares compensation of {len(refits)} layers"
     else:
         norms = recalibrate_batchnorm(recovered, score_set.batches(batch))

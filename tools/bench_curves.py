@@ -1,0 +1,187 @@
+"""Fidelity against *measured* latency, global allocation against Torch-Pruning's uniform L1 (issue 3, goal 3).
+
+    python tools/bench_curves.py --weights-dir DIR [--models timm:resnet18@128 ...] [--fractions 0.4 0.5 0.6 0.7]
+                                 [--repeats 3] [--markdown]
+
+tools/bench_scorer.py's (b) builds each arm to one budget, and the two builds land anywhere in the acceptance band
+([0.85, 0.97] of it), up to 14% apart: a difference in fidelity can be a difference in latency. Here each arm is
+a curve instead. Per model (trained on the digits as bench_scorer.py trains it; weights from --weights-dir, trained
+there when missing), after `edgeprune profile` has fitted the latency model:
+
+- global: the build's default, taylor scores on 64 training digits and global allocation with the steepness a
+  build would choose on 128 of them; uniform: magnitude (L1) scores and the same fraction of every group, rounded
+  to the same multiple (Torch-Pruning's uniform L1). Each at --fractions of the unpruned model's predicted latency.
+- every plan is pruned and its batch norm recalibrated on 192 training digits (what a build does without
+  --compensate or distillation), then exported and timed on OpenVINO beside the unpruned model, --repeats times in
+  round-robin over all the plans of the model, so a busy spell hits every plan alike; the median counts.
+- fidelity: top-1 agreement and mean cosine of outputs with the unpruned model on the 597 held-out digits.
+
+The comparison: each arm's fidelity is interpolated linearly along its own curve at the other arm's measured
+latencies (only inside its measured range; outside, no comparison is made). "global − uniform" is the mean of
+those differences, and the verdict says at how many matched latencies global was ahead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_task import digits, task_model_spec, train  # noqa: E402
+
+TRAIN = 1200
+ARMS = {"global": "taylor", "uniform": "magnitude"}  # allocation → importance: edgeprune's default, and TP's L1
+
+
+def trained_weights(name: str, side: int, folder: Path, epochs: int, spec: str, x, y) -> Path:
+    from edgeprune.model import load_model
+
+    weights = folder / f"{name.replace(':', '_')}-{side}-e{epochs}.pt"
+    if not weights.is_file():
+        shape = (1, 3, side, side)
+        trained = train(load_model(spec, input_shape=shape).module, x[:TRAIN], y[:TRAIN], epochs)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(trained.state_dict(), weights)
+    return weights
+
+
+def interpolate(points: list[tuple[float, float]], at: float) -> float | None:
+    """The value of the piecewise-linear curve through ``points`` (latency, fidelity) at latency ``at``; None outside
+    the measured range. Points are sorted by latency; a curve that is not monotone is used as measured."""
+    points = sorted(points)
+    for (l0, f0), (l1, f1) in zip(points, points[1:], strict=False):
+        if l0 <= at <= l1:
+            return f0 if l1 == l0 else f0 + (f1 - f0) * (at - l0) / (l1 - l0)
+    return None
+
+
+def compare(curves: dict[str, list[tuple[float, float]]]) -> tuple[list[float], str]:
+    """Differences global − uniform at every measured latency of either arm that the other arm's curve spans."""
+    diffs = []
+    for latency, fid in curves["uniform"]:
+        other = interpolate(curves["global"], latency)
+        if other is not None:
+            diffs.append(other - fid)
+    for latency, fid in curves["global"]:
+        other = interpolate(curves["uniform"], latency)
+        if other is not None:
+            diffs.append(fid - other)
+    if not diffs:
+        return diffs, "not decided: the two curves do not overlap in measured latency"
+    ahead = sum(d > 0 for d in diffs)
+    who = "global ahead" if ahead == len(diffs) else ("uniform ahead" if ahead == 0 else "mixed")
+    return diffs, f"{who}: global higher at {ahead} of {len(diffs)} matched latencies, mean {np.mean(diffs):+.3f}"
+
+
+def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]], str]:
+    from edgeprune.backends import get_backend
+    from edgeprune.device import open_device
+    from edgeprune.loop import SearchContext
+    from edgeprune.model import load_model
+    from edgeprune.profile import run_profile
+    from edgeprune.rewrite.prune import apply_plan, count_macs_params
+    from edgeprune.rewrite.recover import recalibrate_batchnorm
+    from edgeprune.score.costmodel import new_model
+    from edgeprune.score.importance import score_groups
+    from edgeprune.score.structure import read_structure
+    from edgeprune.target import load_target
+
+    say = lambda message: None  # noqa: E731
+    shape = (1, 3, side, side)
+    x, y = digits(side)
+    spec = task_model_spec(name, tmp)
+    weights = trained_weights(name, side, Path(args.weights_dir), args.epochs, spec, x, y)
+    profiled = run_profile("x86-openvino", spec, str(weights), input_shape=shape, samples=8, say=say)
+    target = load_target("x86-openvino")
+    backend, device = get_backend(target.backend), open_device(None)
+    model = load_model(spec, str(weights), input_shape=shape).module.eval()
+    example = torch.zeros(shape)
+    batches = [(x[i : i + 16], None) for i in range(0, 192, 16)]  # a build's 3/4 of 256 --calib digits
+    with torch.no_grad():
+        reference = model(x[TRAIN:])
+    plans = []  # (allocation, fraction, pruned model)
+    ctx = None
+    for allocation, importance in ARMS.items():
+        scored = [replace(g, scores=None) if g.module in profiled["kept_whole"] else g
+                  for g in score_groups(model, example, importance, batches[:4])]  # fmt: skip
+        ctx = SearchContext(model, example, scored, spec, importance, target, backend, device, tmp / "rounds", say,
+                            allocation=allocation)  # fmt: skip
+        ctx.structure = read_structure(model, example, [g.module for g in scored])
+        ctx.latency_model = new_model(ctx.structure, target, profiled["runtime"])
+        ctx.steepness_batches = batches[:8] if allocation == "global" else None
+        full = ctx.latency_model.predict(ctx.structure.full_widths())
+        # The steepness is chosen at the first plan made, as a build chooses it at its first round: the middle goal.
+        order = sorted(args.fractions, key=lambda f: abs(f - statistics.median(args.fractions)))
+        for fraction in order:
+            plan, macs, _ = ctx.plan_for(fraction * full)
+            pruned = apply_plan(model, plan, example)
+            recalibrate_batchnorm(pruned, batches)
+            plans.append((allocation, fraction, pruned.eval(), macs, ctx.steepness))
+    # Every plan timed beside the unpruned model, in round-robin: a busy spell lands on all plans alike.
+    _, ctx.reference = ctx.measure(model, "unpruned")
+    baseline_p50 = profiled["baseline_p50"]
+    times: list[list[float]] = [[] for _ in plans]
+    for repeat in range(args.repeats):
+        for i, (_, _, pruned, _, _) in enumerate(plans):
+            times[i].append(ctx.measure(pruned, f"plan-{i}-{repeat}")[0].comparable_p50(baseline_p50))
+    full_macs = count_macs_params(model, example)[0]
+    rows, curves = [], {"global": [], "uniform": []}
+    for (allocation, fraction, pruned, macs, steepness), measured in zip(plans, times, strict=True):
+        with torch.no_grad():
+            out = pruned(x[TRAIN:])
+        top1 = float((out.argmax(1) == reference.argmax(1)).float().mean())
+        cosine = float(torch.nn.functional.cosine_similarity(out, reference, dim=1).mean())
+        latency = statistics.median(measured)
+        curves[allocation].append((latency, top1))
+        note = f"steepness {steepness.chosen:g}" if allocation == "global" and steepness else ""
+        rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{fraction:g}", f"{latency:.3f}",
+                     f"{(max(measured) - min(measured)) / latency:.0%}", f"{macs / full_macs:.0%}", f"{top1:.3f}",
+                     f"{cosine:.4f}", note])  # fmt: skip
+    rows.sort(key=lambda r: (r[1], float(r[3])))
+    return rows, compare(curves)[1] + f" (unpruned {baseline_p50:.3f} ms)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["timm:resnet18@128", "timm:mobilenetv3_large_100@128",
+                        "edgeprune.zoo:efficientnet_lite0@128", "timm:regnetx_002@128", "timm:convnext_atto@128"],
+                        help="SPEC@SIDE")  # fmt: skip
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7],
+                        help="of the unpruned model's predicted latency")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="timings of every plan; the median counts")
+    parser.add_argument("--weights-dir", required=True, help="trained weights (as bench_scorer.py keeps them)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--markdown", action="store_true", help="(the tables are always markdown)")
+    args = parser.parse_args()
+    head = ["model", "allocation (importance)", "goal (of predicted)", "measured ms (median)", "spread", "MACs",
+            "top-1 agreement", "cosine", "note"]  # fmt: skip
+    rows, verdicts = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-curves-") as tmp:
+        os.environ["EDGEPRUNE_CACHE"] = str(Path(tmp) / "cache")  # every model starts from no measurement
+        for item in args.models:
+            name, _, side = item.rpartition("@")
+            print(f"{name} at {side} ...", file=sys.stderr, flush=True)
+            try:
+                model_rows, verdict = model_curves(name, int(side), args, Path(tmp))
+            except Exception as exc:  # one model's failure is a row, not the end of the benchmark
+                model_rows, verdict = [], f"failed: {' '.join(str(exc).split())[:200]}"
+            rows += model_rows
+            verdicts.append([name, verdict])
+            print(f"  {verdict}", file=sys.stderr, flush=True)
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+    print("\n| model | global against uniform L1 at equal measured latency (top-1 agreement) |\n|---|---|")
+    print("\n".join("| " + " | ".join(row) + " |" for row in verdicts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
