@@ -218,8 +218,13 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         for candidate in measured_now:
             model.add(ctx.structure.widths_of(candidate.plan), candidate.latency)
         in_band = [c for c in measured_now if BAND_LOW * budget_ms <= c.latency <= GUARD * budget_ms]
-        if in_band:  # the least pruned of the round's candidates that landed in the band
-            return max(in_band, key=lambda c: c.latency), candidates, False
+        if in_band:  # the least pruned of the round's candidates that landed in the band, once timed again
+            best = max(in_band, key=lambda c: c.latency)
+            confirmed = confirm(ctx, best, baseline.p50, budget_ms)
+            candidates[candidates.index(best)] = confirmed
+            measured_now[measured_now.index(best)] = confirmed
+            if confirmed.latency <= GUARD * budget_ms:
+                return confirmed, candidates, False
         # What the refitted model still misses at the plan aimed nearest the middle of the band (the refit already
         # learned the rest: correcting by the error of the model before it double-counts, and rounds swung past
         # the band and back).
@@ -251,12 +256,25 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
     return (min(under, key=lambda c: c.latency) if under else None), candidates, False
 
 
+def confirm(ctx: SearchContext, candidate: Candidate, baseline_p50: float, budget_ms: float) -> Candidate:
+    """The candidate timed once more, its latency the larger of both times: accepted, it is under the guard both
+    times. Timed beside the unpruned model, a plan's latency is a ratio of two timings, and either can land in a
+    busy spell: rounds measured 6-8% under what their final artifacts then measured three times (over the budget,
+    so the builds shipped nothing). The mean of two such timings still errs by half that, more than the guard's 3%.
+    Accepting a round on two timings costs one benchmark; the cost model learns from both."""
+    again = measure_plans(ctx, [candidate.plan], baseline_p50, f"{candidate.step}-again", budget_ms)[0]
+    ctx.latency_model.add(ctx.structure.widths_of(candidate.plan), again.latency)
+    latency = max(candidate.latency, again.latency)
+    ctx.say(f"round {candidate.step}: timed again, {again.latency:.3f} ms; taken as {latency:.3f} ms")
+    return replace(candidate, latency=latency)
+
+
 def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int, budget_ms: float) -> Candidate:
     """Prune by ``plan``, export, measure: one round. Also how a pinned plan (--plan) is built without a search."""
     return measure_plans(ctx, [plan], baseline_p50, step, budget_ms)[0]
 
 
-def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, step: int, budget_ms: float):
+def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, step: int | str, budget_ms: float):
     """The candidates of one round, evaluated on the executor (farm/work.py): all at once where it has workers."""
     names = [f"round-{step}" if len(plans) == 1 else f"round-{step}-{i + 1}" for i in range(len(plans))]
     key = (id(ctx.model), ctx.reference)
