@@ -125,7 +125,7 @@ def build(
     calib_limit: Annotated[
         int | None,
         typer.Option(
-            help="Most samples read from each of --train, --calib, --aux [default: 2048 --train images, 256 others;"
+            help="Most samples read from each of --train, --calib, --aux [default: 1024 --train images, 256 others;"
             " all text]."
         ),
     ] = None,

@@ -43,7 +43,8 @@ Say = Callable[[str], None]
 @dataclass(frozen=True)
 class Candidate:
     """A measured round: its plan, MACs, params, the measurement, the artifact measured, and its latency as it
-    compares with the budget (the p50 normalised to the baseline's conditions when a reference was timed alongside).
+    compares with the budget (the p50 normalised to the baseline's conditions when a reference was timed alongside;
+    for a round accepted in the band, the larger of its two timings).
     """
 
     step: int
@@ -54,13 +55,15 @@ class Candidate:
     artifact: Artifact
     latency: float
     quality: float | None = None  # accuracy or fidelity on held-out data, before recovery
+    timed_again: float | None = None  # the second timing of a round accepted in the band (latency: the larger)
     predicted: float | None = None  # the cost model's latency for this plan, before it was measured
     memory_mb: float | None = None  # weights + peak live activations of its graph (memory budgets only)
 
     def to_dict(self) -> dict:
         return {
             "step": self.step, "ratio": round(self.plan.ratio, 4), "latency_ms": self.measurement.latency(),
-            "comparable_p50": self.latency, "predicted_ms": self.predicted, "memory_mb": self.memory_mb,
+            "comparable_p50": self.latency, "timed_again": self.timed_again, "predicted_ms": self.predicted,
+            "memory_mb": self.memory_mb,
             "macs": self.macs, "params": self.params,
             "quality": self.quality,
         }  # fmt: skip
@@ -218,8 +221,8 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         for candidate in measured_now:
             model.add(ctx.structure.widths_of(candidate.plan), candidate.latency)
         in_band = [c for c in measured_now if BAND_LOW * budget_ms <= c.latency <= GUARD * budget_ms]
-        if in_band:  # the least pruned of the round's candidates that landed in the band, once timed again
-            best = max(in_band, key=lambda c: c.latency)
+        # The least pruned of the round's candidates that landed in the band and stays under the guard timed again.
+        for best in sorted(in_band, key=lambda c: -c.latency):
             confirmed = confirm(ctx, best, baseline.p50, budget_ms)
             candidates[candidates.index(best)] = confirmed
             measured_now[measured_now.index(best)] = confirmed
@@ -261,12 +264,13 @@ def confirm(ctx: SearchContext, candidate: Candidate, baseline_p50: float, budge
     times. Timed beside the unpruned model, a plan's latency is a ratio of two timings, and either can land in a
     busy spell: rounds measured 6-8% under what their final artifacts then measured three times (over the budget,
     so the builds shipped nothing). The mean of two such timings still errs by half that, more than the guard's 3%.
-    Accepting a round on two timings costs one benchmark; the cost model learns from both."""
-    again = measure_plans(ctx, [candidate.plan], baseline_p50, f"{candidate.step}-again", budget_ms)[0]
+    Accepting a round on two timings costs one more export and benchmark of the plan (through the executor, as
+    every round is), not a round; the cost model learns from both."""
+    again = measure_plans(ctx, [candidate.plan], baseline_p50, f"{candidate.step}-again", budget_ms, quality=False)[0]
     ctx.latency_model.add(ctx.structure.widths_of(candidate.plan), again.latency)
     latency = max(candidate.latency, again.latency)
     ctx.say(f"round {candidate.step}: timed again, {again.latency:.3f} ms; taken as {latency:.3f} ms")
-    return replace(candidate, latency=latency)
+    return replace(candidate, latency=latency, timed_again=again.latency)
 
 
 def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int, budget_ms: float) -> Candidate:
@@ -274,8 +278,10 @@ def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int,
     return measure_plans(ctx, [plan], baseline_p50, step, budget_ms)[0]
 
 
-def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, step: int | str, budget_ms: float):
-    """The candidates of one round, evaluated on the executor (farm/work.py): all at once where it has workers."""
+def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, step: int | str, budget_ms: float,
+                  quality: bool = True):  # fmt: skip
+    """The candidates of one round, evaluated on the executor (farm/work.py): all at once where it has workers;
+    with ``quality``, each one's held-out quality before recovery too (for the report's trade-off plot)."""
     names = [f"round-{step}" if len(plans) == 1 else f"round-{step}-{i + 1}" for i in range(len(plans))]
     key = (id(ctx.model), ctx.reference)
     if ctx._shared is None or ctx._shared[0] != key:  # sent to the workers once per build, not once per candidate
@@ -283,10 +289,10 @@ def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, st
     jobs = [CandidateJob(plan, name) for plan, name in zip(plans, names, strict=True)]
     candidates = []
     for plan, done in zip(plans, ctx.executor.map(evaluate, ctx._shared[1], jobs), strict=True):
-        quality = ctx.evaluate(apply_plan(ctx.model, plan, ctx.example)) if ctx.evaluate else None
+        held_out = ctx.evaluate(apply_plan(ctx.model, plan, ctx.example)) if ctx.evaluate and quality else None
         measurement = done.measurement
         latency = measurement.comparable_p50(baseline_p50)
-        candidates.append(Candidate(step, plan, done.macs, done.params, measurement, done.artifact, latency, quality))
+        candidates.append(Candidate(step, plan, done.macs, done.params, measurement, done.artifact, latency, held_out))
         alongside = ""
         if measurement.reference_p50:
             alongside = f", {measurement.reference_p50 / measurement.p50:.2f}x the unpruned model timed alongside"

@@ -76,8 +76,8 @@ def compare(curves: dict[str, list[tuple[float, float]]]) -> tuple[list[float], 
             diffs.append(fid - other)
     if not diffs:
         return diffs, "not decided: the two curves do not overlap in measured latency"
-    ahead = sum(d > 0 for d in diffs)
-    who = "global ahead" if ahead == len(diffs) else ("uniform ahead" if ahead == 0 else "mixed")
+    ahead, behind = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    who = "global ahead" if ahead == len(diffs) else ("uniform ahead" if behind == len(diffs) else "mixed")
     return diffs, f"{who}: global higher at {ahead} of {len(diffs)} matched latencies, mean {np.mean(diffs):+.3f}"
 
 
@@ -104,7 +104,8 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     backend, device = get_backend(target.backend), open_device(None)
     model = load_model(spec, str(weights), input_shape=shape).module.eval()
     example = torch.zeros(shape)
-    batches = [(x[i : i + 16], None) for i in range(0, 192, 16)]  # a build's 3/4 of 256 --calib digits
+    # A build's 3/4 of 256 labelled --calib digits (bench_scorer.py's (b) gives its builds the labels too)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 192, 16)]
     with torch.no_grad():
         reference = model(x[TRAIN:])
     plans = []  # (allocation, fraction, pruned model)
@@ -112,8 +113,8 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     for allocation, importance in ARMS.items():
         scored = [replace(g, scores=None) if g.module in profiled["kept_whole"] else g
                   for g in score_groups(model, example, importance, batches[:4])]  # fmt: skip
-        ctx = SearchContext(model, example, scored, spec, importance, target, backend, device, tmp / "rounds", say,
-                            allocation=allocation)  # fmt: skip
+        ctx = SearchContext(model, example, scored, spec, importance, target, backend, device,
+                            tmp / f"rounds-{name.replace(':', '_')}", say, allocation=allocation)  # fmt: skip
         ctx.structure = read_structure(model, example, [g.module for g in scored])
         ctx.latency_model = new_model(ctx.structure, target, profiled["runtime"])
         ctx.steepness_batches = batches[:8] if allocation == "global" else None

@@ -147,6 +147,8 @@ def main() -> int:
     )
     parser.add_argument("--markdown", action="store_true", help="(the table is always markdown)")
     args = parser.parse_args()
+    if args.distil_unlabelled and not args.unlabelled:
+        parser.error("--distil-unlabelled needs --unlabelled N (the images to distil on)")
     x, y = digits(args.side)
     test_x, test_y = x[TRAIN_POOL:], y[TRAIN_POOL:]
     results: dict[tuple, list[dict]] = {}

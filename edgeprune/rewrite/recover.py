@@ -241,11 +241,11 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
         return pruned, info
     recovered = apply_plan(model, plan, example)
     if compensating:
-        sets = [score_set] + ([unlabelled] if unlabelled is not None and not unlabelled.synthetic else [])
-        calibration = [x for part in sets for x, _ in part.batches(batch)][: -(-COMPENSATE_SAMPLES // batch)]
-        refits = compensate(model, recovered, calibration)
+        sets = [score_set.x] + ([unlabelled.x] if unlabelled is not None and not unlabelled.synthetic else [])
+        samples = torch.cat(sets)[:COMPENSATE_SAMPLES]  # the labelled ones first
+        refits = compensate(model, recovered, list(samples.split(batch)))
         info["compensated_layers"] = len(refits)
-        info["compensated_on"] = f"{min(COMPENSATE_SAMPLES, sum(len(part) for part in sets))} samples"
+        info["compensated_on"] = f"{len(samples)} samples"
         done = f"least-squares compensation of {len(refits)} layers"
     else:
         norms = recalibrate_batchnorm(recovered, score_set.batches(batch))
