@@ -18,7 +18,8 @@ there when missing), after `edgeprune profile` has fitted the latency model:
 
 The comparison: each arm's fidelity is interpolated linearly along its own curve at the other arm's measured
 latencies (only inside its measured range; outside, no comparison is made). "global − uniform" is the mean of
-those differences, and the verdict says at how many matched latencies global was ahead.
+those differences, and the verdict says at how many matched latencies global was ahead, by top-1 agreement and by
+cosine similarity.
 """
 
 from __future__ import annotations
@@ -134,20 +135,23 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         for i, (_, _, pruned, _, _) in enumerate(plans):
             times[i].append(ctx.measure(pruned, f"plan-{i}-{repeat}")[0].comparable_p50(baseline_p50))
     full_macs = count_macs_params(model, example)[0]
-    rows, curves = [], {"global": [], "uniform": []}
+    rows = []
+    curves = {metric: {"global": [], "uniform": []} for metric in ("top-1", "cosine")}
     for (allocation, fraction, pruned, macs, steepness), measured in zip(plans, times, strict=True):
         with torch.no_grad():
             out = pruned(x[TRAIN:])
         top1 = float((out.argmax(1) == reference.argmax(1)).float().mean())
         cosine = float(torch.nn.functional.cosine_similarity(out, reference, dim=1).mean())
         latency = statistics.median(measured)
-        curves[allocation].append((latency, top1))
+        curves["top-1"][allocation].append((latency, top1))
+        curves["cosine"][allocation].append((latency, cosine))
         note = f"steepness {steepness.chosen:g}" if allocation == "global" and steepness else ""
         rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{fraction:g}", f"{latency:.3f}",
                      f"{(max(measured) - min(measured)) / latency:.0%}", f"{macs / full_macs:.0%}", f"{top1:.3f}",
                      f"{cosine:.4f}", note])  # fmt: skip
     rows.sort(key=lambda r: (r[1], float(r[3])))
-    return rows, compare(curves)[1] + f" (unpruned {baseline_p50:.3f} ms)"
+    verdicts = "; ".join(f"{metric}: {compare(by_arm)[1]}" for metric, by_arm in curves.items())
+    return rows, f"{verdicts} (unpruned {baseline_p50:.3f} ms)"
 
 
 def main() -> int:
@@ -179,7 +183,7 @@ def main() -> int:
             print(f"  {verdict}", file=sys.stderr, flush=True)
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     print("\n".join("| " + " | ".join(row) + " |" for row in rows))
-    print("\n| model | global against uniform L1 at equal measured latency (top-1 agreement) |\n|---|---|")
+    print("\n| model | global against uniform L1 at equal measured latency (top-1 agreement; cosine) |\n|---|---|")
     print("\n".join("| " + " | ".join(row) + " |" for row in verdicts))
     return 0
 

@@ -201,21 +201,24 @@ def main() -> int:
                             elif adapted is not None:
                                 done["raw"] = test_accuracy(out, 10, args.side, test_x, test_y, adapted)
                         results.setdefault((per_class, method, steps), []).append(done)
-    head = ["samples/class", "method", "recovery steps", "test accuracy", "pruned, no recovery", "p50 ms", "speedup",
-            "params", "build s"]  # fmt: skip
+    head = ["samples/class", "method", "recovery steps", "test accuracy", "per seed", "pruned, no recovery", "p50 ms",
+            "speedup", "params", "build s"]  # fmt: skip
     rows = []
     for (per_class, method, steps), runs in results.items():
         good = [r for r in runs if "error" not in r]
         if not good:
-            rows.append([str(per_class), method, str(steps), f"failed: {runs[0]['error']}", *["-"] * 5])
+            rows.append([str(per_class), method, str(steps), f"failed: {runs[0]['error']}", *["-"] * 6])
             continue
         acc = [r["accuracy"] for r in good]
         spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""
         failed = [r["error"] for r in runs if "error" in r]  # a build that shipped nothing says why, not just n
         failed = f", {len(failed)} failed: {failed[0]}" if failed else ""
         raw = [r["raw"] for r in good if "raw" in r]
+        # Seed by seed, in --seeds order ("-": shipped nothing), so that methods can be compared on the same seeds:
+        # the spread between seeds is wider than the margins the goals ask for.
+        per_seed = " ".join("-" if "error" in r else f"{r['accuracy']:.3f}" for r in runs)
         rows.append([str(per_class), method, str(steps), f"{statistics.mean(acc):.3f}{spread} (n={len(acc)}{failed})",
-                     f"{statistics.mean(raw):.3f}" if raw else "-",
+                     per_seed, f"{statistics.mean(raw):.3f}" if raw else "-",
                      f"{statistics.median(r['p50'] for r in good):.3f}",
                      f"{statistics.median(r['speedup'] for r in good):.2f}x",
                      f"{statistics.median(r['params'] for r in good) / 1e6:.2f} M",
