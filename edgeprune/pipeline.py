@@ -65,8 +65,7 @@ BATCH = 16
 # Images are read into memory whole, and a few hundred pin down BN statistics, int8 ranges and a refit; token ids are
 # small, and distilling a pruned encoder wants every sentence there is (README, issue 6).
 IMAGE_SAMPLES = 256
-# Labelled task images are the scarce thing this tool is for: every label counts, so --train is read up to this many
-# (the 50-per-class benchmark read only 256 of its 500 labelled digits at the common cap of 256).
+# Labels are what this tool's users lack: every one counts (at the cap of 256, a 50-per-class task lost half of its).
 TRAIN_IMAGE_SAMPLES = 1024  # 50 per class for 20 classes; 600 MB at 224×224
 STEEPNESS_BATCHES = 8  # of BATCH samples: global allocation's steepness is chosen on their outputs
 VALIDATION_SAMPLES = 16
