@@ -36,22 +36,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_task import digits, task_model_spec, train  # noqa: E402
+from digits_task import digits, task_model_spec, trained_weights  # noqa: E402
 
 TRAIN = 1200
 ARMS = {"global": "taylor", "uniform": "magnitude"}  # allocation → importance: edgeprune's default, and TP's L1
-
-
-def trained_weights(name: str, side: int, folder: Path, epochs: int, spec: str, x, y) -> Path:
-    from edgeprune.model import load_model
-
-    weights = folder / f"{name.replace(':', '_')}-{side}-e{epochs}.pt"
-    if not weights.is_file():
-        shape = (1, 3, side, side)
-        trained = train(load_model(spec, input_shape=shape).module, x[:TRAIN], y[:TRAIN], epochs)
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(trained.state_dict(), weights)
-    return weights
 
 
 def interpolate(points: list[tuple[float, float]], at: float) -> float | None:

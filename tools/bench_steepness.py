@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_task import digits, task_model_spec, train  # noqa: E402
+from digits_task import digits, task_model_spec, trained_weights  # noqa: E402
 
 TRAIN = 1200
 
@@ -57,11 +57,7 @@ def main() -> int:
             shape = (1, 3, int(side), int(side))
             x, y = digits(int(side))
             spec = task_model_spec(name, Path(tmp))
-            weights = Path(args.weights_dir) / f"{name.replace(':', '_')}-{side}-e{args.epochs}.pt"
-            if not weights.is_file():
-                trained = train(load_model(spec, input_shape=shape).module, x[:TRAIN], y[:TRAIN], args.epochs)
-                weights.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(trained.state_dict(), weights)
+            weights = trained_weights(name, int(side), Path(args.weights_dir), args.epochs, spec, x, y, TRAIN)
             profiled = run_profile("x86-openvino", spec, str(weights), input_shape=shape, samples=8,
                                    say=lambda message: None)  # fmt: skip
             model = load_model(spec, str(weights), input_shape=shape).module.eval()

@@ -84,3 +84,17 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 3, b
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((torch.cat([model(x[i : i + 128]) for i in range(0, len(x), 128)]).argmax(1) == y).float().mean())
+
+
+def trained_weights(name: str, side: int, folder: Path, epochs: int, spec: str, x, y, train_count: int = 1200) -> Path:
+    """The weights of ``spec`` trained on the first ``train_count`` digits, kept in ``folder`` under the name
+    bench_scorer.py gives them; trained there first when missing."""
+    from edgeprune.model import load_model
+
+    weights = folder / f"{name.replace(':', '_')}-{side}-e{epochs}.pt"
+    if not weights.is_file():
+        model = load_model(spec, input_shape=(1, 3, side, side)).module
+        trained = train(model, x[:train_count], y[:train_count], epochs)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(trained.state_dict(), weights)
+    return weights
