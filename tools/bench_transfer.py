@@ -194,20 +194,21 @@ def main() -> int:
                             done.update(accuracy=test_accuracy(out, 10, args.side, test_x, test_y),
                                         unpruned=report["adapted"]["held_out_accuracy"] if report["adapted"] else None,
                                         p50=report["result"]["latency_ms"]["p50"], speedup=report["result"]["speedup"],
-                                        params=report["result"]["params"])  # fmt: skip
+                                        params=report["result"]["params"],
+                                        rounds=len({i["step"] for i in report["iterations"] if i["step"]}))  # fmt: skip
                             if method == "unpruned":  # the adapted model (the same in every build: same seed, data)
                                 adapted = root / f"adapted-{per_class}-{seed}.pt"
                                 adapted.write_bytes((out / "pruned_state_dict.pt").read_bytes())
                             elif adapted is not None:
                                 done["raw"] = test_accuracy(out, 10, args.side, test_x, test_y, adapted)
                         results.setdefault((per_class, method, steps), []).append(done)
-    head = ["samples/class", "method", "recovery steps", "test accuracy", "per seed", "pruned, no recovery", "p50 ms",
-            "speedup", "params", "build s"]  # fmt: skip
+    head = ["samples/class", "method", "recovery steps", "test accuracy", "per seed", "per seed: speedup (rounds)",
+            "pruned, no recovery", "p50 ms", "speedup", "params", "build s"]  # fmt: skip
     rows = []
     for (per_class, method, steps), runs in results.items():
         good = [r for r in runs if "error" not in r]
         if not good:
-            rows.append([str(per_class), method, str(steps), f"failed: {runs[0]['error']}", *["-"] * 6])
+            rows.append([str(per_class), method, str(steps), f"failed: {runs[0]['error']}", *["-"] * 7])
             continue
         acc = [r["accuracy"] for r in good]
         spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""
@@ -217,8 +218,11 @@ def main() -> int:
         # Seed by seed, in --seeds order ("-": shipped nothing), so that methods can be compared on the same seeds:
         # the spread between seeds is wider than the margins the goals ask for.
         per_seed = " ".join("-" if "error" in r else f"{r['accuracy']:.3f}" for r in runs)
+        # How deep each seed's plan is, and how many rounds found it: a plan shipped faster than the budget needs
+        # (a round that measured slow) costs accuracy, and explains much of the spread between seeds.
+        depth = " ".join("-" if "error" in r else f"{r['speedup']:.2f}x ({r['rounds']})" for r in runs)
         rows.append([str(per_class), method, str(steps), f"{statistics.mean(acc):.3f}{spread} (n={len(acc)}{failed})",
-                     per_seed, f"{statistics.mean(raw):.3f}" if raw else "-",
+                     per_seed, depth, f"{statistics.mean(raw):.3f}" if raw else "-",
                      f"{statistics.median(r['p50'] for r in good):.3f}",
                      f"{statistics.median(r['speedup'] for r in good):.2f}x",
                      f"{statistics.median(r['params'] for r in good) / 1e6:.2f} M",
