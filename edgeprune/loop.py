@@ -88,6 +88,7 @@ class SearchContext:
     workdir: Path
     say: Say = print
     reference: Artifact | None = None  # timed alongside every candidate (speedup budgets): the unpruned artifact
+    quiet_reference_ms: float | None = None  # its p50 measured alone: a timing whose reference ran far over is retaken
     unprunable: dict[str, str] = field(default_factory=dict)  # group root → why it is kept whole
     evaluate: Callable[[nn.Module], float] | None = None  # quality of a pruned model, for the report's trade-off plot
     structure: Structure | None = None  # the layers and groups as numbers: costs of a plan without pruning a copy
@@ -96,6 +97,7 @@ class SearchContext:
     # Task batches global allocation's steepness is chosen on (score/steepness.py), at the first plan it makes; without
     # them (synthetic data), steepness 0. The choice, once made, holds for every later plan of the build.
     steepness_batches: list | None = None
+    steepness_unlabelled: list | None = None  # the task's unlabelled batches: a compensating build's refit uses them
     steepness: SteepnessChoice | None = None
     compensating: bool = False  # the build refits by least squares after pruning (steepness is judged after it too)
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
@@ -128,9 +130,11 @@ class SearchContext:
                             self.target.channel_multiple, self.allocation, self.spec, tuple(self.example.shape),
                             self.method, steepness)  # fmt: skip
 
-        if self.allocation == "global" and self.steepness is None and self.steepness_batches:
+        unsettled = self.steepness is None or not self.steepness.settled
+        if self.allocation == "global" and unsettled and self.steepness_batches:
             self.steepness = choose_steepness(self.model, self.example, self.steepness_batches, make,
-                                              compensating=self.compensating)  # fmt: skip
+                                              compensating=self.compensating,
+                                              unlabelled=self.steepness_unlabelled)  # fmt: skip
             self.say(f"global allocation: {self.steepness.describe()}")
         return self.checked_plan(make)
 
@@ -167,7 +171,7 @@ class SearchContext:
     def share(self) -> BuildShare:
         """The inputs every candidate shares (farm/work.py)."""
         return BuildShare(self.model, self.example, self.target, self.backend.name, self.device, self.workdir,
-                          self.reference, self.calibration)  # fmt: skip
+                          self.reference, self.quiet_reference_ms, self.calibration)  # fmt: skip
 
     def measure(self, model: nn.Module, name: str) -> tuple[Measurement, Artifact]:
         """Export ``model`` into its own folder of the work dir and benchmark it on the device, in this process."""
@@ -283,7 +287,7 @@ def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, st
     """The candidates of one round, evaluated on the executor (farm/work.py): all at once where it has workers;
     with ``quality``, each one's held-out quality before recovery too (for the report's trade-off plot)."""
     names = [f"round-{step}" if len(plans) == 1 else f"round-{step}-{i + 1}" for i in range(len(plans))]
-    key = (id(ctx.model), ctx.reference)
+    key = (id(ctx.model), ctx.reference, ctx.quiet_reference_ms)
     if ctx._shared is None or ctx._shared[0] != key:  # sent to the workers once per build, not once per candidate
         ctx._shared = (key, ctx.executor.share(ctx.share()))
     jobs = [CandidateJob(plan, name) for plan, name in zip(plans, names, strict=True)]
@@ -297,8 +301,19 @@ def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, st
         if measurement.reference_p50:
             alongside = f", {measurement.reference_p50 / measurement.p50:.2f}x the unpruned model timed alongside"
         limit = f" (budget {budget_ms:.3f} ms)" if math.isfinite(budget_ms) else ""
-        ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms{alongside}{limit}")
+        ctx.say(f"round {step}: p50 {measurement.p50:.3f} ms{alongside}{limit}{slow_state(measurement)}")
     return candidates
+
+
+def slow_state(measurement: Measurement) -> str:
+    """What a message says of timings set aside because the machine was in its slow state (backends/base.py)."""
+    if not measurement.slow_tries:
+        return ""
+    ran = ", ".join(f"{ms:.3f}" for ms in measurement.slow_tries)
+    return (
+        f"; {len(measurement.slow_tries)} timing(s) set aside, the unpruned model alongside ran {ran} ms"
+        f" (slow machine), against {measurement.reference_p50:.3f} ms in the one kept"
+    )
 
 
 def measure_final(ctx: SearchContext, artifact, baseline_p50: float, round_latency: float, budget_ms: float) -> list:
@@ -309,11 +324,12 @@ def measure_final(ctx: SearchContext, artifact, baseline_p50: float, round_laten
     most FINAL_TRIES times in all. The report lists every try.
     """
     shape = tuple(ctx.example.shape)
-    finals = [ctx.backend.benchmark(artifact, shape, ctx.target, ctx.device, ctx.reference)]
+    quiet = ctx.quiet_reference_ms if ctx.reference else None
+    finals = [ctx.backend.benchmark(artifact, shape, ctx.target, ctx.device, ctx.reference, quiet)]
     while finals[-1].comparable_p50(baseline_p50) > budget_ms >= round_latency and len(finals) < FINAL_TRIES:
         ctx.say(f"final artifact measured {finals[-1].comparable_p50(baseline_p50):.3f} ms, its round"
                 f" {round_latency:.3f} ms: busy machine; measuring again")  # fmt: skip
-        finals.append(ctx.backend.benchmark(artifact, shape, ctx.target, ctx.device, ctx.reference))
+        finals.append(ctx.backend.benchmark(artifact, shape, ctx.target, ctx.device, ctx.reference, quiet))
     return finals
 
 

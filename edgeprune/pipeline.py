@@ -183,7 +183,7 @@ def build(options: BuildOptions, say=print) -> dict:
         what = f"{budget.kind.replace('_', ' ')} {budget.value:g}" if counted else f"{budget_ms:.3f} ms p50"
         say(f"baseline p50 {baseline.p50:.3f} ms on {device.label}; budget {what}")
         if timed_beside_baseline(budget.kind, device, baseline.p50, budget_ms):
-            ctx.reference = baseline_artifact
+            ctx.reference, ctx.quiet_reference_ms = baseline_artifact, baseline.p50
         decomposed, neighbours = [], []
         if options.plan:  # a pinned plan: no scoring, no search; the same plan gives the same artifact bytes
             say(f"replaying {options.plan} instead of searching")
@@ -216,6 +216,8 @@ def build(options: BuildOptions, say=print) -> dict:
                 ctx.steepness = SteepnessChoice(options.steepness, {}, 0)
             elif not data.synthetic:  # global allocation's steepness is chosen on them (score/steepness.py)
                 ctx.steepness_batches = list(score_set.batches(BATCH))[:STEEPNESS_BATCHES]
+                if calib is not None and not calib.synthetic:  # the final refit fits on them too (recover)
+                    ctx.steepness_unlabelled = list(calib.batches(BATCH))[:STEEPNESS_BATCHES]
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
             try:

@@ -107,3 +107,53 @@ def test_when_the_build_compensates_plans_are_judged_after_the_refit_on_samples_
     recalibrated = choose_steepness(r18, example, batches, lambda s: halved, (0.0,))
     assert refit.samples == 16 and recalibrated.samples == 32  # judged on the two batches it was not fitted on
     assert refit.losses[0.0] < recalibrated.losses[0.0]
+
+
+def test_a_compensating_build_judges_its_steepness_after_a_refit_on_its_unlabelled_images_too(r18, r18_scored,
+                                                                                             example):  # fmt: skip
+    """The build's final refit fits on the labelled and the unlabelled images; the steepness is judged after a refit
+    on both as well (half of each to fit, the other half to judge). With two labelled batches and four unlabelled,
+    the refit sees three batches and is judged on three."""
+    generator = torch.Generator().manual_seed(4)
+    labelled = [(torch.randn(8, *example.shape[1:], generator=generator), None) for _ in range(2)]
+    unlabelled = [(torch.randn(8, *example.shape[1:], generator=generator), None) for _ in range(4)]
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    full = structure.full_widths()
+    halved = plan_from_widths(r18_scored, np.where(full > 8, np.maximum(8, full // 16 * 8), full), R18,
+                              tuple(example.shape), "m")  # fmt: skip
+    alone = choose_steepness(r18, example, labelled, lambda s: halved, (0.0,), compensating=True)
+    both = choose_steepness(r18, example, labelled, lambda s: halved, (0.0,), compensating=True, unlabelled=unlabelled)
+    assert alone.samples == 8 and both.samples == 24
+    # Without compensating (batch-norm recalibration on the labelled batches only) the unlabelled ones are not used.
+    assert choose_steepness(r18, example, labelled, lambda s: halved, (0.0,), unlabelled=unlabelled).samples == 16
+    assert both.losses[0.0] > 0
+
+
+def test_a_choice_between_identical_plans_is_not_settled_and_is_made_again_at_the_next_plan(r18, r18_scored, example,
+                                                                                           tmp_path):  # fmt: skip
+    """At a goal deeper than the allocator's floor every steepness makes the same plan, the tie goes to 0, and the
+    data said nothing: a build whose first goal fell there had carried steepness 0 through every later round. Such a
+    choice is not settled; the next plan chooses again, and a choice between different plans holds."""
+    from edgeprune.backends import get_backend
+    from edgeprune.loop import SearchContext
+
+    batches = [(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(5)), None)]
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    same = plan_from_widths(r18_scored, structure.full_widths(), R18, tuple(example.shape), "m")
+    tie = choose_steepness(r18, example, batches, lambda s: same, (0.0, 1.0, 2.0))
+    assert tie.chosen == 0.0 and tie.plans == 1 and not tie.settled and tie.to_dict()["settled"] is False
+    assert "chosen again at the next plan" in tie.describe()
+
+    said = []
+    ctx = SearchContext(r18, example, _scores(r18_scored), R18, "taylor", TARGET, get_backend("openvino"), None,
+                        tmp_path, say=said.append)  # fmt: skip
+    ctx.structure = structure
+    ctx.latency_model = new_model(structure, TARGET, "openvino 1.0")
+    ctx.steepness_batches = batches
+    ctx.plan_for(0.0)  # below the floor: every steepness cuts every layer to its floor
+    assert ctx.steepness is not None and not ctx.steepness.settled
+    ctx.plan_for(0.7 * ctx.latency_model.predict(structure.full_widths()))
+    assert ctx.steepness.settled and ctx.steepness.plans > 1
+    assert len([m for m in said if m.startswith("global allocation: steepness")]) == 2
+    ctx.plan_for(0.6 * ctx.latency_model.predict(structure.full_widths()))  # settled: not chosen a third time
+    assert len([m for m in said if m.startswith("global allocation: steepness")]) == 2

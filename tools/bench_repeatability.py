@@ -4,9 +4,10 @@ again and again as a build does, alone and with the unpruned model timed alongsi
     python tools/bench_repeatability.py [--model timm:mobilenetv3_large_100] [--side 128] [--ratio 0.5]
                                         [--repeats 8] [--markdown]
 
-Prints, per repeat, the pruned model's p50 alone and its ratio to the unpruned model timed alongside (what a
-speedup budget compares), then the spread of each: (max − min) / median. A build can only be as sure of a budget as
-this spread allows; the README quotes it.
+Prints, per repeat, the pruned model's p50 alone, its ratio to the unpruned model timed alongside (what a
+speedup budget compares), and the unpruned model's p50 timed alongside over its p50 alone (what tells the
+machine's slow state, backends/base.py SLOW_STATE), then the spread of each: (max − min) / median. A build can
+only be as sure of a budget as this spread allows; the README quotes it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from edgeprune.backends import get_backend
+    from edgeprune.backends.base import SLOW_STATE
     from edgeprune.device import open_device
     from edgeprune.model import load_model
     from edgeprune.rewrite.prune import apply_plan
@@ -61,20 +63,25 @@ def main() -> int:
         unpruned, pruned = artifacts
         for i in range(args.repeats):
             alone = backend.benchmark(pruned, shape, target, device)
+            unpruned_alone = backend.benchmark(unpruned, shape, target, device)
             paired = backend.benchmark(pruned, shape, target, device, reference=unpruned)
-            rows.append((alone.p50, paired.p50 / paired.reference_p50))
-            print(f"repeat {i + 1}: alone p50 {alone.p50:.3f} ms, ratio to the unpruned alongside"
-                  f" {rows[-1][1]:.3f}", file=sys.stderr)  # fmt: skip
+            inflation = paired.reference_p50 / unpruned_alone.p50
+            rows.append((alone.p50, paired.p50 / paired.reference_p50, inflation))
+            print(f"repeat {i + 1}: alone p50 {alone.p50:.3f} ms, ratio to the unpruned alongside {rows[-1][1]:.3f};"
+                  f" the unpruned {unpruned_alone.p50:.3f} ms alone, {paired.reference_p50:.3f} alongside"
+                  f" ({inflation:.2f}x; {SLOW_STATE}x is taken for the slow state)", file=sys.stderr)  # fmt: skip
 
     def spread(values) -> str:
         return f"{(max(values) - min(values)) / statistics.median(values):.0%}"
 
-    alone, ratios = [r[0] for r in rows], [r[1] for r in rows]
+    alone, ratios, inflations = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
     head = ["measurement", "median", "min", "max", "spread (max − min) / median"]
     table = [
         ["p50 alone (ms)", f"{statistics.median(alone):.3f}", f"{min(alone):.3f}", f"{max(alone):.3f}", spread(alone)],
         ["p50 / unpruned p50 alongside", f"{statistics.median(ratios):.3f}", f"{min(ratios):.3f}",
          f"{max(ratios):.3f}", spread(ratios)],
+        ["unpruned p50 alongside / alone", f"{statistics.median(inflations):.3f}", f"{min(inflations):.3f}",
+         f"{max(inflations):.3f}", spread(inflations)],
     ]  # fmt: skip
     print(
         f"{args.model} at {args.side}, {args.ratio:.0%} uniform cut, {args.repeats} repeats on {args.target},"

@@ -110,6 +110,10 @@ def test_accuracy(out: Path, classes: int, side: int, x: torch.Tensor, y: torch.
     return accuracy(pruned.eval(), [(x[i : i + 128], y[i : i + 128]) for i in range(0, len(x), 128)])
 
 
+def _slow(run: dict) -> str:
+    return f", {run['slow']} slow" if run.get("slow") else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, nargs="+", default=[10, 50])
@@ -195,7 +199,9 @@ def main() -> int:
                                         unpruned=report["adapted"]["held_out_accuracy"] if report["adapted"] else None,
                                         p50=report["result"]["latency_ms"]["p50"], speedup=report["result"]["speedup"],
                                         params=report["result"]["params"],
-                                        rounds=len({i["step"] for i in report["iterations"] if i["step"]}))  # fmt: skip
+                                        rounds=len({i["step"] for i in report["iterations"] if i["step"]}),
+                                        slow=sum(len(i["latency_ms"].get("slow_tries_reference_p50", []))
+                                                 for i in [*report["iterations"], report["result"]]))  # fmt: skip
                             if method == "unpruned":  # the adapted model (the same in every build: same seed, data)
                                 adapted = root / f"adapted-{per_class}-{seed}.pt"
                                 adapted.write_bytes((out / "pruned_state_dict.pt").read_bytes())
@@ -220,7 +226,8 @@ def main() -> int:
         per_seed = " ".join("-" if "error" in r else f"{r['accuracy']:.3f}" for r in runs)
         # How deep each seed's plan is, and how many rounds found it: a plan shipped faster than the budget needs
         # (a round that measured slow) costs accuracy, and explains much of the spread between seeds.
-        depth = " ".join("-" if "error" in r else f"{r['speedup']:.2f}x ({r['rounds']})" for r in runs)
+        # Timings taken again because the machine was in its slow state (backends/base.py), where there were any.
+        depth = " ".join("-" if "error" in r else f"{r['speedup']:.2f}x ({r['rounds']}{_slow(r)})" for r in runs)
         rows.append([str(per_class), method, str(steps), f"{statistics.mean(acc):.3f}{spread} (n={len(acc)}{failed})",
                      per_seed, depth, f"{statistics.mean(raw):.3f}" if raw else "-",
                      f"{statistics.median(r['p50'] for r in good):.3f}",

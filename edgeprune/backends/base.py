@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import tempfile
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,15 @@ from edgeprune.target import Target
 RELATIVE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8-dynamic": 1e-1, "int8": 1e-1}
 INT8_MIN_COSINE = 0.98
 NODE_TIME_RUNS = 100  # runs whose per-node times give each node's median: a few seconds on a model of a few ms
+# This machine has a slow state that lasts a whole benchmark process: in it the unpruned model timed alongside ran
+# ~1.5x its quiet p50 and a half-width model ~1.7x, so the ratio of the two moved from 0.52 to 0.61 (README,
+# "Measurement noise"): timing beside a reference does not cancel it. A timing whose reference ran this much over
+# the reference's quiet p50 (the baseline's, timed alone) is taken again, at most SLOW_STATE_TRIES times in all, and
+# the try whose reference ran quickest counts. Out of that state the reference alongside a half-width candidate ran
+# 1.00-1.23x (median 1.07) its p50 alone, and the p50 alone itself spread 23% between benchmarks
+# (tools/bench_repeatability.py, EfficientNet-Lite0 at 64): 1.4 stays clear of both.
+SLOW_STATE = 1.4
+SLOW_STATE_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,8 @@ class Measurement:
     peak_memory_mb: float | None = None
     windows_p50: tuple[float, ...] = ()
     reference_p50: float | None = None  # p50 of a reference model timed alongside, in alternating blocks of runs
+    # The reference p50s of earlier tries of this timing, set aside because the machine was in its slow state.
+    slow_tries: tuple[float, ...] = ()
 
     def comparable_p50(self, baseline_p50: float) -> float:
         """This p50 as it would have measured when the baseline measured ``baseline_p50``.
@@ -69,6 +80,7 @@ class Measurement:
         return {
             "p50": self.p50, "p90": self.p90, "p99": self.p99, "mean": self.mean, "iterations": self.iterations,
             "windows_p50": list(self.windows_p50), "reference_p50": self.reference_p50,
+            "slow_tries_reference_p50": list(self.slow_tries),
         }  # fmt: skip
 
 
@@ -138,12 +150,16 @@ class Backend(ABC):
 
     def benchmark(
         self, artifact: Artifact, shape: tuple[int, ...], target: Target, device: Device | None = None,
-        reference: Artifact | None = None,
+        reference: Artifact | None = None, quiet_reference_ms: float | None = None,
     ) -> Measurement:  # fmt: skip
         """Time the artifact on ``device`` with the target's threads, as its [benchmark] settings say: warm-up, then
         timed windows of at least its iterations and seconds each, of which the one with the lowest p50 is reported
         (``windows_p50`` in the latency dict lists them all). A ``reference`` artifact is timed in the same windows,
-        alternating with it in short blocks (``reference_p50``)."""
+        alternating with it in short blocks (``reference_p50``).
+
+        With ``quiet_reference_ms`` (the reference's p50 on a quiet machine: the build's baseline), a timing whose
+        reference ran over SLOW_STATE times that is taken again, up to SLOW_STATE_TRIES in all; the try whose
+        reference ran quickest is returned, with the others' reference p50s in ``slow_tries``."""
         device = device or LocalDevice()
         args = self._runner_args(artifact, shape, target)
         settings = target.benchmark
@@ -152,6 +168,17 @@ class Backend(ABC):
         args += ["--windows", str(settings.windows)]
         if reference is not None:
             args += ["--reference", str(reference.model)]
+        tries = [self._timing(device, args)]
+        while (
+            quiet_reference_ms and tries[-1].reference_p50 and len(tries) < SLOW_STATE_TRIES
+            and tries[-1].reference_p50 > SLOW_STATE * quiet_reference_ms
+        ):  # fmt: skip
+            tries.append(self._timing(device, args))
+        best = min(tries, key=lambda m: m.reference_p50 or 0.0)
+        return replace(best, slow_tries=tuple(m.reference_p50 for m in tries if m is not best))
+
+    @staticmethod
+    def _timing(device: Device, args: list[str]) -> Measurement:
         result = device.run_runner(args)
         lat = result["latency_ms"]
         return Measurement(

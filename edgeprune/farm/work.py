@@ -38,6 +38,7 @@ class BuildShare:
     device: object  # anything with ``label`` and ``run_runner(args)``: a device, a pool, a pool on Ray
     workdir: Path
     reference: Artifact | None = None  # timed alongside every candidate: the unpruned artifact
+    quiet_reference_ms: float | None = None  # the reference's p50 on a quiet machine: a timing far over it is retaken
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
 
 
@@ -62,7 +63,9 @@ def export_and_measure(share: BuildShare, model: nn.Module, name: str) -> tuple[
     directory.mkdir(parents=True, exist_ok=True)
     artifact = backend.export(model, share.example, directory, share.target, share.calibration)
     shape = tuple(share.example.shape)
-    return backend.benchmark(artifact, shape, share.target, share.device, share.reference), artifact
+    measured = backend.benchmark(artifact, shape, share.target, share.device, share.reference,
+                                 share.quiet_reference_ms if share.reference else None)  # fmt: skip
+    return measured, artifact
 
 
 def evaluate(share: BuildShare, job: CandidateJob) -> Evaluated:

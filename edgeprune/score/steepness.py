@@ -36,15 +36,25 @@ class SteepnessChoice:
     chosen: float
     losses: dict[float, float | None]
     samples: int
+    plans: int = 0  # the distinct plans the steepnesses made (0: pinned, nothing was compared)
+
+    @property
+    def settled(self) -> bool:
+        """Pinned, or chosen between different plans. Where every steepness made the same plan (a goal at the
+        allocator's floor, where no layer can be cut further), the tie went to the lowest steepness without the
+        data saying anything, and the choice is made again at the next plan."""
+        return not self.losses or self.plans > 1
 
     def describe(self) -> str:
         if not self.losses:
             return f"steepness {self.chosen:g} (pinned)"
         tried = ", ".join(f"{s:g}: {'failed' if v is None else f'{v:.4f}'}" for s, v in self.losses.items())
-        return f"steepness {self.chosen:g} (output distance to the unpruned model on {self.samples} samples: {tried})"
+        again = "" if self.settled else "; every steepness made the same plan: chosen again at the next plan"
+        return (f"steepness {self.chosen:g} (output distance to the unpruned model on {self.samples} samples:"
+                f" {tried}{again})")  # fmt: skip
 
     def to_dict(self) -> dict:
-        return {"chosen": self.chosen, "samples": self.samples,
+        return {"chosen": self.chosen, "samples": self.samples, "settled": self.settled,
                 "distance": {f"{s:g}": v for s, v in self.losses.items()}}  # fmt: skip
 
 
@@ -72,15 +82,19 @@ def output_distance(student: nn.Module, teacher: nn.Module, batches: list) -> fl
 
 def choose_steepness(
     model: nn.Module, example: torch.Tensor, batches: list, make_plan: Callable[[float], Plan],
-    steepnesses: tuple[float, ...] = STEEPNESSES, compensating: bool = False,
+    steepnesses: tuple[float, ...] = STEEPNESSES, compensating: bool = False, unlabelled: list | None = None,
 ) -> SteepnessChoice:  # fmt: skip
     """The steepness whose plan (``make_plan(steepness)``, all for the same goal) keeps ``model``'s outputs closest on
     ``batches``, after the recovery without gradient steps that the build will do: batch-norm recalibration, or
     with ``compensating`` the least-squares refit, fitted on every other batch and judged on the rest (a plan cut
     deep in a few layers is the one a refit repairs best, so judging it unrefitted chose worse plans: README).
+    ``unlabelled`` batches of the task (its --calib images beside --train) join the refit as they join the build's
+    final one, half to fit and half to judge: the distance needs the unpruned model's outputs, not labels.
     Plans that are the same are measured once; a plan that fails to prune is skipped (the loop's own checks deal
     with it if it is chosen anyway)."""
     fit, judge = (batches[::2], batches[1::2]) if compensating and len(batches) > 1 else (batches, batches)
+    if compensating and unlabelled:
+        fit, judge = fit + unlabelled[::2], judge + unlabelled[1::2]
     losses: dict[float, float | None] = {}
     seen: dict[tuple, float | None] = {}
     for steepness in steepnesses:
@@ -101,4 +115,4 @@ def choose_steepness(
     measured = {s: v for s, v in losses.items() if v is not None and np.isfinite(v)}
     # Ties (the same plan) go to the lower steepness: the scores as they are, unless the data says otherwise.
     chosen = min(measured, key=lambda s: (measured[s], s)) if measured else steepnesses[0]
-    return SteepnessChoice(chosen, losses, sum(len(x) for x, _ in judge))
+    return SteepnessChoice(chosen, losses, sum(len(x) for x, _ in judge), len(seen))
