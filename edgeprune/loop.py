@@ -56,6 +56,7 @@ class Candidate:
     latency: float
     quality: float | None = None  # accuracy or fidelity on held-out data, before recovery
     timed_again: float | None = None  # the second timing of a round accepted in the band (latency: the larger)
+    again_slow_tries: tuple[float, ...] = ()  # the second timing's tries set aside in the slow state (reference p50s)
     predicted: float | None = None  # the cost model's latency for this plan, before it was measured
     memory_mb: float | None = None  # weights + peak live activations of its graph (memory budgets only)
 
@@ -63,6 +64,7 @@ class Candidate:
         return {
             "step": self.step, "ratio": round(self.plan.ratio, 4), "latency_ms": self.measurement.latency(),
             "comparable_p50": self.latency, "timed_again": self.timed_again, "predicted_ms": self.predicted,
+            "timed_again_slow_tries_reference_p50": list(self.again_slow_tries),
             "memory_mb": self.memory_mb,
             "macs": self.macs, "params": self.params,
             "quality": self.quality,
@@ -88,14 +90,16 @@ class SearchContext:
     workdir: Path
     say: Say = print
     reference: Artifact | None = None  # timed alongside every candidate (speedup budgets): the unpruned artifact
-    quiet_reference_ms: float | None = None  # its p50 measured alone: a timing whose reference ran far over is retaken
+    # The baseline's p50, timed alone, on this machine: a timing whose reference ran far over it is taken again.
+    quiet_reference_ms: float | None = None
     unprunable: dict[str, str] = field(default_factory=dict)  # group root → why it is kept whole
     evaluate: Callable[[nn.Module], float] | None = None  # quality of a pruned model, for the report's trade-off plot
     structure: Structure | None = None  # the layers and groups as numbers: costs of a plan without pruning a copy
     latency_model: LatencyModel | None = None
     allocation: str = "global"
     # Task batches global allocation's steepness is chosen on (score/steepness.py), at the first plan it makes; without
-    # them (synthetic data), steepness 0. The choice, once made, holds for every later plan of the build.
+    # them (synthetic data), steepness 0. The choice, once settled (made between different plans), holds for every
+    # later plan of the build.
     steepness_batches: list | None = None
     steepness_unlabelled: list | None = None  # the task's unlabelled batches: a compensating build's refit uses them
     steepness: SteepnessChoice | None = None
@@ -119,9 +123,9 @@ class SearchContext:
             self._macs_cache[ratio] = self.checked_plan(lambda: self._uniform(ratio))
         return self._macs_cache[ratio]
 
-    def plan_for(self, goal: float, cost: Callable | None = None) -> tuple[Plan, int, int]:
+    def plan_for(self, goal: float, cost: Callable | None = None, choose: bool = True) -> tuple[Plan, int, int]:
         """The plan the allocator picks for a predicted ``cost`` (default: latency in ms) within ``goal``, with its
-        MACs and params."""
+        MACs and params. With ``choose`` (default), a steepness not settled yet is chosen at this goal first."""
 
         def make(steepness: float | None = None) -> Plan:
             if steepness is None:
@@ -131,11 +135,13 @@ class SearchContext:
                             self.method, steepness)  # fmt: skip
 
         unsettled = self.steepness is None or not self.steepness.settled
-        if self.allocation == "global" and unsettled and self.steepness_batches:
+        if self.allocation == "global" and unsettled and self.steepness_batches and choose:
+            first = self.steepness is None
             self.steepness = choose_steepness(self.model, self.example, self.steepness_batches, make,
                                               compensating=self.compensating,
                                               unlabelled=self.steepness_unlabelled)  # fmt: skip
-            self.say(f"global allocation: {self.steepness.describe()}")
+            if first or self.steepness.settled:
+                self.say(f"global allocation: {self.steepness.describe()}")
         return self.checked_plan(make)
 
     def checked_plan(self, make: Callable[[], Plan]) -> tuple[Plan, int, int]:
@@ -242,7 +248,8 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         deepest = min(range(len(goals)), key=lambda i: goals[i])
         latency, predicted, plan = measured_now[deepest].latency, predictions[deepest], plans[deepest]
         if latency > GUARD * budget_ms and predicted > goals[deepest] * 1.02:  # the allocator did not reach it
-            most, _, _ = ctx.plan_for(0.0, model.roofline_ms)  # the most it can cut, whatever the fit says
+            # The most it can cut, whatever the fit says; at goal 0 every steepness makes that plan: none chosen there.
+            most, _, _ = ctx.plan_for(0.0, model.roofline_ms, choose=False)
             if most.groups != plan.groups:
                 model.use_scaled_roofline()  # a fit with too large a fixed time on noisy samples: cut further
                 ctx.say("the fitted cost model cannot reach the budget; predicting with the scaled roofline")
@@ -274,7 +281,8 @@ def confirm(ctx: SearchContext, candidate: Candidate, baseline_p50: float, budge
     ctx.latency_model.add(ctx.structure.widths_of(candidate.plan), again.latency)
     latency = max(candidate.latency, again.latency)
     ctx.say(f"round {candidate.step}: timed again, {again.latency:.3f} ms; taken as {latency:.3f} ms")
-    return replace(candidate, latency=latency, timed_again=again.latency)
+    return replace(candidate, latency=latency, timed_again=again.latency,
+                   again_slow_tries=again.measurement.slow_tries)  # fmt: skip
 
 
 def measure_plan(ctx: SearchContext, plan: Plan, baseline_p50: float, step: int, budget_ms: float) -> Candidate:

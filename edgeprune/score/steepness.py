@@ -7,7 +7,8 @@ and not on MobileNetV3, RegNetX or ConvNeXt, where it lost). So the build does n
 for the first goal at a few steepnesses (allocate.global_widths), prunes each, recovers it without gradient steps
 as the final model will be (batch-norm recalibration, or the least-squares refit when the build compensates), and
 keeps the steepness whose outputs are closest to the unpruned model's on the task's data. Every
-later round uses the same steepness, so the rounds stay one family of plans that the loop can aim between.
+later round uses the same steepness, so the rounds stay one family of plans that the loop can aim between; only
+where every steepness made the same plan (nothing was compared) is the choice made again at the next plan.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ class SteepnessChoice:
     def describe(self) -> str:
         if not self.losses:
             return f"steepness {self.chosen:g} (pinned)"
+        if not self.settled:
+            return f"steepness {self.chosen:g} for now (every steepness made the same plan: chosen again at the next)"
         tried = ", ".join(f"{s:g}: {'failed' if v is None else f'{v:.4f}'}" for s, v in self.losses.items())
-        again = "" if self.settled else "; every steepness made the same plan: chosen again at the next plan"
-        return (f"steepness {self.chosen:g} (output distance to the unpruned model on {self.samples} samples:"
-                f" {tried}{again})")  # fmt: skip
+        return f"steepness {self.chosen:g} (output distance to the unpruned model on {self.samples} samples: {tried})"
 
     def to_dict(self) -> dict:
         return {"chosen": self.chosen, "samples": self.samples, "settled": self.settled,
@@ -90,16 +91,20 @@ def choose_steepness(
     deep in a few layers is the one a refit repairs best, so judging it unrefitted chose worse plans: README).
     ``unlabelled`` batches of the task (its --calib images beside --train) join the refit as they join the build's
     final one, half to fit and half to judge: the distance needs the unpruned model's outputs, not labels.
-    Plans that are the same are measured once; a plan that fails to prune is skipped (the loop's own checks deal
-    with it if it is chosen anyway)."""
-    fit, judge = (batches[::2], batches[1::2]) if compensating and len(batches) > 1 else (batches, batches)
-    if compensating and unlabelled:
-        fit, judge = fit + unlabelled[::2], judge + unlabelled[1::2]
+    Plans that are the same are measured once; where all are the same, none is (the choice is not settled); a plan
+    that fails to prune is skipped (the loop's own checks deal with it if it is chosen anyway)."""
+    fit, judge = batches, batches
+    if compensating:  # labelled first, then unlabelled: every other batch of each to fit, the rest to judge
+        both = batches + (unlabelled or [])
+        fit, judge = (both[::2], both[1::2]) if len(both) > 1 else (both, both)
+    plans = {steepness: make_plan(steepness) for steepness in steepnesses}
+    keys = {steepness: tuple(g.kept for g in plan.groups) for steepness, plan in plans.items()}
+    if len(set(keys.values())) == 1:  # one plan: nothing to compare, and nothing pruned to find that out
+        return SteepnessChoice(steepnesses[0], dict.fromkeys(steepnesses), 0, 1)
     losses: dict[float, float | None] = {}
     seen: dict[tuple, float | None] = {}
-    for steepness in steepnesses:
-        plan = make_plan(steepness)
-        key = tuple(g.kept for g in plan.groups)
+    for steepness, plan in plans.items():
+        key = keys[steepness]
         if key not in seen:
             try:
                 pruned = apply_plan(model, plan, example)
