@@ -99,7 +99,7 @@ def choose_steepness(
         fit, judge = (both[::2], both[1::2]) if len(both) > 1 else (both, both)
     plans = {steepness: make_plan(steepness) for steepness in steepnesses}
     keys = {steepness: tuple(g.kept for g in plan.groups) for steepness, plan in plans.items()}
-    if len(set(keys.values())) == 1:  # one plan: nothing to compare, and nothing pruned to find that out
+    if len(steepnesses) > 1 and len(set(keys.values())) == 1:  # one plan: nothing to compare, nothing pruned
         return SteepnessChoice(steepnesses[0], dict.fromkeys(steepnesses), 0, 1)
     losses: dict[float, float | None] = {}
     seen: dict[tuple, float | None] = {}
