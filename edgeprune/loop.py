@@ -332,7 +332,7 @@ def measure_final(ctx: SearchContext, artifact, baseline_p50: float, round_laten
     most FINAL_TRIES times in all. The report lists every try.
     """
     shape = tuple(ctx.example.shape)
-    quiet = ctx.quiet_reference_ms if ctx.reference else None
+    quiet = ctx.quiet_reference_ms  # no retake without a reference: nothing was timed beside the candidate
     finals = [ctx.backend.benchmark(artifact, shape, ctx.target, ctx.device, ctx.reference, quiet)]
     while finals[-1].comparable_p50(baseline_p50) > budget_ms >= round_latency and len(finals) < FINAL_TRIES:
         ctx.say(f"final artifact measured {finals[-1].comparable_p50(baseline_p50):.3f} ms, its round"

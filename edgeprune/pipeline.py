@@ -184,8 +184,7 @@ def build(options: BuildOptions, say=print) -> dict:
         say(f"baseline p50 {baseline.p50:.3f} ms on {device.label}; budget {what}")
         if timed_beside_baseline(budget.kind, device, baseline.p50, budget_ms):
             ctx.reference = baseline_artifact
-            # The slow state is this machine's (backends/base.py): a board over SSH or a pool's boards, whose speeds
-            # differ from the one the baseline ran on, are not judged by it.
+            # The slow state is this machine's (backends/base.py): boards, whose speeds differ, are not judged by it.
             ctx.quiet_reference_ms = baseline.p50 if isinstance(device, LocalDevice) else None
         decomposed, neighbours = [], []
         if options.plan:  # a pinned plan: no scoring, no search; the same plan gives the same artifact bytes

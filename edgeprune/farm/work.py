@@ -63,8 +63,7 @@ def export_and_measure(share: BuildShare, model: nn.Module, name: str) -> tuple[
     directory.mkdir(parents=True, exist_ok=True)
     artifact = backend.export(model, share.example, directory, share.target, share.calibration)
     shape = tuple(share.example.shape)
-    measured = backend.benchmark(artifact, shape, share.target, share.device, share.reference,
-                                 share.quiet_reference_ms if share.reference else None)  # fmt: skip
+    measured = backend.benchmark(artifact, shape, share.target, share.device, share.reference, share.quiet_reference_ms)
     return measured, artifact
 
 
