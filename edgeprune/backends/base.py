@@ -157,7 +157,7 @@ class Backend(ABC):
         (``windows_p50`` in the latency dict lists them all). A ``reference`` artifact is timed in the same windows,
         alternating with it in short blocks (``reference_p50``).
 
-        With ``quiet_reference_ms`` (the reference's p50 on a quiet machine: the build's baseline), a timing whose
+        With ``quiet_reference_ms`` (the reference's p50 timed alone: the build's baseline), a timing whose
         reference ran over SLOW_STATE times that is taken again, up to SLOW_STATE_TRIES in all; the try whose
         reference ran quickest is returned, with the others' reference p50s in ``slow_tries``."""
         device = device or LocalDevice()

@@ -38,7 +38,7 @@ class BuildShare:
     device: object  # anything with ``label`` and ``run_runner(args)``: a device, a pool, a pool on Ray
     workdir: Path
     reference: Artifact | None = None  # timed alongside every candidate: the unpruned artifact
-    quiet_reference_ms: float | None = None  # the reference's p50 on a quiet machine: a timing far over it is retaken
+    quiet_reference_ms: float | None = None  # the baseline's p50, timed alone: a timing far over it is retaken
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
 
 
