@@ -86,6 +86,8 @@ CNN_LR, TRANSFORMER_LR, TRANSFORMER_CLASSIFIER_LR = 1e-4, 5e-4, 2e-5
 # so a few thousand samples (each image position or token a row) pin them down, and a large distillation corpus
 # need not all pass through it (on MiniLM, 1,500 sentences took 150 s).
 COMPENSATE_SAMPLES = 2048
+# Held-out samples below which recovery runs all its steps instead of stopping early (see recover).
+JUDGE_SAMPLES = 200
 
 
 class BlockOutputs:
@@ -123,14 +125,17 @@ def distill(
     student: nn.Module, teacher: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], steps: int,
     lr: float | None = None, temperature: float = 2.0, aux: list | None = None, aux_weight: float = 0.5,
     held_out: list | None = None, patience: int = 3, task_weight: float = 0.5, hidden_states: bool | None = None,
+    unlabelled: list[torch.Tensor] | None = None,
 ) -> list[float]:  # fmt: skip
     """Fine-tune ``student`` for at most ``steps`` steps to match ``teacher`` (and the labels, where a batch has
     them, with weight ``task_weight``); return the losses.
 
-    ``aux`` batches (auxiliary data, labelled or not) add a distillation term whose weight starts at ``aux_weight``
-    and decays linearly to 0 over the steps: the extra data steers the first steps, the task's own data the last
-    ones. With ``held_out`` batches, quality is checked every tenth of the steps; the best weights are kept and the
-    run stops after ``patience`` checks without improvement (early stopping). Batch-norm layers stay in eval mode:
+    For images, each step also distils on a shifted copy of its batch, joined by the next batch of ``unlabelled``
+    images of the task's domain (its --calib images) where given: see ``shifted``. ``aux`` batches (auxiliary data,
+    labelled or not) add a distillation term whose weight starts at ``aux_weight`` and decays linearly to 0 over the
+    steps: the extra data steers the first steps, the task's own data the last ones. With ``held_out`` batches,
+    quality is checked every tenth of the steps; the best weights are kept and the run stops after ``patience``
+    checks without improvement (early stopping). Batch-norm layers stay in eval mode:
     with a few small batches, updating their statistics adds noise. ``hidden_states`` (default: for transformers)
     also matches every block's output to the teacher's, as TinyBERT-style distillation does: the pruned heads and
     neurons sit inside blocks whose outputs keep their width, so each block gets a target of its own.
@@ -148,14 +153,14 @@ def distill(
     taps = (BlockOutputs(student), BlockOutputs(teacher)) if hidden_states else None
     try:
         return _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_weight, held_out, patience,
-                              task_weight, embedding, taps)  # fmt: skip
+                              task_weight, embedding, taps, unlabelled or [])  # fmt: skip
     finally:
         for tap in taps or ():
             tap.close()
 
 
 def _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_weight, held_out, patience,
-                   task_weight, embedding, taps) -> list[float]:  # fmt: skip
+                   task_weight, embedding, taps, unlabelled) -> list[float]:  # fmt: skip
     batches, aux = bucket_by_length(student, batches), aux and bucket_by_length(student, aux, seed=1)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     # The step size decays to zero over the planned steps (cosine): at a constant one, Adam's noise kept a pruned
@@ -163,7 +168,9 @@ def _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_w
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     losses: list[float] = []
     every = max(1, steps // 10)
-    watch = EarlyStopping(student, patience, quality(student, teacher, held_out)[1]) if held_out else None
+    judge = (lambda: quality(student, teacher, held_out)[1]) if held_out else None
+    watch = EarlyStopping(student, patience, judge()) if judge else None
+    shifts = torch.Generator().manual_seed(0)
     for step in range(steps):
         x, y = batches[step % len(batches)]
         x = trim_padding(student, x)
@@ -174,6 +181,11 @@ def _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_w
         loss = _loss(student(x), target, y, temperature, task_weight, embedding)
         if taps:
             loss = loss + hidden_state_loss(taps[0].take(), taps[1].take())
+        if is_image_batch(x):
+            xs = shifted(torch.cat([x, unlabelled[step % len(unlabelled)]]) if unlabelled else x, shifts)
+            with torch.no_grad():
+                shifted_target = teacher(xs)
+            loss = loss + _loss(student(xs), shifted_target, None, temperature, task_weight, embedding)
         if aux:
             xa, ya = aux[step % len(aux)]
             xa = trim_padding(student, xa)
@@ -187,12 +199,30 @@ def _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_w
         schedule.step()
         losses.append(float(loss.detach()))
         if watch and ((step + 1) % every == 0 or step + 1 == steps):
-            if watch.stop(quality(student, teacher, held_out)[1]):
+            if watch.stop(judge()):
                 break
     if watch:
         watch.restore()
     student.eval()
     return losses
+
+
+def is_image_batch(x: torch.Tensor) -> bool:
+    """A batch of images (N×C×H×W floats, at least 16 pixels a side): what ``shifted`` applies to."""
+    return x.dim() == 4 and x.is_floating_point() and min(x.shape[-2:]) >= 16
+
+
+def shifted(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``x`` moved by a random offset of up to 1/16 of its side in each direction (edges repeated).
+
+    Only the teacher's outputs on it are matched, never labels, so no label need survive the shift: it gives a few
+    hundred images more inputs to agree on. Measured on EfficientNet-Lite0 and 10 digits a class, one 2.2x plan per
+    seed, 150 steps of distillation on the task's and its unlabelled images: test accuracy 0.856 and 0.891 on two
+    seeds, 0.883 and 0.898 with shifted copies (mixing pairs of images instead cost 3 points on one of them)."""
+    reach = max(1, min(x.shape[-2:]) // 16)
+    dy, dx = (int(v) for v in torch.randint(-reach, reach + 1, (2,), generator=generator))
+    padded = F.pad(x, (reach, reach, reach, reach), mode="replicate")
+    return padded[..., reach + dy : reach + dy + x.shape[-2], reach + dx : reach + dx + x.shape[-1]]
 
 
 @torch.no_grad()
@@ -227,8 +257,9 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
     batch-norm statistics stay right), then ``steps`` of distillation. The recovered weights are kept only if they
     score better on ``eval_set`` than the pruned weights; the returned dict says what was done and measured.
 
-    ``unlabelled`` (the task's --calib images, when it also has labelled --train data) joins the refit: it needs the
-    unpruned model's outputs, not labels, and a few labelled samples per class leave it few rows to fit."""
+    ``unlabelled`` (the task's --calib images, when it also has labelled --train data) joins the refit and the
+    distillation: both need the unpruned model's outputs, not labels, and a few labelled samples per class leave the
+    refit few rows to fit and distillation few inputs to agree on."""
     from edgeprune.rewrite.compensate import compensate
     from edgeprune.rewrite.prune import apply_plan
 
@@ -240,9 +271,9 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
         info.update(result=before, recovery="skipped: no real data")
         return pruned, info
     recovered = apply_plan(model, plan, example)
+    extra = unlabelled.x if unlabelled is not None and not unlabelled.synthetic else None
     if compensating:
-        sets = [score_set.x] + ([unlabelled.x] if unlabelled is not None and not unlabelled.synthetic else [])
-        samples = torch.cat(sets)[:COMPENSATE_SAMPLES]  # the labelled ones first
+        samples = torch.cat([score_set.x] + ([extra] if extra is not None else []))[:COMPENSATE_SAMPLES]
         refits = compensate(model, recovered, list(samples.split(batch)))
         info["compensated_layers"] = len(refits)
         info["compensated_on"] = f"{len(samples)} samples"
@@ -250,13 +281,19 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
     else:
         norms = recalibrate_batchnorm(recovered, score_set.batches(batch))
         done = "batch-norm recalibration" if norms else ""  # a transformer has none
-    # Early stopping watches the held-out split that quality is reported on: with a few samples per class there is
-    # no third split to spare, and the report says the recovery kept its best held-out step.
     aux_batches = list(aux.batches(batch)) if aux is not None and not aux.synthetic else None
+    # Early stopping watches the held-out split that quality is reported on (with a few samples per class there is
+    # no third split to spare), and needs a split that can tell a step's gain from noise. At 10 labelled digits a
+    # class, its 25 held-out digits (accuracy's standard error ~6 points) stopped every EfficientNet-Lite0 recovery
+    # within 12 steps and restored the refit's weights, while 150 steps raised test accuracy by 3.0 and 1.8 points
+    # (two seeds, one 2.2x plan each). Below JUDGE_SAMPLES the steps all run; the check below still catches a collapse.
+    judged = len(eval_set) >= JUDGE_SAMPLES
     losses = distill(recovered, model, list(score_set.batches(batch)), steps, aux=aux_batches,
-                     held_out=list(eval_set.batches(batch)))  # fmt: skip
+                     held_out=list(eval_set.batches(batch)) if judged else None,
+                     unlabelled=list(extra.split(batch)) if extra is not None else None)  # fmt: skip
     if aux_batches:
         info["aux"] = f"{aux.source}: {len(aux)} samples, distillation weight 0.5 decaying to 0"
+    info["early_stopping"] = "on the held-out split" if judged else f"off: under {JUDGE_SAMPLES} held-out samples"
     after = quality(recovered, model, eval_set.batches(batch))[1]
     kept = after >= before
     info.update(
