@@ -80,8 +80,9 @@ def test_recovery_after_pruning_keeps_the_better_weights():
     scored = score_groups(loaded.module, example, "taylor", list(data.batches(8)))
     plan = uniform_plan(scored, 0.5, 8, "m", (1, 3, 64, 64), "taylor")
     shipped, info = recover(loaded.module, plan, example, data, data, steps=5, compensating=False)
-    # At most 5 steps: early stopping ends the run after 3 held-out checks without improvement.
-    assert info["metric"] == "fidelity" and 1 <= info["distill_steps"] <= 5 and info["baseline"] == 1.0
+    # All 5 steps: a held-out split of a few images is too small to stop early on.
+    assert info["metric"] == "fidelity" and info["distill_steps"] == 5 and info["baseline"] == 1.0
+    assert info["early_stopping"].startswith("off")
     assert info["result"] == max(info["pruned"], info["recovered"])
     assert sum(p.numel() for p in shipped.parameters()) < sum(p.numel() for p in loaded.module.parameters())
     metric, shipped_quality = quality(shipped, loaded.module, data.batches(8))
