@@ -119,7 +119,8 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
             plan, macs, _ = ctx.plan_for(fraction * full)
             pruned = apply_plan(model, plan, example)
             recalibrate_batchnorm(pruned, batches)
-            plans.append((allocation, fraction, pruned.eval(), macs, ctx.steepness, fraction * full))
+            predicted = ctx.latency_model.predict(ctx.structure.widths_of(plan))  # the plan's own, not its goal
+            plans.append((allocation, fraction, pruned.eval(), macs, ctx.steepness, predicted))
     # Every plan timed beside the unpruned model, in round-robin: a busy spell lands on all plans alike.
     _, ctx.reference = ctx.measure(model, "unpruned")
     baseline_p50 = profiled["baseline_p50"]
