@@ -140,8 +140,8 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         curves["top-1"][allocation].append((latency, top1))
         curves["cosine"][allocation].append((latency, cosine))
         note = f"steepness {steepness.chosen:g}" if allocation == "global" and steepness else ""
-        # Predicted beside measured: where one arm's plans run off their prediction and the other's do not, the
-        # cost model misprices what that arm cuts (RegNetX-200MF, README).
+        # Predicted beside measured: whether the cost model prices both arms' plans alike (a plan's goal is not its
+        # prediction: rounding to the channel multiple lands it under the goal).
         rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{fraction:g}", f"{predicted:.3f}", f"{latency:.3f}",
                      f"{(max(measured) - min(measured)) / latency:.0%}", f"{macs / full_macs:.0%}", f"{top1:.3f}",
                      f"{cosine:.4f}", note])  # fmt: skip
