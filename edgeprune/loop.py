@@ -137,9 +137,11 @@ class SearchContext:
         unsettled = self.steepness is None or not self.steepness.settled
         if self.allocation == "global" and unsettled and self.steepness_batches and choose:
             first = self.steepness is None
+            predict = cost or self.latency_model.predict
             self.steepness = choose_steepness(self.model, self.example, self.steepness_batches, make,
-                                              compensating=self.compensating,
-                                              unlabelled=self.steepness_unlabelled)  # fmt: skip
+                                              compensating=self.compensating, unlabelled=self.steepness_unlabelled,
+                                              cost=lambda plan: predict(self.structure.widths_of(plan)),
+                                              goal=goal)  # fmt: skip
             if first or self.steepness.settled:
                 self.say(f"global allocation: {self.steepness.describe()}")
         return self.checked_plan(make)

@@ -9,7 +9,7 @@ import torch
 from conftest import R18  # noqa: F401
 
 from edgeprune.rewrite.plan import GroupPlan, Plan
-from edgeprune.score.allocate import global_widths, plan_from_widths
+from edgeprune.score.allocate import UNIFORM_STEEPNESS, global_widths, plan_from_widths
 from edgeprune.score.costmodel import new_model
 from edgeprune.score.steepness import choose_steepness, output_distance
 from edgeprune.score.structure import read_structure
@@ -151,10 +151,37 @@ def test_a_choice_between_identical_plans_is_not_settled_and_is_made_again_at_th
     ctx.structure = structure
     ctx.latency_model = new_model(structure, TARGET, "openvino 1.0")
     ctx.steepness_batches = batches
-    ctx.plan_for(0.0)  # below the floor: every steepness cuts every layer to its floor
-    assert ctx.steepness is not None and not ctx.steepness.settled
+    ctx.plan_for(0.0)  # below every floor: no plan reaches it; the cheapest (the uniform ratio's 10%) for now
+    assert ctx.steepness is not None and not ctx.steepness.settled and ctx.steepness.chosen == UNIFORM_STEEPNESS
+    assert ctx.steepness.plans == 0 and len(ctx.steepness.over_goal) == 5
     ctx.plan_for(0.7 * ctx.latency_model.predict(structure.full_widths()))
     assert ctx.steepness.settled and ctx.steepness.plans > 1
-    assert len([m for m in said if m.startswith("global allocation: steepness")]) == 2
+    assert len([m for m in said if m.startswith("global allocation: ")]) == 2
     ctx.plan_for(0.6 * ctx.latency_model.predict(structure.full_widths()))  # settled: not chosen a third time
-    assert len([m for m in said if m.startswith("global allocation: steepness")]) == 2
+    assert len([m for m in said if m.startswith("global allocation: ")]) == 2
+
+
+def test_plans_over_the_goal_are_not_compared_and_the_uniform_ratio_is_a_candidate(r18, r18_scored, example):
+    """A plan predicted over the goal keeps more of the model and would win by not doing what was asked: it is not
+    measured. The uniform ratio (UNIFORM_STEEPNESS) is chosen where it stays closest, and the report can say so in
+    JSON (which has no infinity)."""
+    import json
+
+    batches = [(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(6)), None)]
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    full = structure.full_widths()
+    halved = np.where(full > 8, np.maximum(8, full // 16 * 8), full)
+    plans = {0.0: full, 1.0: halved, UNIFORM_STEEPNESS: np.where(full > 8, full - 8, full)}
+    make = lambda s: plan_from_widths(r18_scored, plans[s], R18, tuple(example.shape), "m")  # noqa: E731
+    cost = lambda plan: float(sum(structure.widths_of(plan)))  # noqa: E731
+
+    choice = choose_steepness(r18, example, batches, make, tuple(plans), cost=cost, goal=float(sum(full)) - 1)
+    assert choice.over_goal == (0.0,) and choice.losses[0.0] is None  # the uncut plan would have been closest
+    assert choice.chosen == UNIFORM_STEEPNESS and 0 < choice.losses[UNIFORM_STEEPNESS] < choice.losses[1.0]
+    assert choice.settled and choice.plans == 2
+    assert "uniform ratio (output distance" in choice.describe() and "steepness 0: over the goal" in choice.describe()
+    report = json.loads(json.dumps(choice.to_dict(), allow_nan=False))
+    assert report["chosen"] == "uniform" and report["over_goal"] == ["0"] and report["distance"]["1"] > 0
+
+    only_one = choose_steepness(r18, example, batches, make, tuple(plans), cost=cost, goal=float(sum(halved)))
+    assert only_one.chosen == 1.0 and not only_one.settled and only_one.samples == 0

@@ -81,6 +81,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     from edgeprune.rewrite.recover import recalibrate_batchnorm
     from edgeprune.score.costmodel import new_model
     from edgeprune.score.importance import score_groups
+    from edgeprune.score.steepness import steepness_name
     from edgeprune.score.structure import read_structure
     from edgeprune.target import load_target
 
@@ -139,7 +140,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         latency = statistics.median(measured)
         curves["top-1"][allocation].append((latency, top1))
         curves["cosine"][allocation].append((latency, cosine))
-        note = f"steepness {steepness.chosen:g}" if allocation == "global" and steepness else ""
+        note = steepness_name(steepness.chosen) if allocation == "global" and steepness else ""
         # Predicted beside measured: whether the cost model prices both arms' plans alike (a plan's goal is not its
         # prediction: rounding to the channel multiple lands it under the goal).
         rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{fraction:g}", f"{predicted:.3f}", f"{latency:.3f}",

@@ -156,6 +156,11 @@ def verdict(global_arm: dict | None, uniform_arm: dict | None) -> str:
     return f"not decided: global {better:+.3f} top-1 agreement at {slower:+.0%} latency"
 
 
+def _steepness_note(chosen: float | str | None) -> str:
+    """The report's steepness["chosen"]: a number, "uniform" (the uniform ratio), or None (not global)."""
+    return "" if chosen is None else "uniform ratio" if chosen == "uniform" else f"steepness {chosen:g}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="SPEC@SIDE")
@@ -236,7 +241,7 @@ def main() -> int:
                                       f"{r['latency']:.3f}", f"{r['macs']:.0%}", str(r["rounds"]),
                                       f"{r['top1']:.3f}", f"{r['cosine']:.4f}",
                                       f"{r['accuracy']:.3f} ({r['unpruned_accuracy']:.3f})",
-                                      "" if r["steepness"] is None else f"steepness {r['steepness']:g}"])  # fmt: skip
+                                      _steepness_note(r["steepness"])])  # fmt: skip
                 err.print("  " + " | ".join(fidelity_rows[-1]))
                 arms[allocation] = r
             verdict_rows.append([name, verdict(arms.get("global"), arms.get("uniform"))])

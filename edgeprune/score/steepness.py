@@ -8,11 +8,17 @@ for the first goal at a few steepnesses (allocate.global_widths), prunes each, r
 as the final model will be (batch-norm recalibration, or the least-squares refit when the build compensates), and
 keeps the steepness whose outputs are closest to the unpruned model's on the task's data. Every
 later round uses the same steepness, so the rounds stay one family of plans that the loop can aim between; only
-where every steepness made the same plan (nothing was compared) is the choice made again at the next plan.
+where fewer than two different plans reach the goal (nothing was compared) is the choice made again at the next plan.
+
+The uniform ratio (allocate.UNIFORM_STEEPNESS, the limit of ever steeper pricing) is one of the candidates: where the
+task's data says that equal cuts keep its outputs closer, the build takes them, and it reaches goals below global
+allocation's floor. Only plans whose predicted cost is within the goal are compared: one over it keeps more and
+would win by not doing what was asked.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,38 +31,52 @@ from edgeprune.rewrite.compensate import compensate
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.rewrite.recover import recalibrate_batchnorm
+from edgeprune.score.allocate import UNIFORM_STEEPNESS
 from edgeprune.text import is_embedding, trim_padding
 
-STEEPNESSES = (0.0, 1.0, 2.0, 4.0)  # 0: the scores as they are; 4: a layer at half width prices its cuts 16x
+# 0: the scores as they are; 4: a layer at half width prices its cuts 16x; the last, the uniform ratio
+STEEPNESSES = (0.0, 1.0, 2.0, 4.0, UNIFORM_STEEPNESS)
+
+
+def steepness_name(steepness: float) -> str:
+    return "uniform ratio" if steepness == UNIFORM_STEEPNESS else f"steepness {steepness:g}"
 
 
 @dataclass(frozen=True)
 class SteepnessChoice:
-    """The chosen steepness and what each tried one measured (None: its plan did not prune)."""
+    """The chosen steepness and what each tried one measured (None: its plan did not prune, or was over the goal)."""
 
     chosen: float
     losses: dict[float, float | None]
     samples: int
-    plans: int = 0  # the distinct plans the steepnesses made (0: pinned, nothing was compared)
+    plans: int = 0  # the distinct plans within the goal that were compared (0: pinned, nothing was compared)
+    over_goal: tuple[float, ...] = ()  # the steepnesses whose plans were predicted over the goal: not compared
 
     @property
     def settled(self) -> bool:
-        """Pinned, or chosen between different plans. Where every steepness made the same plan (a goal at the
-        allocator's floor, where no layer can be cut further), the tie went to the lowest steepness without the
-        data saying anything, and the choice is made again at the next plan."""
+        """Pinned, or chosen between different plans within the goal. Where fewer than two reach it (a goal at or
+        below the allocator's floor, where no layer can be cut further), the choice went to the one plan that
+        reaches it, or to the deepest, without the data saying anything, and it is made again at the next plan."""
         return not self.losses or self.plans > 1
 
     def describe(self) -> str:
+        name = steepness_name(self.chosen)
         if not self.losses:
-            return f"steepness {self.chosen:g} (pinned)"
+            return f"{name} (pinned)"
         if not self.settled:
-            return f"steepness {self.chosen:g} for now (every steepness made the same plan: chosen again at the next)"
-        tried = ", ".join(f"{s:g}: {'failed' if v is None else f'{v:.4f}'}" for s, v in self.losses.items())
-        return f"steepness {self.chosen:g} (output distance to the unpruned model on {self.samples} samples: {tried})"
+            return f"{name} for now (fewer than two different plans reach the goal: chosen again at the next)"
+        tried = ", ".join(
+            f"{steepness_name(s)}: {'over the goal' if s in self.over_goal else 'failed' if v is None else f'{v:.4f}'}"
+            for s, v in self.losses.items()
+        )
+        return f"{name} (output distance to the unpruned model on {self.samples} samples: {tried})"
 
     def to_dict(self) -> dict:
-        return {"chosen": self.chosen, "samples": self.samples, "settled": self.settled,
-                "distance": {f"{s:g}": v for s, v in self.losses.items()}}  # fmt: skip
+        key = lambda s: "uniform" if s == UNIFORM_STEEPNESS else f"{s:g}"  # noqa: E731 (JSON has no infinity)
+        chosen = "uniform" if self.chosen == UNIFORM_STEEPNESS else self.chosen  # a number, as before, or "uniform"
+        return {"chosen": chosen, "samples": self.samples, "settled": self.settled,
+                "distance": {key(s): v for s, v in self.losses.items()},
+                "over_goal": [key(s) for s in self.over_goal]}  # fmt: skip
 
 
 @torch.no_grad()
@@ -84,6 +104,7 @@ def output_distance(student: nn.Module, teacher: nn.Module, batches: list) -> fl
 def choose_steepness(
     model: nn.Module, example: torch.Tensor, batches: list, make_plan: Callable[[float], Plan],
     steepnesses: tuple[float, ...] = STEEPNESSES, compensating: bool = False, unlabelled: list | None = None,
+    cost: Callable[[Plan], float] | None = None, goal: float = math.inf,
 ) -> SteepnessChoice:  # fmt: skip
     """The steepness whose plan (``make_plan(steepness)``, all for the same goal) keeps ``model``'s outputs closest on
     ``batches``, after the recovery without gradient steps that the build will do: batch-norm recalibration, or
@@ -91,23 +112,30 @@ def choose_steepness(
     deep in a few layers is the one a refit repairs best, so judging it unrefitted chose worse plans: README).
     ``unlabelled`` batches of the task (its --calib images beside --train) join the refit as they join the build's
     final one, half to fit and half to judge: the distance needs the unpruned model's outputs, not labels.
-    Plans that are the same are measured once; where all are the same, none is (the choice is not settled); a plan
-    that fails to prune is skipped (the loop's own checks deal with it if it is chosen anyway)."""
+    Only plans whose predicted ``cost`` is within ``goal`` (default: all) are compared, and the same plan is measured
+    once. Where fewer than two different plans are within it, none is measured (the choice is not settled): the one
+    within it is chosen, or, where none is, the one predicted cheapest, the nearest to the goal. A plan that fails
+    to prune is skipped (the loop's own checks deal with it if it is chosen anyway)."""
     fit, judge = batches, batches
     if compensating:  # labelled first, then unlabelled: every other batch of each to fit, the rest to judge
         both = batches + (unlabelled or [])
         fit, judge = (both[::2], both[1::2]) if len(both) > 1 else (both, both)
     plans = {steepness: make_plan(steepness) for steepness in steepnesses}
     keys = {steepness: tuple(g.kept for g in plan.groups) for steepness, plan in plans.items()}
-    if len(steepnesses) > 1 and len(set(keys.values())) == 1:  # one plan: nothing to compare, nothing pruned
-        return SteepnessChoice(steepnesses[0], dict.fromkeys(steepnesses), 0, 1)
-    losses: dict[float, float | None] = {}
+    costs = {s: cost(plan) if cost else 0.0 for s, plan in plans.items()}
+    over = tuple(s for s in steepnesses if costs[s] > goal * (1 + 1e-9))
+    within = [s for s in steepnesses if s not in over]
+    distinct = len({keys[s] for s in within})
+    if not within or (len(steepnesses) > 1 and distinct < 2):  # nothing to compare
+        chosen = within[0] if within else min(steepnesses, key=lambda s: (costs[s], s))
+        return SteepnessChoice(chosen, dict.fromkeys(steepnesses), 0, distinct, over)
+    losses: dict[float, float | None] = dict.fromkeys(over)
     seen: dict[tuple, float | None] = {}
-    for steepness, plan in plans.items():
+    for steepness in within:
         key = keys[steepness]
         if key not in seen:
             try:
-                pruned = apply_plan(model, plan, example)
+                pruned = apply_plan(model, plans[steepness], example)
             except Exception:  # whatever the model's own code raises at these widths
                 seen[key] = None
             else:
@@ -117,7 +145,8 @@ def choose_steepness(
                     recalibrate_batchnorm(pruned, fit)
                 seen[key] = output_distance(pruned, model, judge)
         losses[steepness] = seen[key]
+    losses = {s: losses[s] for s in steepnesses}  # in the order tried
     measured = {s: v for s, v in losses.items() if v is not None and np.isfinite(v)}
     # Ties (the same plan) go to the lower steepness: the scores as they are, unless the data says otherwise.
-    chosen = min(measured, key=lambda s: (measured[s], s)) if measured else steepnesses[0]
-    return SteepnessChoice(chosen, losses, sum(len(x) for x, _ in judge), len(seen))
+    chosen = min(measured, key=lambda s: (measured[s], s)) if measured else within[0]
+    return SteepnessChoice(chosen, losses, sum(len(x) for x, _ in judge), len(seen), over)
