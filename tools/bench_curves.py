@@ -140,7 +140,9 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         latency = statistics.median(measured)
         curves["top-1"][allocation].append((latency, top1))
         curves["cosine"][allocation].append((latency, cosine))
-        note = steepness_name(steepness.chosen) if allocation == "global" and steepness else ""
+        note = ""
+        if allocation == "global" and steepness:  # not settled: fewer than two plans reached the goal, none compared
+            note = steepness_name(steepness.chosen) + ("" if steepness.settled else " (not compared)")
         # Predicted beside measured: whether the cost model prices both arms' plans alike (a plan's goal is not its
         # prediction: rounding to the channel multiple lands it under the goal).
         rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{fraction:g}", f"{predicted:.3f}", f"{latency:.3f}",
