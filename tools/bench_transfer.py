@@ -114,6 +114,11 @@ def _slow(run: dict) -> str:
     return f", {run['slow']} slow" if run.get("slow") else ""
 
 
+def _chose(run: dict) -> str:
+    chosen = run.get("steepness")
+    return "" if chosen is None else ", uniform" if chosen == "uniform" else f", s={chosen:g}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, nargs="+", default=[10, 50])
@@ -200,6 +205,7 @@ def main() -> int:
                                         p50=report["result"]["latency_ms"]["p50"], speedup=report["result"]["speedup"],
                                         params=report["result"]["params"],
                                         rounds=len({i["step"] for i in report["iterations"] if i["step"]}),
+                                        steepness=(report.get("steepness") or {}).get("chosen"),
                                         slow=sum(len(i["latency_ms"].get("slow_tries_reference_p50", []))
                                                  + len(i.get("timed_again_slow_tries_reference_p50", []))
                                                  for i in [*report["iterations"], report["result"]]))  # fmt: skip
@@ -209,7 +215,8 @@ def main() -> int:
                             elif adapted is not None:
                                 done["raw"] = test_accuracy(out, 10, args.side, test_x, test_y, adapted)
                         results.setdefault((per_class, method, steps), []).append(done)
-    head = ["samples/class", "method", "recovery steps", "test accuracy", "per seed", "per seed: speedup (rounds)",
+    head = ["samples/class", "method", "recovery steps", "test accuracy", "per seed",
+            "per seed: speedup (rounds, steepness)",
             "pruned, no recovery", "p50 ms", "speedup", "params", "build s"]  # fmt: skip
     rows = []
     for (per_class, method, steps), runs in results.items():
@@ -228,7 +235,9 @@ def main() -> int:
         # How deep each seed's plan is, and how many rounds found it: a plan shipped faster than the budget needs
         # (a round that measured slow) costs accuracy, and explains much of the spread between seeds.
         # Timings taken again because the machine was in its slow state (backends/base.py), where there were any.
-        depth = " ".join("-" if "error" in r else f"{r['speedup']:.2f}x ({r['rounds']}{_slow(r)})" for r in runs)
+        # And what global allocation chose (a steepness, or the uniform ratio: score/steepness.py), where it chose.
+        depth = " ".join("-" if "error" in r else f"{r['speedup']:.2f}x ({r['rounds']}{_slow(r)}{_chose(r)})"
+                         for r in runs)  # fmt: skip
         rows.append([str(per_class), method, str(steps), f"{statistics.mean(acc):.3f}{spread} (n={len(acc)}{failed})",
                      per_seed, depth, f"{statistics.mean(raw):.3f}" if raw else "-",
                      f"{statistics.median(r['p50'] for r in good):.3f}",
