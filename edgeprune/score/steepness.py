@@ -129,7 +129,7 @@ def choose_steepness(
     if not within or (len(steepnesses) > 1 and distinct < 2):  # nothing to compare
         chosen = within[0] if within else min(steepnesses, key=lambda s: (costs[s], s))
         return SteepnessChoice(chosen, dict.fromkeys(steepnesses), 0, distinct, over)
-    losses: dict[float, float | None] = dict.fromkeys(over)
+    losses: dict[float, float | None] = dict.fromkeys(steepnesses)  # None where over the goal or failed
     seen: dict[tuple, float | None] = {}
     for steepness in within:
         key = keys[steepness]
@@ -145,7 +145,6 @@ def choose_steepness(
                     recalibrate_batchnorm(pruned, fit)
                 seen[key] = output_distance(pruned, model, judge)
         losses[steepness] = seen[key]
-    losses = {s: losses[s] for s in steepnesses}  # in the order tried
     measured = {s: v for s, v in losses.items() if v is not None and np.isfinite(v)}
     # Ties (the same plan) go to the lower steepness: the scores as they are, unless the data says otherwise.
     chosen = min(measured, key=lambda s: (measured[s], s)) if measured else within[0]
