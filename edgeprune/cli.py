@@ -99,7 +99,7 @@ def build(
     adapt_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps of a new head [default: 100].")] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="auto, magnitude, taylor, compensate, lowrank, double or vote (see the README)."),
+        typer.Option(help="auto, magnitude, taylor, fisher, compensate, lowrank, double or vote (see the README)."),
     ] = None,
     compensate: Annotated[
         bool, typer.Option(help="Refit layers by least squares after pruning (needs --calib).")

@@ -43,7 +43,7 @@ def make_folder(root: Path) -> Path:
     return module.make_image_folder(root, classes=2, per_class=8, size=64)
 
 
-def test_build_with_an_image_folder_uses_taylor_and_recovers(tmp_path):
+def test_build_with_an_image_folder_uses_fisher_and_recovers(tmp_path):
     # The budget is one the model meets for sure: this test is about the data path, not about latency (a 64x64
     # MobileNetV3 runs in about 0.3 ms, where a 1.2x budget is within the machine's noise).
     messages: list[str] = []
@@ -58,7 +58,7 @@ def test_build_with_an_image_folder_uses_taylor_and_recovers(tmp_path):
         ),
         say=messages.append,
     )
-    assert report["method"] == "taylor" and report["data"]["synthetic"] is False and report["data"]["samples"] == 16
+    assert report["method"] == "fisher" and report["data"]["synthetic"] is False and report["data"]["samples"] == 16
     quality = report["quality"]
     # Two classes are not the model's 1000 outputs: labels dropped, with a message, and fidelity measured.
     assert quality["metric"] == "fidelity" and any("labels are not used" in m for m in messages)

@@ -86,6 +86,30 @@ def test_magnitude_ranks_a_heavy_channel_first():
     assert int(scored["pwl"].scores.argmax()) == 11
 
 
+def test_fisher_scores_what_reaches_the_output_reproducibly_and_in_loss_units():
+    """fisher: per sample, (the group's w·∂L/∂w)², with labels drawn from the model's own softmax (seeded)."""
+    model, x = _tiny().eval(), torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.pwl.weight[:, 7] = 0.0  # dw-group channel 7 reaches nothing: removing it costs nothing
+        model.pwl.weight[:, 5] *= 10.0  # channel 5 carries ten times the signal to the output
+        model.bn1.bias.fill_(3.0), model.bn2.bias.fill_(3.0)  # no ReLU of the block is dead
+    before = _snapshot(model)
+    first = {s.module: s for s in score_groups(model, x[:1], "fisher", [(x[:4], None), (x[4:], None)])}
+    again = {s.module: s for s in score_groups(model, x[:1], "fisher", [(x[:4], None), (x[4:], None)])}
+    taylor = {s.module: s for s in score_groups(model, x[:1], "taylor", [(x, None)])}
+    assert set(first) == set(taylor) == {"pwl", "dw"}
+    dw = first["dw"].scores
+    assert float(dw[7]) == 0.0 and bool((torch.cat([dw[:7], dw[8:]]) > 0).all())
+    assert int(dw.argmax()) == 5
+    assert all(torch.equal(first[name].scores, again[name].scores) for name in first)  # the same draws every build
+    assert all(s.comparable for s in first.values())  # loss estimates, compared across groups as they are
+    assert not torch.allclose(first["pwl"].scores, taylor["pwl"].scores)
+    assert all(p.grad is None for p in model.parameters())
+    _assert_same_state(before, model.state_dict())
+    with pytest.raises(ValueError, match="at least one batch"):
+        score_groups(model, x[:1], "fisher", [])
+
+
 # ---------------------------------------------------------------------------------------------------- kept_width
 
 

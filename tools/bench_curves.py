@@ -8,7 +8,7 @@ tools/bench_scorer.py's (b) builds each arm to one budget, and the two builds la
 a curve instead. Per model (trained on the digits as bench_scorer.py trains it; weights from --weights-dir, trained
 there when missing), after `edgeprune profile` has fitted the latency model:
 
-- global: the build's default, taylor scores on 64 training digits and global allocation with the steepness a
+- global: the build's default, fisher scores on 64 training digits and global allocation with the steepness a
   build to that latency would choose on 128 of them (chosen for each plan at its own goal); uniform: magnitude
   (L1) scores and the same fraction of every group, rounded to the same multiple (Torch-Pruning's uniform L1).
   Each at --fractions of the unpruned model's predicted latency.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_task import digits, task_model_spec, trained_weights  # noqa: E402
 
 TRAIN = 1200
-ARMS = {"global": "taylor", "uniform": "magnitude"}  # allocation → importance: edgeprune's default, and TP's L1
+ARMS = {"global": "fisher", "uniform": "magnitude"}  # allocation → importance: edgeprune's default, and TP's L1
 
 
 def interpolate(points: list[tuple[float, float]], at: float) -> float | None:

@@ -15,8 +15,8 @@ to train, the other 597 held out for calibration and evaluation. Then, per model
     have measured under the profile's baseline (comparable p50), as a build on this machine judges its rounds.
 (b) fidelity at equal measured latency: two builds to the same latency budget (0.6 × the unpruned p50 measured by
     the profile), both given the same 256 training digits as --calib, no distillation: edgeprune's default (global
-    allocation of taylor scores computed on those digits), and Torch-Pruning's uniform L1 (magnitude importance, the
-    same fraction of every group, rounded to the same multiple). Fidelity of each pruned model to the unpruned one
+    allocation of fisher scores computed on those digits), and Torch-Pruning's uniform L1 (magnitude importance,
+    the same fraction of every group, rounded to the same multiple). Fidelity of each pruned model to the unpruned one
     on the 597 held-out digits, which no build sees: top-1 agreement and mean cosine similarity of outputs, and the
     task accuracy of both. Global allocation's steepness is chosen by the build on its --calib digits. The verdict
     table calls a winner only where the better arm landed at no more latency than the other (see verdict()).
@@ -96,7 +96,7 @@ def predictions(spec: str, weights: str, shape: tuple[int, ...], samples: int, c
     return rows, baseline_p50
 
 
-ARMS = {"global": "taylor", "uniform": "magnitude"}  # allocation → importance: edgeprune's default, and TP's L1
+ARMS = {"global": "fisher", "uniform": "magnitude"}  # allocation → importance: edgeprune's default, and TP's L1
 CALIB = 256  # training digits a build scores and recalibrates on
 
 
