@@ -1,14 +1,16 @@
 """Global allocation's steepness at one predicted latency, offline: does the distance a build chooses by rank plans
 as their held-out fidelity does, and where does each land against uniform allocation? The README quotes it.
 
-    python tools/bench_steepness.py --weights-dir DIR [--models timm:convnext_atto@128 ...] [--fraction 0.55]
+    python tools/bench_steepness.py --weights-dir DIR [--models timm:convnext_atto@128 ...] [--fractions 0.55 ...]
 
 Per model (trained on the digits as tools/bench_scorer.py trains it; weights from --weights-dir, trained there when
-missing): `edgeprune profile` fits the latency model, then at --fraction of the unpruned model's predicted latency
-it makes the global plan of taylor scores at steepness 0, 1, 2, 4, 8, 16, the uniform plan of taylor scores and
-Torch-Pruning's uniform L1 plan, prunes each and recalibrates batch norm on 128 training digits. For each: the
-predicted latency and MACs, the output distance a build chooses by (KL, on those 128 digits) and the top-1
-agreement with the unpruned model on the 597 held-out digits. Nothing is exported or timed beyond the profile:
+missing): `edgeprune profile` fits the latency model, then at each of --fractions of the unpruned model's predicted
+latency it makes, for fisher and for taylor scores, the global plan at a build's steepnesses (0, 1, 2, 4) and the
+uniform plan of those scores, and Torch-Pruning's uniform L1 plan, prunes each and recalibrates batch norm on 128
+training digits. For each: the predicted latency and MACs, the output distance a build chooses by (KL, on those 128
+digits) and the top-1 agreement and mean cosine with the unpruned model on the 597 held-out digits; "*" marks the
+plan of each importance that a build would choose (the least distance).
+Nothing is exported or timed beyond the profile:
 the plans are compared at equal *predicted* latency, which the builds of bench_scorer.py cannot pin.
 """
 
@@ -32,7 +34,7 @@ TRAIN = 1200
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["timm:convnext_atto@128"], help="SPEC@SIDE")
-    parser.add_argument("--fraction", type=float, default=0.55, help="of the unpruned model's predicted latency")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.55], help="of the predicted latency")
     parser.add_argument("--weights-dir", required=True, help="trained weights (as bench_scorer.py keeps them)")
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
@@ -40,16 +42,17 @@ def main() -> int:
     from edgeprune.profile import run_profile
     from edgeprune.rewrite.prune import apply_plan
     from edgeprune.rewrite.recover import recalibrate_batchnorm
-    from edgeprune.score.allocate import allocate
+    from edgeprune.score.allocate import UNIFORM_STEEPNESS, allocate
     from edgeprune.score.costmodel import new_model
     from edgeprune.score.importance import score_groups
-    from edgeprune.score.steepness import output_distance
+    from edgeprune.score.steepness import STEEPNESSES, output_distance
     from edgeprune.score.structure import read_structure
     from edgeprune.target import load_target
 
     target = load_target("x86-openvino")
-    print("| model | importance | allocation | steepness | predicted ms | MACs | distance (calib) | held-out top-1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | goal | importance | allocation | steepness | predicted ms | MACs | distance (calib) | top-1 |"
+          " cosine |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench-steepness-") as tmp:
         os.environ["EDGEPRUNE_CACHE"] = str(Path(tmp) / "cache")
         for item in args.models:
@@ -64,26 +67,36 @@ def main() -> int:
             example = torch.zeros(shape)
             calib = [(x[i : i + 16], None) for i in range(0, 256, 16)]  # scored on the first 64, judged on 128
             with torch.no_grad():
-                reference = model(x[TRAIN:]).argmax(1)
-            for method in ("taylor", "magnitude"):
-                scored = [replace(g, scores=None) if g.module in profiled["kept_whole"] else g
-                          for g in score_groups(model, example, method, calib[:4])]  # fmt: skip
-                structure = read_structure(model, example, [g.module for g in scored])
-                latency = new_model(structure, target, profiled["runtime"])
-                goal = args.fraction * latency.predict(structure.full_widths())
-                arms = [("global", s) for s in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)] if method == "taylor" else []
-                for allocation, steepness in [*arms, ("uniform", None)]:
-                    plan = allocate(scored, structure, latency.predict, goal, target.channel_multiple, allocation,
-                                    spec, shape, method, steepness or 0.0)  # fmt: skip
-                    pruned = apply_plan(model, plan, example)
-                    recalibrate_batchnorm(pruned, calib[8:])
-                    widths = structure.widths_of(plan)
-                    with torch.no_grad():
-                        top1 = float((pruned.eval()(x[TRAIN:]).argmax(1) == reference).float().mean())
-                    macs = structure.macs(widths) / structure.macs(structure.full_widths())
-                    print(f"| {name} | {method} | {allocation} | {'-' if steepness is None else f'{steepness:g}'} |"
-                          f" {latency.predict(widths):.3f} | {macs:.0%} |"
-                          f" {output_distance(pruned, model, calib[8:]):.4f} | {top1:.3f} |", flush=True)  # fmt: skip
+                reference = model(x[TRAIN:])
+            scores = {method: [replace(g, scores=None) if g.module in profiled["kept_whole"] else g
+                               for g in score_groups(model, example, method, calib[:4])]
+                      for method in ("fisher", "taylor", "magnitude")}  # fmt: skip
+            structure = read_structure(model, example, [g.module for g in scores["magnitude"]])
+            latency = new_model(structure, target, profiled["runtime"])
+            for fraction in args.fractions:
+                goal = fraction * latency.predict(structure.full_widths())
+                for method, scored in scores.items():
+                    finite = [s for s in STEEPNESSES if s != UNIFORM_STEEPNESS]  # the build's; uniform below
+                    arms = [("global", s) for s in finite] if method != "magnitude" else []
+                    rows = []
+                    for allocation, steepness in [*arms, ("uniform", None)]:
+                        plan = allocate(scored, structure, latency.predict, goal, target.channel_multiple, allocation,
+                                        spec, shape, method, steepness or 0.0)  # fmt: skip
+                        pruned = apply_plan(model, plan, example)
+                        recalibrate_batchnorm(pruned, calib[8:])
+                        widths = structure.widths_of(plan)
+                        with torch.no_grad():
+                            out = pruned.eval()(x[TRAIN:])
+                        top1 = float((out.argmax(1) == reference.argmax(1)).float().mean())
+                        cosine = float(torch.nn.functional.cosine_similarity(out, reference, dim=1).mean())
+                        macs = structure.macs(widths) / structure.macs(structure.full_widths())
+                        rows.append((output_distance(pruned, model, calib[8:]), [
+                            name, f"{fraction:g}", method, allocation, "-" if steepness is None else f"{steepness:g}",
+                            f"{latency.predict(widths):.3f}", f"{macs:.0%}", None, f"{top1:.3f}", f"{cosine:.3f}"]))
+                    chosen = min(range(len(rows)), key=lambda i: rows[i][0])
+                    for i, (distance, row) in enumerate(rows):
+                        row[7] = f"{distance:.4f}" + (" *" if i == chosen and method != "magnitude" else "")
+                        print("| " + " | ".join(row) + " |", flush=True)
     return 0
 
 
