@@ -192,6 +192,7 @@ def score_groups(
     if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r}; known: {', '.join(METHODS)}")
     graph = build_graph(model, example)
+    listed = prunable_groups(model, graph)
     heads = head_of(model)
     if method == "taylor":
         # Summed over the group's layers, not averaged: removing a channel removes it from all of them, so their
@@ -199,13 +200,13 @@ def score_groups(
         importance = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
         _accumulate_gradients(model, batches)
     elif method == "fisher":
-        importance = _fisher_scores(model, graph, batches)
+        importance = _fisher_scores(model, graph, listed, batches)
     else:
         p = 2 if method == "l2" else 1
         importance = tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer=None)
     scored = []
     modules = dict(model.named_modules())
-    for name, group in prunable_groups(model, graph):
+    for name, group in listed:
         root = modules[name]
         channels = graph.get_pruner_of_module(root).get_out_channels(root)
         scores, reason = None, ""
@@ -282,7 +283,7 @@ def _accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor
         raise ValueError("taylor importance needs at least one batch of data")
 
 
-def _fisher_scores(model: nn.Module, graph: tp.DependencyGraph, batches: Iterable) -> Callable:
+def _fisher_scores(model: nn.Module, graph: tp.DependencyGraph, listed: list, batches: Iterable) -> Callable:
     """Per group, Σ over samples of (the group's w·∂L/∂w for one sample)²: the empirical Fisher's estimate of what
     removing a channel costs, ½ δᵀFδ with δ the channel's weights, so it is in loss units like taylor's.
 
@@ -291,12 +292,12 @@ def _fisher_scores(model: nn.Module, graph: tp.DependencyGraph, batches: Iterabl
     classifier each sample's loss is the cross-entropy with a label drawn from the model's own softmax (seeded), so
     the score is the curvature of the KL divergence from the unpruned outputs, the fidelity a build is judged by
     (measured, README: RegNetX-200MF at 0.7 of its latency kept 0.53 top-1 agreement with it against 0.35 with
-    taylor's). Embedding and other outputs have no per-sample loss of that kind (the in-batch contrastive loss
-    needs the batch): there a batch is the unit, with taylor's losses. Returns a scorer of one group, as
+    taylor's). An embedding model's loss (in-batch contrastive) needs the batch, so there a batch is the unit;
+    outputs of other shapes use taylor's label-free loss per sample. Returns a scorer of one group, as
     torch-pruning's importances are; it raises what torch-pruning raised on that group.
     """
     importance = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, multivariable=True)
-    groups = {id(group[0].dep.target.module): group for _, group in prunable_groups(model, graph) if group}
+    groups = {id(group[0].dep.target.module): group for _, group in listed if group}  # (prunable_groups)
     totals: dict[int, torch.Tensor | Exception | None] = {}
     generator = torch.Generator().manual_seed(FISHER_SEED)
     per_sample = not is_embedding(model)
@@ -315,7 +316,7 @@ def _fisher_scores(model: nn.Module, graph: tp.DependencyGraph, batches: Iterabl
             loss.backward()
             units += 1
             for key, group in groups.items():
-                if isinstance(totals.get(key), Exception) or (key in totals and totals[key] is None):
+                if key in totals and not isinstance(totals[key], torch.Tensor):
                     continue  # unscorable: stays so
                 try:
                     with torch.no_grad():
