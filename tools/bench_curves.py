@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_task import digits, task_model_spec, trained_weights  # noqa: E402
+from digits_task import agreement, digits, task_model_spec, trained_weights  # noqa: E402
 
 TRAIN = 1200
 ARMS = {"global": "fisher", "uniform": "magnitude"}  # allocation → importance: edgeprune's default, and TP's L1
@@ -135,8 +135,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     for (allocation, fraction, pruned, macs, steepness, predicted), measured in zip(plans, times, strict=True):
         with torch.no_grad():
             out = pruned(x[TRAIN:])
-        top1 = float((out.argmax(1) == reference.argmax(1)).float().mean())
-        cosine = float(torch.nn.functional.cosine_similarity(out, reference, dim=1).mean())
+        top1, cosine = agreement(out, reference)
         latency = statistics.median(measured)
         curves["top-1"][allocation].append((latency, top1))
         curves["cosine"][allocation].append((latency, cosine))

@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_task import accuracy, digits, task_model_spec, train  # noqa: E402
+from digits_task import accuracy, agreement, digits, task_model_spec, train  # noqa: E402
 
 TRAIN = 1200  # digits to train on; the other 597 are held out
 
@@ -130,12 +130,12 @@ def fidelity(spec: str, weights: str, shape: tuple[int, ...], budget_ms: float, 
     data = load_dataset(str(heldout), shape, loaded.input.mean, loaded.input.std, 10_000)
     with torch.no_grad():
         a, b = model(data.x), pruned.eval()(data.x)
+    top1, cosine = agreement(b, a)
     return {
         "accuracy": accuracy(pruned, data.x, data.y), "unpruned_accuracy": accuracy(model, data.x, data.y),
         "allocation": allocation, "latency": report["result"]["comparable_p50"], "rounds": len(report["iterations"]),
         "macs": report["result"]["macs"] / report["baseline"]["macs"],
-        "top1": float((a.argmax(1) == b.argmax(1)).float().mean()),
-        "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()),
+        "top1": top1, "cosine": cosine,
         "steepness": (report.get("steepness") or {}).get("chosen"),
     }  # fmt: skip
 

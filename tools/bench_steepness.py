@@ -9,9 +9,8 @@ latency it makes, for fisher and for taylor scores, the global plan at a build's
 uniform plan of those scores, and Torch-Pruning's uniform L1 plan, prunes each and recalibrates batch norm on 128
 training digits. For each: the predicted latency and MACs, the output distance a build chooses by (KL, on those 128
 digits) and the top-1 agreement and mean cosine with the unpruned model on the 597 held-out digits; "*" marks the
-plan of each importance that a build would choose (the least distance).
-Nothing is exported or timed beyond the profile:
-the plans are compared at equal *predicted* latency, which the builds of bench_scorer.py cannot pin.
+plan of each importance that a build would choose (the least distance). Nothing is exported or timed beyond the
+profile: the plans are compared at equal *predicted* latency, which the builds of bench_scorer.py cannot pin.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_task import digits, task_model_spec, trained_weights  # noqa: E402
+from digits_task import agreement, digits, task_model_spec, trained_weights  # noqa: E402
 
 TRAIN = 1200
 
@@ -50,9 +49,9 @@ def main() -> int:
     from edgeprune.target import load_target
 
     target = load_target("x86-openvino")
-    print("| model | goal | importance | allocation | steepness | predicted ms | MACs | distance (calib) | top-1 |"
-          " cosine |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    head = ["model", "goal", "importance", "allocation", "steepness", "predicted ms", "MACs", "distance (calib)",
+            "top-1", "cosine"]  # fmt: skip
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     with tempfile.TemporaryDirectory(prefix="bench-steepness-") as tmp:
         os.environ["EDGEPRUNE_CACHE"] = str(Path(tmp) / "cache")
         for item in args.models:
@@ -73,10 +72,10 @@ def main() -> int:
                       for method in ("fisher", "taylor", "magnitude")}  # fmt: skip
             structure = read_structure(model, example, [g.module for g in scores["magnitude"]])
             latency = new_model(structure, target, profiled["runtime"])
+            finite = [s for s in STEEPNESSES if s != UNIFORM_STEEPNESS]  # a build's; its uniform ratio is below
             for fraction in args.fractions:
                 goal = fraction * latency.predict(structure.full_widths())
                 for method, scored in scores.items():
-                    finite = [s for s in STEEPNESSES if s != UNIFORM_STEEPNESS]  # the build's; uniform below
                     arms = [("global", s) for s in finite] if method != "magnitude" else []
                     rows = []
                     for allocation, steepness in [*arms, ("uniform", None)]:
@@ -87,12 +86,12 @@ def main() -> int:
                         widths = structure.widths_of(plan)
                         with torch.no_grad():
                             out = pruned.eval()(x[TRAIN:])
-                        top1 = float((out.argmax(1) == reference.argmax(1)).float().mean())
-                        cosine = float(torch.nn.functional.cosine_similarity(out, reference, dim=1).mean())
+                        top1, cosine = agreement(out, reference)
                         macs = structure.macs(widths) / structure.macs(structure.full_widths())
-                        rows.append((output_distance(pruned, model, calib[8:]), [
-                            name, f"{fraction:g}", method, allocation, "-" if steepness is None else f"{steepness:g}",
-                            f"{latency.predict(widths):.3f}", f"{macs:.0%}", None, f"{top1:.3f}", f"{cosine:.3f}"]))
+                        shown = "-" if steepness is None else f"{steepness:g}"
+                        row = [name, f"{fraction:g}", method, allocation, shown, f"{latency.predict(widths):.3f}",
+                               f"{macs:.0%}", None, f"{top1:.3f}", f"{cosine:.3f}"]  # fmt: skip
+                        rows.append((output_distance(pruned, model, calib[8:]), row))
                     chosen = min(range(len(rows)), key=lambda i: rows[i][0])
                     for i, (distance, row) in enumerate(rows):
                         row[7] = f"{distance:.4f}" + (" *" if i == chosen and method != "magnitude" else "")

@@ -86,6 +86,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((torch.cat([model(x[i : i + 128]) for i in range(0, len(x), 128)]).argmax(1) == y).float().mean())
 
 
+def agreement(out: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Fidelity of outputs to the unpruned model's: top-1 agreement and mean cosine similarity."""
+    top1 = float((out.argmax(1) == reference.argmax(1)).float().mean())
+    return top1, float(torch.nn.functional.cosine_similarity(out, reference, dim=1).mean())
+
+
 def trained_weights(name: str, side: int, folder: Path, epochs: int, spec: str, x, y, train_count: int = 1200) -> Path:
     """The weights of ``spec`` trained on the first ``train_count`` digits, kept in ``folder`` under the name
     bench_scorer.py gives them; trained there first when missing."""
