@@ -58,9 +58,9 @@ from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, fi
 # compensate: taylor selection (with magnitude, a 2x build stayed at chance: README), then the closed-form
 # least-squares refit; no gradient step. lowrank: prune SVD basis vectors; double: basis vectors and channels under
 # one budget (rewrite/lowrank.py). vote: the kept channels of the nearest earlier tasks in --bank, within each
-# group's worth by taylor on this task (score/vote.py). auto: fisher on the task's data, magnitude without data.
+# group's worth by fisher on this task (score/vote.py). auto: fisher on the task's data, magnitude without data.
 METHODS = ("auto", "magnitude", "taylor", "fisher", "compensate", "lowrank", "double", "vote")
-IMPORTANCE = {"compensate": "taylor", "lowrank": "l2", "double": "l2", "vote": "taylor"}
+IMPORTANCE = {"compensate": "taylor", "lowrank": "l2", "double": "l2", "vote": "fisher"}
 # --method auto's scores with data: fisher's plans kept more than taylor's by top-1 or cosine at 8 of 11 goals (README).
 DEFAULT_IMPORTANCE = "fisher"
 BATCH = 16

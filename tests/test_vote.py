@@ -61,9 +61,9 @@ def test_bank_entries_are_whole_json_files(tmp_path):
 
 
 def test_votes_keep_the_worth_of_each_group_when_the_scores_are_comparable(tmp_path):
-    """With taylor's scores (comparable across groups), a group whose channels matter ten times more to this task
-    keeps ten times the score for the channels voted in, so global allocation still cuts it last; channels no
-    neighbour kept are nearly free in both."""
+    """With fisher's or taylor's scores (comparable across groups), a group whose channels matter ten times more to
+    this task keeps ten times the score for the channels voted in, so global allocation still cuts it last; channels
+    no neighbour kept are nearly free in both."""
     plan = {"groups": [{"module": m, "channels": 4, "kept": [0, 1]} for m in ("a", "b")]}
     save_entry(tmp_path, "m", SHAPE, torch.tensor([1.0]), plan, {})
     base = torch.tensor([1.0, 2.0, 3.0, 4.0])

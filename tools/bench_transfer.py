@@ -19,7 +19,7 @@ same fraction of every group) with the same fine-tuning.
 `compensate` is built with 0 recovery steps: the least-squares refit alone, no gradient step.
 `taylor+compensate` is taylor with `--compensate`: the refit, then the same recovery steps as every other method;
 `vote+compensate` likewise. taylor and vote, with or without the refit, are built at each of --vote-steps.
-`vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; taylor),
+`vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; fisher),
 then the 10-class task is pruned by their votes. The earlier tasks have --per-class samples per class too, unless
 --bank-per-class says otherwise (earlier tasks of a team often had more data than the new one; their samples are
 drawn from the same training pool, never from the test digits). `--vote-steps` lists the recovery steps at which
@@ -186,7 +186,7 @@ def main() -> int:
                         rx, ry, _ = sample(x.numpy(), y.numpy(), args.bank_per_class or per_class, seed + 100, classes)
                         np.savez(related, x=rx, y=ry)
                         print(f"[{per_class}/class seed {seed}] bank: {name}", file=sys.stderr, flush=True)
-                        build(related, root / "related-out", "taylor", args, args.recover_steps, bank)
+                        build(related, root / "related-out", "fisher", args, args.recover_steps, bank)
                 for method in args.methods:
                     base = method.split("+")[0]
                     steps_list = args.vote_steps if base in ("vote", "taylor") else [args.recover_steps]

@@ -4,7 +4,7 @@ Every build given ``--bank DIR`` stores what it kept (plan.json's kept channels 
 task: the mean of the pretrained model's penultimate features (the input of its output layer) over the task's
 images, L2-normalised. A ``--method vote`` build embeds its own task the same way, takes the K nearest stored tasks
 of the same model and input shape by cosine similarity, and scores each channel by the similarity-weighted share of
-those tasks that kept it (a small term of the task's own score breaks ties), times the mean of the group's own taylor
+those tasks that kept it (a small term of the task's own score breaks ties), times the mean of the group's own fisher
 scores on this task, so that groups stay comparable. Channels that similar tasks needed are kept, and channels they
 all cut go first; the search, allocation and budget are the usual ones.
 
@@ -108,7 +108,7 @@ def vote_scores(scored: list[ScoredGroup], entries: list[dict], embedding: torch
             continue
         own = group.scores / group.scores.abs().max().clamp_min(1e-12)
         shares = votes / covered + TIE_BREAK * own
-        # With comparable scores (taylor's loss estimates on this task), each group's votes are scaled by what its
+        # With comparable scores (fisher's loss estimates on this task), each group's votes are scaled by what its
         # channels are worth to this task, so that global allocation still weighs groups against each other: a
         # channel no neighbour kept is nearly free to cut, one every neighbour kept costs its group's mean worth.
         # Shares alone, normalised per group, priced every group alike and cut where a channel saves most time
