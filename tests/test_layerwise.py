@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import MBV3  # noqa: F401
 
 from edgeprune.backends import get_backend
-from edgeprune.score.allocate import uniform_plan
+from edgeprune.score.allocate import global_widths, uniform_plan
 from edgeprune.score.costmodel import new_model
 from edgeprune.score.layerwise import _line_fits, attribute
 from edgeprune.score.structure import read_structure
@@ -36,8 +38,29 @@ def test_node_names_are_attributed_to_the_layer_whose_scope_they_carry():
         ("/stages/stages.0/blocks/blocks.0/mlp/fc1/MatMul", "FullyConnected", 0.07),
         ("/stages/stages.0/blocks/blocks.0/norm/LayerNormalization", "MVN", 0.06),
     ]
-    per_layer, rest = attribute(nodes, layers)
-    assert per_layer == pytest.approx([0.05, 0.03, 0.02, 0.01, 0.07]) and rest == pytest.approx(0.205)
+    found = attribute(nodes, layers)
+    assert found.own == pytest.approx([0.05, 0.03, 0.02, 0.01, 0.07]) and found.rest == pytest.approx(0.205)
+    assert found.after == [0.0] * 5  # no graph edges given: nothing can be placed after a layer
+
+
+def test_nodes_without_a_layer_belong_to_the_layer_whose_output_they_work_on():
+    """Names and edges as OpenVINO 2025's CPU plugin reported them for timm's convnext_atto: the reorders around a
+    decomposed LayerNorm carry no module scope; walking their inputs back finds the depthwise conv they follow."""
+    layers = ["stem.0", "stages.0.blocks.0.conv_dw", "stages.0.blocks.0.mlp.fc1"]
+    dw = "/stages/stages.0/blocks/blocks.0/conv_dw/Conv/WithoutBiases"
+    nodes = [
+        ("input_abcd_acdb_/stem/stem.0/Conv/WithoutBiases", "Reorder", 0.14, ("input",)),  # reads the model input
+        ("/stem/stem.0/Conv/WithoutBiases", "Convolution", 0.5, ("input_abcd_acdb_/stem/stem.0/Conv/WithoutBiases",)),
+        (dw, "Convolution", 0.3, ("/stem/stem.0/Conv/WithoutBiases",)),
+        ("Subtract_77414", "Eltwise", 0.02, (dw,)),
+        ("Subtract_77414_acdb_abcd_MVN_n14", "Reorder", 0.05, ("Subtract_77414",)),
+        ("MVN_n14", "MVN", 0.04, ("Subtract_77414_acdb_abcd_MVN_n14", "Subtract_77414")),
+        ("/stages/stages.0/blocks/blocks.0/mlp/fc1/MatMul", "FullyConnected", 0.2, ("MVN_n14",)),
+        ("Multiply_n45", "Subgraph", 0.01, ("/stages/stages.0/blocks/blocks.0/mlp/fc1/MatMul",)),
+    ]
+    found = attribute(nodes, layers)
+    assert found.own == pytest.approx([0.5, 0.3, 0.2])
+    assert found.after == pytest.approx([0.0, 0.11, 0.01]) and found.rest == pytest.approx(0.14)
 
 
 def test_line_fits_recover_each_column_and_never_go_negative():
@@ -64,7 +87,7 @@ def test_per_layer_fit_prices_layers_that_one_cost_per_mac_cannot(mbv3, mbv3_sco
     efficiency = rng.uniform(0.5, 3.0, len(structure.layers)) * np.where(structure.kind_mask("depthwise"), 8, 1)
 
     def node_sum(widths):
-        roofline, activations = model.layer_terms(widths)
+        roofline, activations, _ = model.layer_terms(widths)
         return 0.002 + efficiency * roofline, 0.05 + 2e-7 * activations
 
     def runtime(widths, busy=1.0):  # node times, the reference's, and the p50 as a timer outside the counters sees it
@@ -107,9 +130,13 @@ def test_openvino_reports_node_times_that_fall_to_the_models_layers(mbv3, mbv3_s
     structure = read_structure(mbv3, example, [g.module for g in mbv3_scored])
     artifact = backend.export(mbv3, example, tmp_path, TARGET)
     nodes, reference = backend.node_times(artifact, tuple(example.shape), TARGET, runs=10)
-    per_layer, rest = attribute(nodes, [layer.name for layer in structure.layers])
+    found = attribute(nodes, [layer.name for layer in structure.layers])
+    per_layer, rest = found.own, sum(found.after) + found.rest
     assert reference is None
-    assert all(ms >= 0 for _, _, ms in nodes) and sum(per_layer) > 0
+    assert all(ms >= 0 for _, _, ms, _ in nodes) and sum(per_layer) > 0
+    # The runtime's own graph places nearly all the other nodes (activations, squeeze-excite pooling, reorders)
+    # after a layer: what is left is what reads the model's input.
+    assert found.rest < 0.1 * sum(ms for _, _, ms, _ in nodes) and sum(found.after) > found.rest
     # Nearly every conv and linear layer is found by name, and most of the time is theirs.
     found = sum(ms > 0 for ms in per_layer)
     assert found >= 0.9 * len(structure.layers), (found, len(structure.layers))
@@ -122,7 +149,8 @@ def test_openvino_reports_node_times_that_fall_to_the_models_layers(mbv3, mbv3_s
     small = backend.export(apply_plan(mbv3, half, example), example, tmp_path / "half", TARGET)
     # Counted beside the unpruned model, whose summed node time comes back with them.
     half_nodes, reference = backend.node_times(small, tuple(example.shape), TARGET, reference=artifact, runs=20)
-    half_layers, half_rest = attribute(half_nodes, [layer.name for layer in structure.layers])
+    half = attribute(half_nodes, [layer.name for layer in structure.layers])
+    half_layers, half_rest = half.own, sum(half.after) + half.rest
     assert reference > sum(half_layers) + half_rest
     assert sum(half_layers) / reference < sum(per_layer) / (sum(per_layer) + rest)
 
@@ -157,7 +185,58 @@ def test_a_speedup_build_on_an_empty_cache_prices_its_rounds_layer_by_layer(tmp_
     except EdgepruneError as exc:  # one round may miss the budget on a busy machine: the cache still holds it
         report = exc.report
     cached = json.loads(next((tmp_path / "cache" / "profiles").rglob("*.json")).read_text())
-    assert len(cached["node_samples"]) == 1 and cached["node_samples"][0][3] > 0  # the unpruned model's own sum
+    assert len(cached["node_samples"]) == 1 and cached["node_samples"][0][4] > 0  # the unpruned model's own sum
     assert len(cached["samples"]) >= 2  # the baseline and the round
     if report is not None:
         assert "per-layer fit to 1 per-node profiles" in report["cost_model"]["after_build"]
+
+
+def test_a_width_the_runtime_lays_out_badly_is_priced_and_stepped_over(r18, r18_scored, example):
+    """A runtime that reorders one group's stream at one width (as OpenVINO does ConvNeXt's at 32 channels): the
+    nodes after its layers cost more there than at the widths on either side. The fit tabulates them by width and
+    predicts the jump; global allocation, cutting that cheap group, steps over the slow width instead of landing on
+    it or stopping above it."""
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    model = new_model(structure, TARGET, "openvino 1.0")
+    full = structure.full_widths()
+    g = next(i for i, s in enumerate(r18_scored) if s.scores is not None and s.channels == 64)
+    bad = 48
+
+    def with_group(widths, width):
+        widths = widths.copy()
+        widths[g] = width
+        return widths
+
+    follows = model.layer_terms(with_group(full, 32))[2] != model.layer_terms(full)[2]  # the layers g's width sets
+    names = [f"/{'/'.join(layer.name.split('.'))}/Conv" for layer in structure.layers]
+
+    def runtime(widths):
+        roofline, _, outs = model.layer_terms(widths)
+        positions = np.array([layer.out_positions for layer in structure.layers])
+        after = 2e-6 * outs * positions + 0.3 * follows * (widths[g] == bad)
+        nodes = [
+            (name, "Convolution", 0.001 + 2 * float(r), ("input",)) for name, r in zip(names, roofline, strict=True)
+        ]
+        nodes += [(f"Eltwise_{j}", "Eltwise", float(ms), (names[j],)) for j, ms in enumerate(after)]
+        return nodes, 0.2 + sum(ms for _, _, ms, _ in nodes)
+
+    rng = np.random.default_rng(0)
+    samples = [full] + [with_group(full, w) for w in (56, bad, 40)]
+    samples += [
+        np.maximum(8, np.round(structure.channels * rng.uniform(0.5, 1.0, len(full)) / 8) * 8) for _ in range(6)
+    ]
+    for widths in samples:
+        nodes, p50 = runtime(widths)
+        model.add_nodes(widths, nodes, 1.0)
+        model.add(widths, p50)
+    for width in (56, bad, 40):
+        widths = np.maximum(8, np.round(structure.channels * 0.75 / 8) * 8)
+        widths = with_group(widths, width)
+        assert model.predict(widths) == pytest.approx(runtime(widths)[1], rel=0.02)
+    assert (
+        model.predict(with_group(full, bad)) > model.predict(with_group(full, 56)) > model.predict(with_group(full, 40))
+    )
+    cheap = [replace(s, scores=s.scores * (1e-3 if i == g else 1.0), comparable=True) if s.scores is not None else s
+             for i, s in enumerate(r18_scored)]  # fmt: skip
+    widths = global_widths(cheap, structure, model.predict, 0.9 * model.predict(full), 8)
+    assert widths[g] < bad and model.predict(widths) <= 0.9 * model.predict(full)

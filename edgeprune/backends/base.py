@@ -191,10 +191,11 @@ class Backend(ABC):
     def node_times(
         self, artifact: Artifact, shape: tuple[int, ...], target: Target, device: Device | None = None,
         reference: Artifact | None = None, runs: int = NODE_TIME_RUNS,
-    ) -> tuple[list[tuple[str, str, float]], float | None] | None:  # fmt: skip
-        """(node name, node type, median ms over ``runs``) of every node the runtime executed, from its own per-node
-        counters, and the ``reference`` artifact's summed node time counted in alternating blocks with it (None
-        without one); None for a runtime that has no counters (only OpenVINO's are read)."""
+    ) -> tuple[list[tuple[str, str, float, tuple[str, ...]]], float | None] | None:  # fmt: skip
+        """(node name, node type, median ms over ``runs``, the executed nodes it reads from) of every node the
+        runtime executed, from its own per-node counters and graph, and the ``reference`` artifact's summed node time
+        counted in alternating blocks with it (None without one); None for a runtime that has no counters (only
+        OpenVINO's are read)."""
         if self.runtime != "openvino":
             return None
         device = device or LocalDevice()
@@ -204,7 +205,8 @@ class Backend(ABC):
         if reference is not None:
             args += ["--reference", str(reference.model)]
         result = device.run_runner(args)["node_times"]
-        nodes = [(str(name), str(kind), float(ms)) for name, kind, ms in result["nodes"]]
+        nodes = [(str(name), str(kind), float(ms), tuple(map(str, inputs[0] if inputs else ())))
+                 for name, kind, ms, *inputs in result["nodes"]]  # fmt: skip
         return nodes, result.get("reference_ms")
 
     def validate(

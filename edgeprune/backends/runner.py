@@ -68,7 +68,30 @@ def _openvino(model: str, threads: int, precision: str, per_node: bool = False):
     ids = compiled.input(0).get_element_type().is_integral()
     run.nodes = lambda: [(p.node_name, p.node_type, p.real_time.total_seconds() * 1e3)
                          for p in request.profiling_info if p.status.name == "EXECUTED"]  # fmt: skip
+    run.producers = lambda executed: _executed_producers(compiled.get_runtime_model(), executed)
     return run, f"openvino {ov.get_version()}", core.get_property("CPU", "FULL_DEVICE_NAME"), ids
+
+
+def _executed_producers(runtime_model, executed: set[str]) -> dict[str, list[str]]:
+    """For each executed node of the plugin's own graph, the executed nodes whose outputs it reads (through any
+    that did not run, such as in-place reshapes). A reorder or a decomposed norm carries no module scope in its
+    name; the caller finds the layer it belongs to by walking these edges back to one that does."""
+    ops = {op.get_friendly_name(): op for op in runtime_model.get_ops()}
+    behind: dict[str, list[str]] = {}  # a node that did not run → the executed nodes whose outputs pass through it
+
+    def sources(name: str) -> list[str]:
+        found = []
+        for source in (i.get_source_output().get_node().get_friendly_name() for i in ops[name].inputs()):
+            if source in executed:
+                found.append(source)
+            elif source in ops:
+                if source not in behind:
+                    behind[source] = []  # compiled graphs have no cycles; this only bounds the recursion
+                    behind[source] = sources(source)
+                found += behind[source]
+        return found
+
+    return {name: sources(name) for name in executed if name in ops}
 
 
 def _node_times(model: str, shape: tuple[int, ...], args) -> dict:
@@ -99,7 +122,9 @@ def _node_times(model: str, shape: tuple[int, ...], args) -> dict:
                     continue
                 for name, kind, ms in nodes:
                     times.setdefault((name, kind), []).append(ms)
-    result: dict = {"nodes": [[name, kind, float(np.median(ms))] for (name, kind), ms in times.items()]}
+    producers = runs["model"][0].producers({name for name, _ in times})
+    result: dict = {"nodes": [[name, kind, float(np.median(ms)), producers.get(name, [])]
+                              for (name, kind), ms in times.items()]}  # fmt: skip
     if reference_sums:
         result["reference_ms"] = float(np.median(reference_sums))
     return result

@@ -113,39 +113,36 @@ def global_widths(
         order[g], steps[g] = np.sort(scores / max(norm, 1e-12)), group.step(multiple)
     current = cost(widths)
 
-    def next_width(g: int) -> int | None:
+    def next_cut(g: int) -> tuple[float, int] | None:
+        """(priority, width) of the group's next cut: to the next aligned width below that saves anything. A width
+        the runtime lays out worse can cost more than a wider one (layerwise.py): it is stepped over, not stopped
+        at, so the group can still be cut past it."""
         channels, unit = int(structure.channels[g]), steps[g]
         floor = max(unit, math.ceil(channels * GLOBAL_MIN_KEEP / unit) * unit)
-        step = (int(widths[g]) - 1) // unit * unit  # the next aligned width below
-        return step if step >= floor else None
+        for width in range((int(widths[g]) - 1) // unit * unit, floor - 1, -unit):
+            trial = widths.copy()
+            trial[g] = width
+            saved = current - cost(trial)
+            if saved > 0:
+                removed = channels - width
+                lost = order[g][:removed].sum() - order[g][: int(channels - widths[g])].sum()
+                return lost / saved * (channels / width) ** steepness, width
+        return None  # no cut down to the floor saves anything: never worth the importance
 
-    def priority(g: int) -> float | None:
-        width = next_width(g)
-        if width is None:
-            return None
-        trial = widths.copy()
-        trial[g] = width
-        saved = current - cost(trial)
-        if saved <= 0:
-            return None  # cutting it saves nothing (or costs more): never worth the importance
-        removed = int(structure.channels[g]) - width
-        lost = order[g][:removed].sum() - order[g][: int(structure.channels[g] - widths[g])].sum()
-        return lost / saved * (int(structure.channels[g]) / width) ** steepness
-
-    heap = [(p, g) for g in order if (p := priority(g)) is not None]
+    heap = [(cut[0], g) for g in order if (cut := next_cut(g)) is not None]
     heapq.heapify(heap)
     while heap and current > goal:
         stored, g = heapq.heappop(heap)
-        fresh = priority(g)
-        if fresh is None:
+        if (cut := next_cut(g)) is None:
             continue
+        fresh, width = cut
         if heap and fresh > heap[0][0] * (1 + 1e-9) and fresh > stored * (1 + 1e-9):
             heapq.heappush(heap, (fresh, g))  # another cut is cheaper now
             continue
-        widths[g] = next_width(g)
+        widths[g] = width
         current = cost(widths)
-        if (following := priority(g)) is not None:
-            heapq.heappush(heap, (following, g))
+        if (following := next_cut(g)) is not None:
+            heapq.heappush(heap, (following[0], g))
     return widths
 
 

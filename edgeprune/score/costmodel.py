@@ -33,6 +33,7 @@ from edgeprune.target import Target
 FULL_FIT_SAMPLES = 8  # below this, the 5-coefficient fit is under-determined: scale the roofline instead
 MAX_SAMPLES = 64  # the newest are kept: a cache grows with every build of the same model
 MIN_VARIABLE = 0.3  # the share of the unpruned model's predicted latency that must depend on the widths
+CACHE_VERSION = 2  # 2: node samples split each layer's own nodes from those after it; older caches are not read
 
 
 @dataclass
@@ -42,9 +43,9 @@ class LatencyModel:
     structure: Structure
     target: Target
     samples: list[tuple[list[float], float]] = field(default_factory=list)  # (group widths, measured p50 ms)
-    # (group widths, per-layer node ms in structure order, the other nodes' ms, the unpruned model's summed node ms
-    # counted alongside or None), from the runtime's counters
-    node_samples: list[tuple[list[float], list[float], float, float | None]] = field(default_factory=list)
+    # (group widths, per-layer node ms in structure order, per-layer ms of the nodes after each layer, the other
+    # nodes' ms, the unpruned model's summed node ms counted alongside or None), from the runtime's counters
+    node_samples: list[tuple[list[float], list[float], list[float], float, float | None]] = field(default_factory=list)
     layerwise: LayerwiseFit | None = None  # fitted to node_samples; when set, p50 ≈ offset + scale × its node sum
     coefficients: np.ndarray | None = None  # per FEATURES, fitted; None when the roofline is scaled instead
     scale: float = 1.0
@@ -70,14 +71,15 @@ class LatencyModel:
         """Each layer's max(compute, memory) time at the target's peak figures, summed, in ms."""
         return float(self.layer_terms(widths)[0].sum())
 
-    def layer_terms(self, widths: np.ndarray) -> tuple[np.ndarray, float]:
-        """Each layer's roofline time in ms, and the activation elements all layers write, under ``widths``."""
+    def layer_terms(self, widths: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        """Each layer's roofline time in ms, the activation elements all layers write, and each layer's output
+        width, under ``widths``."""
         macs, _, moved = self.structure.per_layer(widths, self.precision)
         compute = 2 * macs / (self.target.estimate.peak_gflops * 1e9)
         memory = moved / (self.target.estimate.memory_gbps * 1e9)
         _, outs = self.structure.layer_widths(widths)
         positions = np.array([layer.out_positions for layer in self.structure.layers], dtype=float)
-        return np.maximum(compute, memory) * 1e3, float((outs * positions).sum())
+        return np.maximum(compute, memory) * 1e3, float((outs * positions).sum()), outs
 
     def nodes_ms(self, widths: np.ndarray) -> float:
         """The per-layer fit's summed node time of ``widths``."""
@@ -95,13 +97,13 @@ class LatencyModel:
         self.samples = (self.samples + [([float(w) for w in widths], float(measured_ms))])[-MAX_SAMPLES:]
         self.fit()
 
-    def add_nodes(self, widths: np.ndarray, nodes: list[tuple[str, str, float]], reference_ms: float | None) -> None:
+    def add_nodes(self, widths: np.ndarray, nodes: list[tuple], reference_ms: float | None) -> None:
         """Learn where the time of ``widths`` goes, from the runtime's per-node times (``Backend.node_times``);
         ``reference_ms``: the unpruned model's summed node time counted alongside them."""
-        per_layer, rest = attribute(nodes, [layer.name for layer in self.structure.layers])
+        found = attribute(nodes, [layer.name for layer in self.structure.layers])
         if reference_ms is None and np.array_equal(widths, self.structure.full_widths()):
-            reference_ms = sum(ms for _, _, ms in nodes)  # the unpruned model is its own reference
-        sample = ([float(w) for w in widths], per_layer, rest, reference_ms)
+            reference_ms = sum(node[2] for node in nodes)  # the unpruned model is its own reference
+        sample = ([float(w) for w in widths], found.own, found.after, found.rest, reference_ms)
         self.node_samples = (self.node_samples + [sample])[-MAX_SAMPLES:]
         self.fit()
 
@@ -139,10 +141,12 @@ class LatencyModel:
         level = float(np.median(references)) if references else 1.0
         factor = np.array([level / ref if ref else 1.0 for *_, ref in self.node_samples])
         self.layerwise = fit_layerwise(
-            np.array([roofline for roofline, _ in terms]),
-            np.array([ms for _, ms, _, _ in self.node_samples]) * factor[:, None],
-            np.array([activations for _, activations in terms]),
-            np.array([rest for _, _, rest, _ in self.node_samples]) * factor,
+            np.array([roofline for roofline, _, _ in terms]),
+            np.array([own for _, own, *_ in self.node_samples]) * factor[:, None],
+            np.array([activations for _, activations, _ in terms]),
+            np.array([rest for *_, rest, _ in self.node_samples]) * factor,
+            np.array([after for _, _, after, *_ in self.node_samples]) * factor[:, None],
+            np.array([outs for *_, outs in terms]),
         )
         if self.layerwise is None:
             return False
@@ -174,8 +178,8 @@ class LatencyModel:
 
     def save(self, path: Path, runtime: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"version": 1, "target": self.target.name, "runtime": runtime, "structure": self.structure.key,
-                "groups": self.structure.groups, "samples": self.samples,
+        data = {"version": CACHE_VERSION, "target": self.target.name, "runtime": runtime,
+                "structure": self.structure.key, "groups": self.structure.groups, "samples": self.samples,
                 "node_samples": self.node_samples}  # fmt: skip
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(data))
@@ -188,11 +192,12 @@ def new_model(structure: Structure, target: Target, runtime: str) -> LatencyMode
     path = profile_path(target, runtime, structure)
     try:
         data = json.loads(path.read_text())
-        if data.get("structure") == structure.key and data.get("groups") == structure.groups:
+        same = (data.get("version"), data.get("structure"), data.get("groups"))
+        if same == (CACHE_VERSION, structure.key, structure.groups):
             model.samples = [(list(w), float(ms)) for w, ms in data["samples"]][-MAX_SAMPLES:]
             model.node_samples = [
-                (list(w), [float(t) for t in layer_ms], float(rest), None if ref is None else float(ref))
-                for w, layer_ms, rest, ref in data.get("node_samples", [])
+                (list(w), list(map(float, own)), list(map(float, after)), float(rest), ref and float(ref))
+                for w, own, after, rest, ref in data.get("node_samples", [])
             ][-MAX_SAMPLES:]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no cache, or one from another version: start from the estimate
