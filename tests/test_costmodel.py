@@ -97,6 +97,14 @@ def test_measurements_are_cached_per_target_runtime_and_structure(r18, r18_score
     assert not new_model(structure, TARGET, "openvino 2.0").samples  # another runtime version: measured again
     other = read_structure(mbv3, example, [g.module for g in mbv3_scored])
     assert other.key != structure.key and not new_model(other, TARGET, "openvino 1.0").samples
+    # An older cache's p50s are kept; its node samples, which did not tell a layer's nodes from those after it, not.
+    older = json.loads(path.read_text()) | {
+        "version": 1,
+        "node_samples": [[list(structure.full_widths()), [1.0], 0.5, 2.0]],
+    }
+    path.write_text(json.dumps(older))
+    kept = new_model(structure, TARGET, "openvino 1.0")
+    assert kept.samples and not kept.node_samples
     path.write_text("{not json")  # a damaged cache is ignored, not a crash
     assert not new_model(structure, TARGET, "openvino 1.0").samples
 

@@ -11,7 +11,7 @@ from conftest import MBV3  # noqa: F401
 from edgeprune.backends import get_backend
 from edgeprune.score.allocate import global_widths, uniform_plan
 from edgeprune.score.costmodel import new_model
-from edgeprune.score.layerwise import _line_fits, attribute
+from edgeprune.score.layerwise import _line_fits, attribute, fit_layerwise
 from edgeprune.score.structure import read_structure
 from edgeprune.target import load_target
 
@@ -61,6 +61,21 @@ def test_nodes_without_a_layer_belong_to_the_layer_whose_output_they_work_on():
     found = attribute(nodes, layers)
     assert found.own == pytest.approx([0.5, 0.3, 0.2])
     assert found.after == pytest.approx([0.0, 0.11, 0.01]) and found.rest == pytest.approx(0.14)
+
+
+def test_a_renamed_runtime_is_not_priced_by_the_one_layer_it_kept_a_name_for():
+    """A chain deeper than Python's recursion of convs whose names no layer matches, after one named stem: they and
+    the nodes after them stay in the rest (a conv is work of its own), and the per-layer fit declines to judge."""
+    nodes = [("/stem/Conv", "Convolution", 0.1, ("input",))]
+    for i in range(3000):
+        nodes.append((f"conv_{i}", "Convolution", 0.01, (nodes[-1][0],)))
+        nodes.append((f"relu_{i}", "Eltwise", 0.001, (nodes[-1][0],)))
+    nodes.append(("Multiply_n1", "Eltwise", 0.002, ("/stem/Conv",)))
+    found = attribute(list(reversed(nodes)), ["stem"])
+    assert found.own == pytest.approx([0.1]) and found.after == pytest.approx([0.002])
+    assert found.rest == pytest.approx(3000 * 0.011)
+    samples = np.ones((2, 1))
+    assert fit_layerwise(samples, samples * 0.1, np.ones(2), np.full(2, 33.0), samples * 0.002, samples) is None
 
 
 def test_line_fits_recover_each_column_and_never_go_negative():

@@ -33,7 +33,7 @@ from edgeprune.target import Target
 FULL_FIT_SAMPLES = 8  # below this, the 5-coefficient fit is under-determined: scale the roofline instead
 MAX_SAMPLES = 64  # the newest are kept: a cache grows with every build of the same model
 MIN_VARIABLE = 0.3  # the share of the unpruned model's predicted latency that must depend on the widths
-CACHE_VERSION = 2  # 2: node samples split each layer's own nodes from those after it; older caches are not read
+CACHE_VERSION = 2  # 2: node samples split each layer's own nodes from those after it; older ones are not read
 
 
 @dataclass
@@ -192,9 +192,9 @@ def new_model(structure: Structure, target: Target, runtime: str) -> LatencyMode
     path = profile_path(target, runtime, structure)
     try:
         data = json.loads(path.read_text())
-        same = (data.get("version"), data.get("structure"), data.get("groups"))
-        if same == (CACHE_VERSION, structure.key, structure.groups):
+        if (data.get("structure"), data.get("groups")) == (structure.key, structure.groups):
             model.samples = [(list(w), float(ms)) for w, ms in data["samples"]][-MAX_SAMPLES:]
+        if model.samples and data.get("version") == CACHE_VERSION:  # older node samples lack what follows each layer
             model.node_samples = [
                 (list(w), list(map(float, own)), list(map(float, after)), float(rest), ref and float(ref))
                 for w, own, after, rest, ref in data.get("node_samples", [])

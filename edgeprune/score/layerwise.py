@@ -20,6 +20,7 @@ import numpy as np
 # The share of the node times that must fall to the conv and linear layers for the per-layer fit to be used: node
 # names are the exporter's module scopes, and a runtime that renamed them would leave everything unattributed.
 MIN_ATTRIBUTED = 0.5
+COMPUTE_KINDS = {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul"}  # OpenVINO's types
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,28 @@ def attribute(nodes: list[tuple], layer_names: list[str]) -> Attribution:
     own, after, rest = [0.0] * len(layer_names), [0.0] * len(layer_names), 0.0
     direct = {node[0]: None if node[1] == "Reorder" else _layer_of(node[0], index) for node in nodes}
     inputs = {node[0]: node[3] if len(node) > 3 else () for node in nodes}
-    owners: dict[str, int | None] = {}
+    # A conv or matmul no layer's name was found on is work of its own, not after the layer before it; nor is what
+    # follows it: the walk stops there, and both stay in the rest.
+    owners = {node[0]: None for node in nodes if node[1] in COMPUTE_KINDS and direct[node[0]] is None}
 
-    def owner(name: str) -> int | None:
-        if direct.get(name) is not None:
-            return direct[name]
-        if name not in owners:
-            owners[name] = None  # a compiled graph has no cycles; this only bounds the walk
-            owners[name] = next((o for i in inputs.get(name, ()) if (o := owner(i)) is not None), None)
-        return owners[name]
+    def owner(start: str) -> int | None:
+        """The first layer found walking back from ``start``, first inputs first; iterative, since a chain of
+        unnamed nodes can be deeper than Python's recursion."""
+        stack, visiting = [start], set()
+        while stack:
+            name = stack[-1]
+            if name in owners or direct.get(name) is not None:
+                owners.setdefault(name, direct.get(name))
+                stack.pop()
+            elif name not in visiting:  # first its inputs (a cycle cannot occur in a compiled graph; it is not walked)
+                visiting.add(name)
+                stack += [i for i in reversed(inputs.get(name, ())) if i not in owners and i not in visiting]
+            else:
+                owners[name] = next(
+                    (o for i in inputs.get(name, ()) if (o := owners.get(i, direct.get(i))) is not None), None
+                )
+                stack.pop()
+        return owners[start]
 
     for name, _, ms, *_ in nodes:
         if direct[name] is not None:
@@ -146,8 +160,9 @@ def fit_layerwise(roofline: np.ndarray, layer_ms: np.ndarray, activations: np.nd
     each layer's ``after_ms`` by its output width in ``outs`` (same shape); fit the rest against ``activations``.
     None when too little of the time was attributed to layers to trust it."""
     after_ms = np.zeros_like(layer_ms) if after_ms is None else after_ms
-    attributed = layer_ms.sum() + after_ms.sum()
-    if attributed < MIN_ATTRIBUTED * (attributed + rest_ms.sum()):
+    # Judged on the layers' own nodes, found by name: one named layer early on would otherwise claim every node
+    # after it through the graph, renamed ones included.
+    if layer_ms.sum() < MIN_ATTRIBUTED * (layer_ms.sum() + after_ms.sum() + rest_ms.sum()):
         return None
     intercept, slope = _line_fits(roofline, layer_ms)
     rest_intercept, rest_slope = _line_fits(activations[:, None], rest_ms[:, None])
