@@ -24,7 +24,7 @@ from torch import nn
 from edgeprune.aim import AIM, BAND_LOW, GUARD, NUDGE, aim, round_goals
 from edgeprune.backends import Artifact, Backend, Measurement
 from edgeprune.device import Device, LocalDevice
-from edgeprune.errors import BadInput
+from edgeprune.errors import BadInput, EdgepruneError
 from edgeprune.farm.executor import LocalExecutor
 from edgeprune.farm.work import BuildShare, CandidateJob, evaluate, export_and_measure
 from edgeprune.rewrite.plan import Plan
@@ -73,6 +73,9 @@ class Candidate:
 
 FINAL_TRIES = 3  # measurements of the final artifact, when it measures over budget while its round did not
 MAX_REPROBES = 4  # plans re-made after keeping newly found culprits whole, before the build gives up
+# A round measured this far off its prediction has its per-node times taken, so that the cost model learns where:
+# ConvNeXt plans whose stage-0 stream OpenVINO reorders at one width measured 14% over (score/layerwise.py).
+MISPRICED = 0.10
 
 
 @dataclass
@@ -106,6 +109,7 @@ class SearchContext:
     compensating: bool = False  # the build refits by least squares after pruning (steepness is judged after it too)
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
     executor: object = field(default_factory=LocalExecutor)  # where candidates are pruned, exported, measured
+    nodes_device: Device | None = None  # where per-node times are taken (the build's device, not a pool); None: never
     in_flight: int = 1  # candidates per round, measured at once on an executor with workers
     _shared: tuple | None = None  # (what it was made from, the executor's handle of share())
     _macs_cache: dict[float, tuple[Plan, int, int]] = field(default_factory=dict)
@@ -230,8 +234,13 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         measured_now = measure_plans(ctx, plans, baseline.p50, step, budget_ms)
         measured_now = [replace(c, predicted=p) for c, p in zip(measured_now, predictions, strict=True)]
         candidates += measured_now
-        for candidate in measured_now:
-            model.add(ctx.structure.widths_of(candidate.plan), candidate.latency)
+        for candidate, predicted in zip(measured_now, predictions, strict=True):
+            widths = ctx.structure.widths_of(candidate.plan)
+            model.add(widths, candidate.latency)
+            off = candidate.latency / predicted - 1
+            if abs(off) > MISPRICED and learn_where_time_goes(ctx, candidate.artifact, widths):
+                ctx.say(f"round {step}: measured {off:+.0%} off its prediction; its per-node times now price the"
+                        " next round")  # fmt: skip
         in_band = [c for c in measured_now if BAND_LOW * budget_ms <= c.latency <= GUARD * budget_ms]
         # The least pruned of the round's candidates that landed in the band and stays under the guard timed again.
         for best in sorted(in_band, key=lambda c: -c.latency):
@@ -270,6 +279,24 @@ def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms
         return max(guarded, key=lambda c: c.latency), candidates, False
     under = [c for c in candidates if c.latency <= budget_ms]
     return (min(under, key=lambda c: c.latency) if under else None), candidates, False
+
+
+def learn_where_time_goes(ctx: SearchContext, artifact: Artifact, widths) -> bool:
+    """Add ``artifact``'s per-node times (its plan has ``widths``) to the cost model, where the runtime gives them:
+    each layer is then priced by what it measured, and the nodes after it at this width (score/layerwise.py). A
+    refinement: where they cannot be taken, the build goes on with the whole-model fit, and says so."""
+    if ctx.nodes_device is None:
+        return False
+    reference = ctx.reference if ctx.reference is not artifact else None  # the unpruned model is its own reference
+    try:
+        nodes = ctx.backend.node_times(artifact, tuple(ctx.example.shape), ctx.target, ctx.nodes_device, reference)
+    except EdgepruneError as exc:
+        ctx.say(f"per-node times not taken ({exc}); the cost model fits whole-model latencies only")
+        ctx.nodes_device = None
+        return False
+    if nodes:
+        ctx.latency_model.add_nodes(widths, *nodes)
+    return bool(nodes)
 
 
 def confirm(ctx: SearchContext, candidate: Candidate, baseline_p50: float, budget_ms: float) -> Candidate:

@@ -30,6 +30,7 @@ from edgeprune.html import write_html
 from edgeprune.loop import (
     SearchContext,
     budget_latency_ms,
+    learn_where_time_goes,
     measure_final,
     measure_plan,
     search,
@@ -38,7 +39,6 @@ from edgeprune.loop import (
     unreachable_message,
 )
 from edgeprune.model import DEFAULT_MODEL, load_model
-from edgeprune.profile import learn_where_time_goes
 from edgeprune.report import check_output_dir, new_workdir, publish, versions, write_json
 from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decomposition
 from edgeprune.rewrite.plan import Plan
@@ -214,8 +214,10 @@ def build(options: BuildOptions, say=print) -> dict:
                 _keep_unprunable_whole(ctx, options.strict)
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
-            if not counted and not decomposed and not ctx.latency_model.node_samples:
-                learn_where_time_goes(ctx, baseline_artifact, device, say)
+            if not counted and not decomposed and not isinstance(device, EstimateDevice):
+                ctx.nodes_device = device  # the pool's members are the same boards: per-node times are taken here
+                if not ctx.latency_model.node_samples:
+                    learn_where_time_goes(ctx, baseline_artifact, ctx.structure.full_widths())
             if options.steepness is not None:
                 ctx.steepness = SteepnessChoice(options.steepness, {}, 0)
             elif not data.synthetic:  # global allocation's steepness is chosen on them (score/steepness.py)

@@ -131,17 +131,3 @@ def comparable_samples(measurements: list) -> tuple[float, list[float]]:
     if len(unpruned) == 1:  # nothing was timed alongside (a board over SSH): the p50s as measured
         return baseline_p50, [m.p50 for m in measurements]
     return baseline_p50, [baseline_p50] + [m.comparable_p50(baseline_p50) for m in measurements[1:]]
-
-
-def learn_where_time_goes(ctx: SearchContext, baseline_artifact, device, say) -> None:
-    """The unpruned model's per-node times, where the runtime gives them: the first round is then priced layer by
-    layer (each layer's measured time scaled by its cut) rather than by one roofline for the whole model."""
-    if isinstance(device, EstimateDevice):
-        return
-    try:
-        nodes = ctx.backend.node_times(baseline_artifact, tuple(ctx.example.shape), ctx.target, device)
-    except EdgepruneError as exc:  # a refinement: the build goes on with the whole-model fit, and says so
-        say(f"per-node times not taken ({exc}); the cost model fits whole-model latencies only")
-        return
-    if nodes:
-        ctx.latency_model.add_nodes(ctx.structure.full_widths(), *nodes)
