@@ -149,9 +149,10 @@ def test_openvino_reports_node_times_that_fall_to_the_models_layers(mbv3, mbv3_s
     per_layer, rest = found.own, sum(found.after) + found.rest
     assert reference is None
     assert all(ms >= 0 for _, _, ms, _ in nodes) and sum(per_layer) > 0
-    # The runtime's own graph places nearly all the other nodes (activations, squeeze-excite pooling, reorders)
-    # after a layer: what is left is what reads the model's input.
-    assert found.rest < 0.1 * sum(ms for _, _, ms, _ in nodes) and sum(found.after) > found.rest
+    # The runtime's own graph places every other node (activations, squeeze-excite pooling, reorders) after a layer,
+    # but the reorder of the model's input and the classifier, which OpenVINO renames after the model's output.
+    ends = sum(ms for name, _, ms, _ in nodes if name.startswith("input_") or name == "output")
+    assert found.rest <= ends + 1e-9 and sum(found.after) > 0
     # Nearly every conv and linear layer is found by name, and most of the time is theirs.
     found = sum(ms > 0 for ms in per_layer)
     assert found >= 0.9 * len(structure.layers), (found, len(structure.layers))
