@@ -8,10 +8,10 @@ tools/bench_scorer.py's (b) builds each arm to one budget, and the two builds la
 a curve instead. Per model (trained on the digits as bench_scorer.py trains it; weights from --weights-dir, trained
 there when missing), after `edgeprune profile` has fitted the latency model:
 
-- global: the build's default, fisher scores on 64 training digits and global allocation with the steepness a
-  build to that latency would choose on 128 of them (chosen for each plan at its own goal); uniform: magnitude
-  (L1) scores and the same fraction of every group, rounded to the same multiple (Torch-Pruning's uniform L1).
-  Each at --fractions of the unpruned model's predicted latency.
+- global: the build's default, fisher scores on 192 training digits (as many as a build scores on) and global
+  allocation with the steepness a build to that latency would choose on 128 of them (chosen for each plan at its
+  own goal); uniform: magnitude (L1) scores and the same fraction of every group, rounded to the same multiple
+  (Torch-Pruning's uniform L1). Each at --fractions of the unpruned model's predicted latency.
 - every plan is pruned and its batch norm recalibrated on 192 training digits (what a build does without
   --compensate or distillation), then exported and timed on OpenVINO beside the unpruned model, --repeats times in
   round-robin over all the plans of the model, so a busy spell hits every plan alike; the median counts.
@@ -76,6 +76,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     from edgeprune.device import open_device
     from edgeprune.loop import SearchContext
     from edgeprune.model import load_model
+    from edgeprune.pipeline import SCORE_BATCHES
     from edgeprune.profile import run_profile
     from edgeprune.rewrite.prune import apply_plan, count_macs_params
     from edgeprune.rewrite.recover import recalibrate_batchnorm
@@ -102,8 +103,9 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     plans = []  # (allocation, fraction, pruned model, MACs, steepness, predicted ms)
     ctx = None
     for allocation, importance in ARMS.items():
+        scoring = batches[: SCORE_BATCHES.get(importance, 4)]  # as many as a build scores this importance on
         scored = [replace(g, scores=None) if g.module in profiled["kept_whole"] else g
-                  for g in score_groups(model, example, importance, batches[:4])]  # fmt: skip
+                  for g in score_groups(model, example, importance, scoring)]  # fmt: skip
         ctx = SearchContext(model, example, scored, spec, importance, target, backend, device,
                             tmp / f"rounds-{name.replace(':', '_')}", say, allocation=allocation)  # fmt: skip
         ctx.structure = read_structure(model, example, [g.module for g in scored])
