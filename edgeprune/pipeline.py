@@ -220,7 +220,7 @@ def build(options: BuildOptions, say=print) -> dict:
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
             if not counted and not decomposed and not isinstance(device, EstimateDevice):
-                ctx.nodes_device = device  # the pool's members are the same boards: per-node times are taken here
+                ctx.nodes_device = device  # the build's device (or pool) itself, not the executor's handle of it
                 if not ctx.latency_model.node_samples:
                     learn_where_time_goes(ctx, baseline_artifact, ctx.structure.full_widths())
             if options.steepness is not None:
