@@ -8,10 +8,14 @@ by the last measurement's ratio to it (a correction).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgeprune.score.costmodel import LatencyModel
+
+if TYPE_CHECKING:
+    from edgeprune.backends import Measurement
 
 # A round is accepted when its p50 is within [0.85·budget, 0.97·budget]. The band is wide because one pruned model
 # measured again here, next to the unpruned one, gives speedups 15-60% apart (tools/bench_repeatability.py): a
@@ -102,3 +106,12 @@ class Aim:
 def aim(measured: list[tuple[np.ndarray, float]], budget_ms: float, model: LatencyModel, correction: float) -> Aim:
     """How the next round aims, from the ``measured`` (widths, latency) points so far."""
     return Aim(correction, bracketing(measured, budget_ms, model))
+
+
+def budget_latency_ms(budget_kind: str, budget_value: float, baseline: Measurement) -> float:
+    """The latency the build must reach: the budget itself, or the measured baseline divided by the speedup."""
+    if budget_kind == "latency_ms":
+        return budget_value
+    if budget_kind == "speedup":
+        return baseline.p50 / budget_value
+    raise ValueError(f"budget kind {budget_kind} is not a latency")

@@ -381,32 +381,6 @@ def timed_beside_baseline(kind: str, device, baseline_p50: float, budget_ms: flo
     return kind == "latency_ms" and isinstance(device, LocalDevice) and baseline_p50 > budget_ms
 
 
-def budget_latency_ms(budget_kind: str, budget_value: float, baseline: Measurement) -> float:
-    """The latency the build must reach: the budget itself, or the measured baseline divided by the speedup."""
-    if budget_kind == "latency_ms":
-        return budget_value
-    if budget_kind == "speedup":
-        return baseline.p50 / budget_value
-    raise ValueError(f"budget kind {budget_kind} is not a latency")
-
-
-def unreachable_message(
-    candidates: list[Candidate], budget_ms: float, device: str, unreachable: bool,
-    kept_whole: dict[str, str] | None = None, groups: int = 0,
-) -> str:  # fmt: skip
-    """One line saying what was reached, for a budget no round met, and why (groups kept whole), and what to change."""
-    best = min(candidates, key=lambda c: c.latency)
-    advice = "relax the budget or use a smaller model" if unreachable else "allow more --max-rounds or relax the budget"
-    why = ""
-    if unreachable and kept_whole:  # most often the cause: torch-pruning cannot follow much of this graph
-        first = next(iter(kept_whole.values()))
-        why = f"; {len(kept_whole)} of {groups} groups cannot be pruned safely and are kept whole ({first[:120]})"
-    return (
-        f"budget of {budget_ms:.3g} ms p50 not reached: the fastest candidate (ratio {best.plan.ratio:.2f}) ran at"
-        f" {best.latency:.3f} ms on {device} after {len({c.step for c in candidates})} round(s){why}; {advice}"
-    )
-
-
 @contextmanager
 def timed(say: Say, what: str) -> Iterator[None]:
     """Say that ``what`` starts, and how long it took when it ends without an error."""

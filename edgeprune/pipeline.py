@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from edgeprune.adapt import adapt_to_task
+from edgeprune.aim import budget_latency_ms
 from edgeprune.backends import get_backend
 from edgeprune.budgets import COUNTED, fit_counted_budget, fit_memory_budget
 from edgeprune.data import Dataset, labels_in_label_space, load_dataset, split_held_out
@@ -29,17 +30,15 @@ from edgeprune.farm.pool import pool_status
 from edgeprune.html import write_html
 from edgeprune.loop import (
     SearchContext,
-    budget_latency_ms,
     learn_where_time_goes,
     measure_final,
     measure_plan,
     search,
     timed,
     timed_beside_baseline,
-    unreachable_message,
 )
 from edgeprune.model import DEFAULT_MODEL, load_model
-from edgeprune.report import check_output_dir, new_workdir, publish, versions, write_json
+from edgeprune.report import check_output_dir, new_workdir, publish, unreachable_message, versions, write_json
 from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decomposition
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import count_macs_params

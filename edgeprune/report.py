@@ -14,8 +14,12 @@ import platform
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeprune.errors import BadInput
+
+if TYPE_CHECKING:
+    from edgeprune.loop import Candidate
 
 VERSIONED = ("edgeprune", "torch", "torch-pruning", "timm", "onnx", "onnxruntime", "onnxsim", "openvino", "numpy")
 
@@ -110,3 +114,20 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
         on_noise = " (random inputs)" if quality.get("evaluated_on") == "synthetic inputs" else ""
         rows.append((quality["metric"] + on_noise, f"{quality['baseline']:.3f}", f"{quality['result']:.3f}"))
     return rows
+
+
+def unreachable_message(
+    candidates: list[Candidate], budget_ms: float, device: str, unreachable: bool,
+    kept_whole: dict[str, str] | None = None, groups: int = 0,
+) -> str:  # fmt: skip
+    """One line saying what was reached, for a budget no round met, and why (groups kept whole), and what to change."""
+    best = min(candidates, key=lambda c: c.latency)
+    advice = "relax the budget or use a smaller model" if unreachable else "allow more --max-rounds or relax the budget"
+    why = ""
+    if unreachable and kept_whole:  # most often the cause: torch-pruning cannot follow much of this graph
+        first = next(iter(kept_whole.values()))
+        why = f"; {len(kept_whole)} of {groups} groups cannot be pruned safely and are kept whole ({first[:120]})"
+    return (
+        f"budget of {budget_ms:.3g} ms p50 not reached: the fastest candidate (ratio {best.plan.ratio:.2f}) ran at"
+        f" {best.latency:.3f} ms on {device} after {len({c.step for c in candidates})} round(s){why}; {advice}"
+    )
