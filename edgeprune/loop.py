@@ -29,11 +29,11 @@ from edgeprune.farm.executor import LocalExecutor
 from edgeprune.farm.work import BuildShare, CandidateJob, evaluate, export_and_measure
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
-from edgeprune.score.allocate import allocate, uniform_plan
+from edgeprune.score.allocate import allocate, rechoose_channels, uniform_plan
 from edgeprune.score.costmodel import LatencyModel
 from edgeprune.score.importance import ScoredGroup
 from edgeprune.score.probe import find_unprunable
-from edgeprune.score.steepness import SteepnessChoice, choose_steepness
+from edgeprune.score.steepness import IMPORTANCE, MAGNITUDE, SteepnessChoice, choose_steepness
 from edgeprune.score.structure import Structure
 from edgeprune.target import Target
 
@@ -106,6 +106,9 @@ class SearchContext:
     steepness_batches: list | None = None
     steepness_unlabelled: list | None = None  # the task's unlabelled batches: a compensating build's refit uses them
     steepness: SteepnessChoice | None = None
+    # The same groups scored by weight magnitude (L2): global allocation's other choice of which channels a cut group
+    # keeps, judged beside the build's own scores on the steepness batches (score/steepness.py). None: not offered.
+    magnitude_scored: list[ScoredGroup] | None = None
     compensating: bool = False  # the build refits by least squares after pruning (steepness is judged after it too)
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
     executor: object = field(default_factory=LocalExecutor)  # where candidates are pruned, exported, measured
@@ -131,12 +134,14 @@ class SearchContext:
         """The plan the allocator picks for a predicted ``cost`` (default: latency in ms) within ``goal``, with its
         MACs and params. With ``choose`` (default), a steepness not settled yet is chosen at this goal first."""
 
-        def make(steepness: float | None = None) -> Plan:
+        def make(steepness: float | None = None, channels: str | None = None) -> Plan:
             if steepness is None:
                 steepness = self.steepness.chosen if self.steepness else 0.0
-            return allocate(self.scored, self.structure, cost or self.latency_model.predict, goal,
+                channels = self.steepness.channels if self.steepness else IMPORTANCE
+            plan = allocate(self.scored, self.structure, cost or self.latency_model.predict, goal,
                             self.target.channel_multiple, self.allocation, self.spec, tuple(self.example.shape),
                             self.method, steepness)  # fmt: skip
+            return rechoose_channels(plan, self.magnitude_scored) if channels == MAGNITUDE else plan
 
         unsettled = self.steepness is None or not self.steepness.settled
         if self.allocation == "global" and unsettled and self.steepness_batches and choose:
@@ -145,10 +150,14 @@ class SearchContext:
             self.steepness = choose_steepness(self.model, self.example, self.steepness_batches, make,
                                               compensating=self.compensating, unlabelled=self.steepness_unlabelled,
                                               cost=lambda plan: predict(self.structure.widths_of(plan)),
-                                              goal=goal)  # fmt: skip
+                                              goal=goal, channels=self.channel_choices())  # fmt: skip
             if first or self.steepness.settled:
                 self.say(f"global allocation: {self.steepness.describe()}")
         return self.checked_plan(make)
+
+    def channel_choices(self) -> tuple[str, ...]:
+        """Which channels a cut group may keep: the build's scores, and by weight magnitude where it has those too."""
+        return (IMPORTANCE, MAGNITUDE) if self.magnitude_scored else (IMPORTANCE,)
 
     def checked_plan(self, make: Callable[[], Plan]) -> tuple[Plan, int, int]:
         """Make a plan, prune a copy by it and count. torch-pruning's index mapping can fail at one width and not

@@ -228,6 +228,10 @@ def build(options: BuildOptions, say=print) -> dict:
                 ctx.steepness_batches = list(score_set.batches(BATCH))[:STEEPNESS_BATCHES]
                 if calib is not None and not calib.synthetic:  # the final refit fits on them too (recover)
                     ctx.steepness_unlabelled = list(calib.batches(BATCH))[:STEEPNESS_BATCHES]
+                # Channels by magnitude, judged beside the scores' own choice (score/steepness.py); vote's channels
+                # are the earlier tasks' choice, which is its point.
+                if importance in ("fisher", "taylor") and method != "vote" and options.allocation == "global":
+                    ctx.magnitude_scored = _score(ctx.model, example, "l2", [])
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
             try:

@@ -11,7 +11,7 @@ from conftest import R18  # noqa: F401
 from edgeprune.rewrite.plan import GroupPlan, Plan
 from edgeprune.score.allocate import UNIFORM_STEEPNESS, global_widths, plan_from_widths
 from edgeprune.score.costmodel import new_model
-from edgeprune.score.steepness import choose_steepness, output_distance
+from edgeprune.score.steepness import IMPORTANCE, choose_steepness, output_distance
 from edgeprune.score.structure import read_structure
 from edgeprune.target import load_target
 
@@ -69,7 +69,7 @@ def test_the_steepness_whose_plan_stays_closest_to_the_unpruned_model_is_chosen(
     halved = np.where(full > 8, np.maximum(8, full // 16 * 8), full)
     made = []
 
-    def make_plan(steepness: float) -> Plan:
+    def make_plan(steepness: float, channels: str) -> Plan:
         made.append(steepness)
         widths = full if steepness == 2.0 else halved
         return plan_from_widths(r18_scored, widths, R18, tuple(example.shape), "m")
@@ -77,9 +77,12 @@ def test_the_steepness_whose_plan_stays_closest_to_the_unpruned_model_is_chosen(
     choice = choose_steepness(r18, example, batches, make_plan, (0.0, 1.0, 2.0, 4.0))
     assert made == [0.0, 1.0, 2.0, 4.0]
     # Recalibrated on these few random inputs, even the uncut plan moves a little; the halved one moves more.
-    assert choice.chosen == 2.0 and 0 < choice.losses[2.0] < choice.losses[0.0] == choice.losses[1.0]
+    assert (
+        choice.chosen == 2.0
+        and 0 < choice.losses[2.0, IMPORTANCE] < choice.losses[0.0, IMPORTANCE] == choice.losses[1.0, IMPORTANCE]
+    )
     assert choice.samples == 4 and "steepness 2 (output distance" in choice.describe()
-    assert choice.to_dict()["distance"]["4"] == choice.losses[4.0]
+    assert choice.to_dict()["distance"]["4"] == choice.losses[4.0, IMPORTANCE]
 
 
 def test_a_plan_that_fails_to_prune_is_not_chosen(r18, r18_scored, example):
@@ -88,8 +91,8 @@ def test_a_plan_that_fails_to_prune_is_not_chosen(r18, r18_scored, example):
     good = plan_from_widths(r18_scored, structure.full_widths(), R18, tuple(example.shape), "m")
     broken = replace(good, groups=(GroupPlan(module="no.such.layer", channels=8, kept=(0,)),))
 
-    choice = choose_steepness(r18, example, batches, lambda s: good if s == 1.0 else broken, (0.0, 1.0))
-    assert choice.chosen == 1.0 and choice.losses[0.0] is None and "0: failed" in choice.describe()
+    choice = choose_steepness(r18, example, batches, lambda s, c: good if s == 1.0 else broken, (0.0, 1.0))
+    assert choice.chosen == 1.0 and choice.losses[0.0, IMPORTANCE] is None and "0: failed" in choice.describe()
 
 
 def _halved_plan(r18, r18_scored, example) -> Plan:
@@ -107,10 +110,10 @@ def test_when_the_build_compensates_plans_are_judged_after_the_refit_on_samples_
     generator = torch.Generator().manual_seed(3)
     batches = [(torch.randn(8, *example.shape[1:], generator=generator), None) for _ in range(4)]
     halved = _halved_plan(r18, r18_scored, example)
-    refit = choose_steepness(r18, example, batches, lambda s: halved, (0.0,), compensating=True)
-    recalibrated = choose_steepness(r18, example, batches, lambda s: halved, (0.0,))
+    refit = choose_steepness(r18, example, batches, lambda s, c: halved, (0.0,), compensating=True)
+    recalibrated = choose_steepness(r18, example, batches, lambda s, c: halved, (0.0,))
     assert refit.samples == 16 and recalibrated.samples == 32  # judged on the two batches it was not fitted on
-    assert refit.losses[0.0] < recalibrated.losses[0.0]
+    assert refit.losses[0.0, IMPORTANCE] < recalibrated.losses[0.0, IMPORTANCE]
 
 
 def test_a_compensating_build_judges_its_steepness_after_a_refit_on_its_unlabelled_images_too(r18, r18_scored,
@@ -122,12 +125,14 @@ def test_a_compensating_build_judges_its_steepness_after_a_refit_on_its_unlabell
     labelled = [(torch.randn(4, *example.shape[1:], generator=generator), None) for _ in range(2)]
     unlabelled = [(torch.randn(4, *example.shape[1:], generator=generator), None) for _ in range(4)]
     halved = _halved_plan(r18, r18_scored, example)
-    alone = choose_steepness(r18, example, labelled, lambda s: halved, (0.0,), compensating=True)
-    both = choose_steepness(r18, example, labelled, lambda s: halved, (0.0,), compensating=True, unlabelled=unlabelled)
+    alone = choose_steepness(r18, example, labelled, lambda s, c: halved, (0.0,), compensating=True)
+    both = choose_steepness(
+        r18, example, labelled, lambda s, c: halved, (0.0,), compensating=True, unlabelled=unlabelled
+    )
     assert alone.samples == 4 and both.samples == 12
     # Without compensating (batch-norm recalibration on the labelled batches only) the unlabelled ones are not used.
-    assert choose_steepness(r18, example, labelled, lambda s: halved, (0.0,), unlabelled=unlabelled).samples == 8
-    assert both.losses[0.0] > 0
+    assert choose_steepness(r18, example, labelled, lambda s, c: halved, (0.0,), unlabelled=unlabelled).samples == 8
+    assert both.losses[0.0, IMPORTANCE] > 0
 
 
 def test_a_choice_between_identical_plans_is_not_settled_and_is_made_again_at_the_next_plan(r18, r18_scored, example,
@@ -141,7 +146,7 @@ def test_a_choice_between_identical_plans_is_not_settled_and_is_made_again_at_th
     batches = [(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(5)), None)]
     structure = read_structure(r18, example, [g.module for g in r18_scored])
     same = plan_from_widths(r18_scored, structure.full_widths(), R18, tuple(example.shape), "m")
-    tie = choose_steepness(r18, example, batches, lambda s: same, (0.0, 1.0, 2.0))
+    tie = choose_steepness(r18, example, batches, lambda s, c: same, (0.0, 1.0, 2.0))
     assert tie.chosen == 0.0 and tie.plans == 1 and not tie.settled and tie.to_dict()["settled"] is False
     assert "chosen again at the next" in tie.describe() and tie.samples == 0
 
@@ -172,12 +177,17 @@ def test_plans_over_the_goal_are_not_compared_and_the_uniform_ratio_is_a_candida
     full = structure.full_widths()
     halved = np.where(full > 8, np.maximum(8, full // 16 * 8), full)
     plans = {0.0: full, 1.0: halved, UNIFORM_STEEPNESS: np.where(full > 8, full - 8, full)}
-    make = lambda s: plan_from_widths(r18_scored, plans[s], R18, tuple(example.shape), "m")  # noqa: E731
+    make = lambda s, c: plan_from_widths(r18_scored, plans[s], R18, tuple(example.shape), "m")  # noqa: E731
     cost = lambda plan: float(sum(structure.widths_of(plan)))  # noqa: E731
 
     choice = choose_steepness(r18, example, batches, make, tuple(plans), cost=cost, goal=float(sum(full)) - 1)
-    assert choice.over_goal == (0.0,) and choice.losses[0.0] is None  # the uncut plan would have been closest
-    assert choice.chosen == UNIFORM_STEEPNESS and 0 < choice.losses[UNIFORM_STEEPNESS] < choice.losses[1.0]
+    assert (
+        choice.over_goal == ((0.0, IMPORTANCE),) and choice.losses[0.0, IMPORTANCE] is None
+    )  # the uncut plan would have been closest
+    assert (
+        choice.chosen == UNIFORM_STEEPNESS
+        and 0 < choice.losses[UNIFORM_STEEPNESS, IMPORTANCE] < choice.losses[1.0, IMPORTANCE]
+    )
     assert choice.settled and choice.plans == 2
     assert "uniform ratio (output distance" in choice.describe() and "steepness 0: over the goal" in choice.describe()
     report = json.loads(json.dumps(choice.to_dict(), allow_nan=False))
@@ -185,3 +195,51 @@ def test_plans_over_the_goal_are_not_compared_and_the_uniform_ratio_is_a_candida
 
     only_one = choose_steepness(r18, example, batches, make, tuple(plans), cost=cost, goal=float(sum(halved)))
     assert only_one.chosen == 1.0 and not only_one.settled and only_one.samples == 0
+
+
+def test_a_cut_group_keeps_its_channels_by_magnitude_where_that_keeps_the_outputs_closer():
+    """The second choice beside the steepness: which channels a cut group keeps, by the build's scores or by weight
+    magnitude. Tiny's inverted-residual group has its odd channels dead (their weights zero) and scores that rank
+    those first, as a noisy importance can: kept by the scores, the block is cut to nothing live; kept by magnitude,
+    to its live half. The data says so, and the choice goes to magnitude; where both keep the same channels there
+    is nothing to compare and the build's own scores stay."""
+    from conftest import Tiny
+
+    from edgeprune.rewrite.recover import recalibrate_batchnorm
+    from edgeprune.score.allocate import rechoose_channels
+    from edgeprune.score.importance import score_groups
+    from edgeprune.score.steepness import MAGNITUDE
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.pw.weight[1::2] = 0
+        model.dw.weight[1::2] = 0
+    example = torch.randn(1, 3, 16, 16)
+    batches = [(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(7)), None)]
+    recalibrate_batchnorm(model, batches)  # its statistics as on these inputs, as a trained model's would be
+    magnitude = score_groups(model, example, "l2")
+    odd_first = torch.arange(32) % 2 + torch.rand(32) * 0.1
+    noisy = [replace(g, scores=odd_first, comparable=True) if g.module == "dw" else g for g in magnitude]
+    structure = read_structure(model, example, [g.module for g in noisy])
+    widths = np.where(np.array(structure.groups) == "dw", 16, structure.full_widths())
+    plan = plan_from_widths(noisy, widths, "tiny", tuple(example.shape), "fisher")
+    by_magnitude = rechoose_channels(plan, magnitude)
+    kept = {
+        name: dict((g.module, g.kept) for g in p.groups)["dw"]
+        for name, p in (("scores", plan), ("magnitude", by_magnitude))
+    }
+    assert kept["scores"] == tuple(range(1, 32, 2)) and kept["magnitude"] == tuple(range(0, 32, 2))
+    assert by_magnitude.ratio == plan.ratio and [g.width for g in by_magnitude.groups] == [g.width for g in plan.groups]
+
+    make = lambda s, c: by_magnitude if c == MAGNITUDE else plan  # noqa: E731
+    choice = choose_steepness(model, example, batches, make, (0.0,), channels=(IMPORTANCE, MAGNITUDE))
+    assert choice.channels == MAGNITUDE and choice.settled
+    assert choice.losses[0.0, MAGNITUDE] < 0.1 * choice.losses[0.0, IMPORTANCE]
+    assert "steepness 0, channels by magnitude (output distance" in choice.describe()
+    assert choice.to_dict()["channels"] == MAGNITUDE and set(choice.to_dict()["distance"]) == {"0", "0 magnitude"}
+
+    same = choose_steepness(
+        model, example, batches, lambda s, c: by_magnitude, (0.0,), channels=(IMPORTANCE, MAGNITUDE)
+    )
+    assert same.channels == IMPORTANCE and not same.settled

@@ -51,13 +51,18 @@ def test_adapt_compensate_into_a_bank_then_vote(tmp_path):
     assert first["quality"]["metric"] == "accuracy"
     assert "least-squares compensation" in first["quality"]["recovery"] and first["quality"]["distill_steps"] == 0
     assert first["quality"]["compensated_layers"] > 0
-    # Global allocation's steepness was chosen on the task's own data, by the outputs of every steepness's plan.
+    # Global allocation's steepness was chosen on the task's own data, by the outputs of every steepness's plan, each
+    # with its channels chosen by taylor's scores and by weight magnitude.
     steepness = first["steepness"]
     assert steepness["chosen"] in (0, 1, 2, 4, "uniform") and steepness["samples"] > 0
-    assert all(d is None or d >= 0 for d in steepness["distance"].values()) and len(steepness["distance"]) == 5
+    assert steepness["channels"] in ("importance", "magnitude")
+    assert all(d is None or d >= 0 for d in steepness["distance"].values()) and len(steepness["distance"]) == 10
+    assert {"uniform", "uniform magnitude"} <= set(steepness["distance"])
     assert len(list(bank.glob("*.json"))) == 1 and first["bank_entry"].startswith(str(bank))
     second = _build(tmp_path, "b", "--train", str(tmp_path / "task_b.npz"), "--method", "vote", "--bank", str(bank))
     neighbours = second["vote"]["neighbours"]
     assert len(neighbours) == 1 and neighbours[0]["method"] == "compensate" and neighbours[0]["similarity"] > 0.8
     assert second["met_budget"] and second["result"]["macs_ratio"] <= 0.7
+    # vote keeps the channels the earlier tasks kept: no choice by magnitude is offered
+    assert second["steepness"]["channels"] == "importance" and len(second["steepness"]["distance"]) in (0, 5)
     assert len(list(bank.glob("*.json"))) == 2  # the vote build is in the bank too

@@ -9,9 +9,10 @@ a curve instead. Per model (trained on the digits as bench_scorer.py trains it; 
 there when missing), after `edgeprune profile` has fitted the latency model:
 
 - global: the build's default, fisher scores on 192 training digits (as many as a build scores on) and global
-  allocation with the steepness a build to that latency would choose on 128 of them (chosen for each plan at its
-  own goal); uniform: magnitude (L1) scores and the same fraction of every group, rounded to the same multiple
-  (Torch-Pruning's uniform L1). Each at --fractions of the unpruned model's predicted latency.
+  allocation with the steepness and the channel choice (fisher's or L2 magnitude's) a build to that latency would
+  choose on 128 of them (chosen for each plan at its own goal); uniform: magnitude (L1) scores and the same
+  fraction of every group, rounded to the same multiple (Torch-Pruning's uniform L1). Each at --fractions of the
+  unpruned model's predicted latency.
 - every plan is pruned and its batch norm recalibrated on 192 training digits (what a build does without
   --compensate or distillation), then exported and timed on OpenVINO beside the unpruned model, --repeats times in
   round-robin over all the plans of the model, so a busy spell hits every plan alike; the median counts.
@@ -82,7 +83,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     from edgeprune.rewrite.recover import recalibrate_batchnorm
     from edgeprune.score.costmodel import new_model
     from edgeprune.score.importance import score_groups
-    from edgeprune.score.steepness import steepness_name
+    from edgeprune.score.steepness import candidate_name
     from edgeprune.score.structure import read_structure
     from edgeprune.target import load_target
 
@@ -111,6 +112,8 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         ctx.structure = read_structure(model, example, [g.module for g in scored])
         ctx.latency_model = new_model(ctx.structure, target, profiled["runtime"])
         ctx.steepness_batches = batches[:8] if allocation == "global" else None
+        # A build's other channel choice, judged beside its scores' (score/steepness.py)
+        ctx.magnitude_scored = score_groups(model, example, "l2") if allocation == "global" else None
         full = ctx.latency_model.predict(ctx.structure.full_widths())
         for fraction in args.fractions:
             # Each plan is what a build to that budget would make: its steepness chosen at its own goal, as a build
@@ -143,7 +146,9 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         curves["cosine"][allocation].append((latency, cosine))
         note = ""
         if allocation == "global" and steepness:  # not settled: fewer than two plans reached the goal, none compared
-            note = steepness_name(steepness.chosen) + ("" if steepness.settled else " (not compared)")
+            note = candidate_name((steepness.chosen, steepness.channels)) + (
+                "" if steepness.settled else " (not compared)"
+            )
         # Predicted beside measured: whether the cost model prices both arms' plans alike (a plan's goal is not its
         # prediction: rounding to the channel multiple lands it under the goal).
         rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{fraction:g}", f"{predicted:.3f}", f"{latency:.3f}",

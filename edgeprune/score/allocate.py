@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -160,6 +161,20 @@ def plan_from_widths(
     removed = 1 - float(np.sum(widths)) / float(sum(g.channels for g in scored))
     return Plan(model=model, input_shape=tuple(input_shape), method=method, ratio=round(removed, 4),
                 groups=tuple(groups))  # fmt: skip
+
+
+def rechoose_channels(plan: Plan, scored: list[ScoredGroup]) -> Plan:
+    """``plan``'s widths, each cut group's channels chosen by ``scored``'s scores instead (groups matched by name;
+    a group ``scored`` cannot score keeps the plan's choice). Global allocation's other channel choice: widths
+    from the task's importance, channels by weight magnitude (score/steepness.py says when and why)."""
+    by_name = {g.module: g for g in scored}
+    groups = []
+    for group in plan.groups:
+        other = by_name.get(group.module)
+        if len(group.kept) < group.channels and other is not None and other.scores is not None:
+            group = replace(group, kept=other.best(len(group.kept)))
+        groups.append(group)
+    return replace(plan, groups=tuple(groups))
 
 
 def _uniform_for_goal(scored, structure, cost, goal, multiple, model, input_shape, method) -> Plan:
