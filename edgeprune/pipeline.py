@@ -7,7 +7,6 @@ input fails in a second with one line, and the output folder only ever appears c
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 import time
@@ -21,7 +20,7 @@ from edgeprune.adapt import adapt_to_task
 from edgeprune.aim import budget_latency_ms
 from edgeprune.backends import get_backend
 from edgeprune.budgets import COUNTED, fit_counted_budget, fit_memory_budget
-from edgeprune.data import Dataset, labels_in_label_space, load_dataset, split_held_out
+from edgeprune.data import labels_in_label_space, load_dataset, split_held_out
 from edgeprune.device import LocalDevice, open_device
 from edgeprune.errors import BadInput, BudgetNotMet
 from edgeprune.estimate import EstimateDevice, measuring_device
@@ -47,12 +46,12 @@ from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.importance import STRUCTURES, score_groups, select_structures
 from edgeprune.score.memory import artifact_memory_mb
-from edgeprune.score.probe import find_unprunable
+from edgeprune.score.probe import keep_unprunable_whole
 from edgeprune.score.steepness import SteepnessChoice
 from edgeprune.score.structure import read_structure
 from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_scores
 from edgeprune.target import Budget, load_target
-from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, file_hashes, sha256, write_manifest
+from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, file_hashes, input_hashes, write_manifest
 
 # compensate: taylor selection (with magnitude, a 2x build stayed at chance: README), then the closed-form
 # least-squares refit; no gradient step. lowrank: prune SVD basis vectors; double: basis vectors and channels under
@@ -215,7 +214,7 @@ def build(options: BuildOptions, say=print) -> dict:
                         + ", ".join(f"{n['similarity']:.3f}" for n in neighbours)
                     )
                 ctx.scored = select_structures(ctx.scored, options.structures)
-                _keep_unprunable_whole(ctx, options.strict)
+                keep_unprunable_whole(ctx, options.strict)
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
             if not counted and not decomposed and not isinstance(device, EstimateDevice):
@@ -365,7 +364,7 @@ def build(options: BuildOptions, say=print) -> dict:
         files = file_hashes(workdir)
         write_html(workdir / "report.html", report, chosen.plan.widths(), files)  # shows every file but itself
         files |= file_hashes(workdir, ["report.html"])
-        write_manifest(workdir, files, _input_hashes(options, data), report["versions"])
+        write_manifest(workdir, files, input_hashes(options, data), report["versions"])
         publish(workdir, out)
         return report
     finally:
@@ -388,30 +387,6 @@ def _pinned_plan(path: str, example: torch.Tensor) -> Plan:
         shape = ",".join(map(str, plan.input_shape))
         raise BadInput(f"--plan {path} was made for input shape {shape}; pass --input-shape {shape}")
     return plan
-
-
-def _input_hashes(options: BuildOptions, data: Dataset) -> dict:
-    """What the build read, by content: the model spec, the weights file's and the data's sha256, and the seed."""
-    weights = {"path": options.weights, "sha256": sha256(Path(options.weights))} if options.weights else None
-    data_hash = hashlib.sha256(data.x.numpy().tobytes()).hexdigest()
-    plan = {"path": options.plan, "sha256": sha256(Path(options.plan))} if options.plan else None
-    return {"model": options.model, "weights": weights, "calib": {"source": data.source, "sha256": data_hash},
-            "plan": plan, "seed": options.seed}  # fmt: skip
-
-
-def _keep_unprunable_whole(ctx: SearchContext, strict: bool) -> None:
-    """Find the groups that cannot be pruned safely (unscorable, or breaking the model) and keep them whole, saying
-    which; with ``strict``, refuse them instead."""
-    unprunable = {g.module: g.reason for g in ctx.scored if g.reason}
-    unprunable |= find_unprunable(ctx.model, ctx.example, ctx.scored, ctx.target.channel_multiple)
-    if not unprunable:
-        return
-    names = ", ".join(sorted(unprunable)[:6]) + (" ..." if len(unprunable) > 6 else "")
-    if strict:
-        first = next(iter(unprunable.values()))
-        raise BadInput(f"--strict: {len(unprunable)} groups cannot be pruned safely ({names}): {first}")
-    ctx.say(f"{len(unprunable)} of {len(ctx.scored)} groups cannot be pruned safely and are kept whole: {names}")
-    ctx.keep_whole(unprunable)
 
 
 def _score(model, example: torch.Tensor, method: str, batches: list) -> list:

@@ -43,6 +43,16 @@ def file_hashes(folder: Path, names: list[str] | None = None) -> dict:
     return {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in kept}
 
 
+def input_hashes(options, data) -> dict:
+    """What a build (pipeline.BuildOptions, data.Dataset) read, by content, for its manifest: the model spec, the
+    weights file's, the data's and a pinned plan's sha256, and the seed."""
+    weights = {"path": options.weights, "sha256": sha256(Path(options.weights))} if options.weights else None
+    data_hash = hashlib.sha256(data.x.numpy().tobytes()).hexdigest()
+    plan = {"path": options.plan, "sha256": sha256(Path(options.plan))} if options.plan else None
+    return {"model": options.model, "weights": weights, "calib": {"source": data.source, "sha256": data_hash},
+            "plan": plan, "seed": options.seed}  # fmt: skip
+
+
 def write_manifest(folder: Path, files: dict, inputs: dict, versions: dict) -> dict:
     """Write manifest.json: every output file with its size and sha256, the build's inputs, versions, command."""
     manifest = {"files": dict(sorted(files.items())), "inputs": inputs, "versions": versions, "command": sys.argv[1:]}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeprune.errors import BadInput
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.rewrite.verify import check_routing
 from edgeprune.score.allocate import plan_from_widths, uniform_plan
@@ -100,3 +101,18 @@ def find_unprunable(
 
     grouped = grouped_conv_groups(model, example)
     return grouped | culprits([g.module for g in scored if g.scores is not None and g.module not in grouped])
+
+
+def keep_unprunable_whole(ctx, strict: bool) -> None:
+    """Find the groups that cannot be pruned safely (unscorable, or breaking the model) and keep them whole, saying
+    which; with ``strict``, refuse them instead. ``ctx`` is the build's loop.SearchContext."""
+    unprunable = {g.module: g.reason for g in ctx.scored if g.reason}
+    unprunable |= find_unprunable(ctx.model, ctx.example, ctx.scored, ctx.target.channel_multiple)
+    if not unprunable:
+        return
+    names = ", ".join(sorted(unprunable)[:6]) + (" ..." if len(unprunable) > 6 else "")
+    if strict:
+        first = next(iter(unprunable.values()))
+        raise BadInput(f"--strict: {len(unprunable)} groups cannot be pruned safely ({names}): {first}")
+    ctx.say(f"{len(unprunable)} of {len(ctx.scored)} groups cannot be pruned safely and are kept whole: {names}")
+    ctx.keep_whole(unprunable)
