@@ -116,7 +116,8 @@ def _slow(run: dict) -> str:
 
 def _chose(run: dict) -> str:
     chosen = run.get("steepness")
-    return "" if chosen is None else ", uniform" if chosen == "uniform" else f", s={chosen:g}"
+    by = " magnitude" if run.get("channels") == "magnitude" else ""  # the channels kept by weight magnitude
+    return "" if chosen is None else (", uniform" if chosen == "uniform" else f", s={chosen:g}") + by
 
 
 def main() -> int:
@@ -206,6 +207,7 @@ def main() -> int:
                                         params=report["result"]["params"],
                                         rounds=len({i["step"] for i in report["iterations"] if i["step"]}),
                                         steepness=(report.get("steepness") or {}).get("chosen"),
+                                        channels=(report.get("steepness") or {}).get("channels"),
                                         slow=sum(len(i["latency_ms"].get("slow_tries_reference_p50", []))
                                                  + len(i.get("timed_again_slow_tries_reference_p50", []))
                                                  for i in [*report["iterations"], report["result"]]))  # fmt: skip
