@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from edgeprune.errors import EdgepruneError
+from edgeprune.errors import EdgepruneError, Terminated, on_stop_signal, raise_if_stopped
 from edgeprune.farm.executor import EXECUTORS_HELP
 
 DEVICE_HELP = (
@@ -190,6 +190,7 @@ class _progress:
         self.live = False
 
     def __call__(self, message: str) -> None:
+        raise_if_stopped()  # each step of a build starts here: a stop signal lost in a library stops it now
         err.print(f"[dim]{time.perf_counter() - self.start:6.1f}s[/dim] {message}", soft_wrap=True)
         if self.status is None:
             return
@@ -348,17 +349,11 @@ def profile(
                   " [estimate] roofline, not measurements", markup=False, soft_wrap=True)  # fmt: skip
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every ``finally`` runs: the build removes its partial output folder."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main() -> None:
     """Entry point of the ``edgeprune`` script. SIGINT and SIGTERM stop a build cleanly: no partial output."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell had us ignore Ctrl-C
+        signal.signal(signal.SIGINT, on_stop_signal)
     app()
 
 

@@ -6,6 +6,8 @@ traceback, and exits with the code.
 
 from __future__ import annotations
 
+import signal
+
 
 class EdgepruneError(Exception):
     """Base of the errors the CLI turns into a one-line message and an exit code."""
@@ -27,3 +29,27 @@ class BudgetNotMet(EdgepruneError):
     def __init__(self, message: str, report: dict | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` runs: the build removes its partial output folder."""
+
+
+# The stop signal received, if any. A handler's exception is raised wherever the main thread happens to be, and is
+# lost there when that is a finaliser (``__del__``, a weakref callback: Python only prints "Exception ignored") or a
+# library that catches everything; a build once ran to the end and exited 0 after a SIGTERM. So the signal is also
+# remembered, and raise_if_stopped raises it again at the build's next step and before any output is published.
+_stopped_by: type[KeyboardInterrupt] | None = None
+
+
+def on_stop_signal(signum: int, frame: object) -> None:
+    """Handler for SIGINT and SIGTERM: remember the signal and raise it as KeyboardInterrupt or Terminated."""
+    global _stopped_by
+    _stopped_by = KeyboardInterrupt if signum == signal.SIGINT else Terminated
+    raise _stopped_by()
+
+
+def raise_if_stopped() -> None:
+    """Raise again a stop signal whose exception was swallowed on its way out."""
+    if _stopped_by is not None:
+        raise _stopped_by()

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgeprune.errors import BadInput
+from edgeprune.errors import BadInput, raise_if_stopped
 
 if TYPE_CHECKING:
     from edgeprune.loop import Candidate
@@ -69,6 +69,7 @@ def _alive(pid: int) -> bool:
 
 def publish(workdir: Path, out: Path) -> None:
     """Move the finished ``workdir`` to ``out``; an old ``out`` is set aside first and removed only afterwards."""
+    raise_if_stopped()  # a stop signal whose exception a library swallowed still leaves no output
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
