@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeprune.backends import get_backend
 from edgeprune.device import open_device
-from edgeprune.errors import BadInput, EdgepruneError
+from edgeprune.errors import BadInput, EdgepruneError, raise_if_stopped
 from edgeprune.estimate import EstimateDevice, measuring_device
 from edgeprune.loop import SearchContext, timed_beside_baseline
 from edgeprune.model import DEFAULT_MODEL, load_model
@@ -108,6 +108,7 @@ def run_profile(
             latency.add_nodes(widths, *nodes)
         latency.add(widths, p50)
     path = profile_path(target, runtime, structure)
+    raise_if_stopped()  # Ctrl-C that a library swallowed: the cache is left as it was, as the CLI then says
     latency.save(path, runtime)
     rows, earlier = [], len(latency.samples) - len(measured)  # samples cached by earlier builds come first
     for i, (name, widths, p50, _) in enumerate(measured):  # each sample predicted by a fit on all the others
