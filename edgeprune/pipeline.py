@@ -41,7 +41,7 @@ from edgeprune.report import check_output_dir, new_workdir, publish, unreachable
 from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decomposition
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import count_macs_params
-from edgeprune.rewrite.recover import quality, recover
+from edgeprune.rewrite.recover import Judge, recover
 from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.importance import STRUCTURES, score_groups, select_structures
@@ -175,7 +175,8 @@ def build(options: BuildOptions, say=print) -> dict:
                             allocation=options.allocation,
                             compensating=options.compensate or method == "compensate")  # fmt: skip
         ctx.calibration = calib.x if calib is not None else score_set.x
-        ctx.evaluate = lambda pruned: quality(pruned, model, eval_set.batches(BATCH))[1]
+        held_out = Judge(model, eval_set.batches(BATCH))
+        ctx.evaluate = lambda pruned: held_out(pruned)[1]
         with timed(say, "measuring the unpruned model"):
             baseline, baseline_artifact = ctx.measure(model, "baseline")
         base_macs, base_params = count_macs_params(model, example)
@@ -270,9 +271,8 @@ def build(options: BuildOptions, say=print) -> dict:
 
         with timed(say, "recovering accuracy on the chosen structure"):
             steps = 0 if method == "compensate" else options.recover_steps
-            pruned, recovery = recover(
-                model, chosen.plan, example, score_set, eval_set, steps, ctx.compensating, BATCH, aux, calib
-            )
+            pruned, recovery = recover(model, chosen.plan, example, score_set, eval_set, steps, ctx.compensating,
+                                       BATCH, aux, calib, held_out)  # fmt: skip
         with timed(say, "exporting and validating the final artifact"):
             artifact = backend.export(pruned, example, workdir, target, ctx.calibration)
             inputs = eval_set.x[:VALIDATION_SAMPLES]

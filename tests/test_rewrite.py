@@ -15,7 +15,7 @@ from torch import nn
 from edgeprune.errors import BadInput
 from edgeprune.rewrite.plan import PLAN_VERSION, GroupPlan, Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
-from edgeprune.rewrite.recover import distill, quality, recalibrate_batchnorm
+from edgeprune.rewrite.recover import Judge, distill, quality, recalibrate_batchnorm
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import build_graph, prunable_groups, score_groups
 
@@ -332,6 +332,26 @@ def test_quality_accuracy_with_labels_fidelity_without():
     assert quality(model, model, [(x, None)]) == ("fidelity", 1.0)
     metric, value = quality(model, other, [])
     assert metric == "fidelity" and math.isnan(value)
+
+
+def test_a_judge_runs_the_reference_once_for_every_model_it_scores():
+    """A build judges each candidate, the recovery's before and after and every early-stopping check against the
+    same unpruned model: its outputs are computed once, and the scores are those quality() gives."""
+    reference, models = _tiny(seed=0), [_tiny(seed=s) for s in (2, 3, 4)]
+    runs = []
+    reference.register_forward_hook(lambda module, args, out: runs.append(len(args[0])))
+    x = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    for labels in (torch.arange(12) % 10, None):
+        batches = [(x[:6], None if labels is None else labels[:6]), (x[6:], None if labels is None else labels[6:])]
+        judge = Judge(reference, batches)
+        scores = [judge(model) for model in models]
+        runs.clear()
+        assert scores == [quality(model, reference, batches) for model in models]
+        assert len(runs) == 2 * len(models)  # quality() runs the reference on both batches for every model
+        runs.clear()
+        assert [judge(model) for model in models] == scores and runs == []  # the judge ran it once, before
+        baseline = judge.baseline()  # the reference's own score, from its outputs: no run either
+        assert runs == [] and baseline == quality(reference, reference, batches)[1]
 
 
 def test_models_that_cache_tensors_derived_from_parameters_copy():
