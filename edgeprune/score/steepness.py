@@ -32,14 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from edgeprune.rewrite.compensate import compensate
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
-from edgeprune.rewrite.recover import recalibrate_batchnorm
+from edgeprune.rewrite.recover import Judge, recalibrate_batchnorm
 from edgeprune.score.allocate import UNIFORM_STEEPNESS
-from edgeprune.text import is_embedding, trim_padding
 
 # 0: the scores as they are; 4: a layer at half width prices its cuts 16x; the last, the uniform ratio
 STEEPNESSES = (0.0, 1.0, 2.0, 4.0, UNIFORM_STEEPNESS)
@@ -101,26 +99,9 @@ class SteepnessChoice:
                 "over_goal": [_json_key(c) for c in self.over_goal]}  # fmt: skip
 
 
-@torch.no_grad()
 def output_distance(student: nn.Module, teacher: nn.Module, batches: list) -> float:
-    """Mean distance of ``student``'s outputs from ``teacher``'s: KL divergence of a classifier's softmax, cosine
-    distance of embeddings, mean squared error otherwise. Unlike top-1 agreement it tells apart plans that agree on
-    every one of a few samples."""
-    student.eval()
-    total, count = 0.0, 0
-    for x, _ in batches:
-        x = trim_padding(teacher, x)
-        a, b = student(x), teacher(x)
-        if is_embedding(teacher):
-            values = 1 - F.cosine_similarity(a, b, dim=-1)
-        elif a.dim() == 2:
-            values = F.kl_div(F.log_softmax(a, dim=1), F.log_softmax(b, dim=1), log_target=True, reduction="none")
-            values = values.sum(dim=1)
-        else:
-            values = (a - b).pow(2).flatten(1).mean(dim=1)
-        # Each is ≥ 0 in exact arithmetic; a plan that changes nothing can sum to -1e-8 in floating point.
-        total, count = total + float(values.clamp_min(0).sum()), count + len(values)
-    return total / max(count, 1)
+    """Mean distance of ``student``'s outputs from ``teacher``'s on ``batches`` (Judge.distance)."""
+    return Judge(teacher, batches).distance(student)
 
 
 def choose_steepness(
@@ -153,6 +134,7 @@ def choose_steepness(
     if not within or (len(candidates) > 1 and distinct < 2):  # nothing to compare
         chosen = within[0] if within else min(candidates, key=lambda c: (costs[c], c[0]))
         return SteepnessChoice(chosen[0], dict.fromkeys(candidates), 0, distinct, over, chosen[1])
+    unpruned = Judge(model, judge)  # its outputs on the judge's batches, computed once for every plan
     losses: dict[Candidate, float | None] = dict.fromkeys(candidates)  # None where over the goal or failed
     seen: dict[tuple, float | None] = {}
     for candidate in within:
@@ -167,7 +149,7 @@ def choose_steepness(
                     compensate(model, pruned, [x for x, _ in fit])
                 else:
                     recalibrate_batchnorm(pruned, fit)
-                seen[key] = output_distance(pruned, model, judge)
+                seen[key] = unpruned.distance(pruned)
         losses[candidate] = seen[key]
     measured = {c: v for c, v in losses.items() if v is not None and np.isfinite(v)}
     # Ties (the same plan) go to the build's own scores, then to the lower steepness: the scores as they are, unless
