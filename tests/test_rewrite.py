@@ -294,7 +294,11 @@ def test_distill_reduces_the_loss():
     teacher_state = _snapshot(teacher)
     generator = torch.Generator().manual_seed(5)
     batches = [(torch.randn(4, 3, 8, 8, generator=generator), None) for _ in range(2)]
+    runs = []
+    hook = teacher.register_forward_hook(lambda module, args, out: runs.append(1))
     losses = distill(student, teacher, batches, steps=30, lr=1e-2)
+    hook.remove()
+    assert len(runs) == 2  # the teacher's outputs on each batch, once for all 15 passes (8 px: no shifted copies)
     assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
     assert losses[0] > 0
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4

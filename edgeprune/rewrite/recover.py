@@ -173,13 +173,18 @@ def _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_w
     judge = (lambda: held_out(student)[1]) if held_out is not None else None
     watch = EarlyStopping(student, patience, judge()) if judge else None
     shifts = torch.Generator().manual_seed(0)
+    # The teacher's outputs on each task batch are the same at every pass over the data: computed once, unless the
+    # taps need its hidden states each step (shifted copies differ every step and are always run).
+    targets: dict[int, torch.Tensor] = {}
     for step in range(steps):
         x, y = batches[step % len(batches)]
         x = trim_padding(student, x)
         for tap in taps or ():
             tap.take()  # drop what the held-out checks recorded
-        with torch.no_grad():
-            target = teacher(x)
+        if taps or step % len(batches) not in targets:
+            with torch.no_grad():
+                targets[step % len(batches)] = teacher(x)
+        target = targets[step % len(batches)]
         loss = _loss(student(x), target, y, temperature, task_weight, embedding)
         if taps:
             loss = loss + hidden_state_loss(taps[0].take(), taps[1].take())
