@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,8 +131,12 @@ def test_existing_output_needs_force(tmp_path, monkeypatch):
 def test_unreachable_budget_exits_1_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("build", *SMALL, "--latency-ms", "0.0001", "--out", "out")
-    # Two rounds: the deepest plan is measured twice before a budget is called unreachable (one can be a busy spell).
-    assert_one_line_error(result, 1, "not reached", "after 2 round(s)", "relax the budget")
+    # The deepest plan is measured twice before a budget is called unreachable (one can be a busy spell): 2 rounds, or
+    # 3 where the session's cached measurements of this model fit a cost model whose deepest plan is not the roofline's
+    # (the loop first moves to the scaled roofline's; a fresh clone's suite once met that).
+    assert_one_line_error(result, 1, "not reached", "relax the budget")
+    assert "measuring it once more" in result.stderr
+    assert re.search(r"after [23] round\(s\)", result.stderr), result.stderr
     assert leftovers(tmp_path) == []
 
 
