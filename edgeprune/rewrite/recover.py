@@ -177,14 +177,15 @@ def _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_w
     # taps need its hidden states each step (shifted copies differ every step and are always run).
     targets: dict[int, torch.Tensor] = {}
     for step in range(steps):
-        x, y = batches[step % len(batches)]
+        index = step % len(batches)
+        x, y = batches[index]
         x = trim_padding(student, x)
         for tap in taps or ():
             tap.take()  # drop what the held-out checks recorded
-        if taps or step % len(batches) not in targets:
+        if taps or index not in targets:
             with torch.no_grad():
-                targets[step % len(batches)] = teacher(x)
-        target = targets[step % len(batches)]
+                targets[index] = teacher(x)
+        target = targets[index]
         loss = _loss(student(x), target, y, temperature, task_weight, embedding)
         if taps:
             loss = loss + hidden_state_loss(taps[0].take(), taps[1].take())
@@ -317,7 +318,8 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
     from edgeprune.rewrite.prune import apply_plan
 
     pruned = apply_plan(model, plan, example)
-    held_out = held_out or Judge(model, eval_set.batches(batch))  # the build's, whose outputs are computed already
+    if held_out is None:  # else the build's, whose outputs are computed already
+        held_out = Judge(model, eval_set.batches(batch))
     metric, before = held_out(pruned)
     info = {"metric": metric, "baseline": held_out.baseline(), "pruned": before}
     info["evaluated_on"] = "synthetic inputs" if eval_set.synthetic else f"{len(eval_set)} held-out samples"
