@@ -27,21 +27,14 @@ from edgeprune.estimate import EstimateDevice, measuring_device
 from edgeprune.farm.executor import make_executor
 from edgeprune.farm.pool import pool_status
 from edgeprune.html import write_html
-from edgeprune.loop import (
-    SearchContext,
-    learn_where_time_goes,
-    measure_final,
-    measure_plan,
-    search,
-    timed,
-    timed_beside_baseline,
-)
+from edgeprune.loop import SearchContext, learn_where_time_goes, search
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.report import check_output_dir, new_workdir, publish, unreachable_message, versions, write_json
 from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decomposition
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import count_macs_params
 from edgeprune.rewrite.recover import Judge, recover
+from edgeprune.rounds import measure_final, measure_plan, timed, timed_beside_baseline
 from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.importance import STRUCTURES, score_groups, select_structures
@@ -375,7 +368,7 @@ def build(options: BuildOptions, say=print) -> dict:
 
 def _unpruned(ctx: SearchContext, baseline, baseline_artifact, memory: dict):
     """The unpruned model as the chosen candidate: it already fits a memory budget."""
-    from edgeprune.loop import Candidate
+    from edgeprune.rounds import Candidate
 
     plan, macs, params = ctx.plan_at(0.0)
     return Candidate(0, plan, macs, params, baseline, baseline_artifact, baseline.p50, memory_mb=memory["total_mb"])

@@ -19,9 +19,10 @@ from edgeprune.backends import get_backend
 from edgeprune.device import open_device
 from edgeprune.errors import BadInput, EdgepruneError, raise_if_stopped
 from edgeprune.estimate import EstimateDevice, measuring_device
-from edgeprune.loop import SearchContext, timed_beside_baseline
+from edgeprune.loop import SearchContext
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.rewrite.prune import apply_plan
+from edgeprune.rounds import timed_beside_baseline
 from edgeprune.score.allocate import plan_from_widths, uniform_plan
 from edgeprune.score.costmodel import LatencyModel, new_model, profile_path
 from edgeprune.score.importance import score_groups

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from edgeprune.errors import BadInput, raise_if_stopped
 
 if TYPE_CHECKING:
-    from edgeprune.loop import Candidate
+    from edgeprune.rounds import Candidate
 
 VERSIONED = ("edgeprune", "torch", "torch-pruning", "timm", "onnx", "onnxruntime", "onnxsim", "openvino", "numpy")
 

@@ -130,7 +130,7 @@ def test_the_public_build_is_a_function_whatever_was_imported_first():
 
 def test_which_budgets_time_candidates_beside_the_unpruned_model():
     from edgeprune.device import LocalDevice, SshDevice
-    from edgeprune.loop import timed_beside_baseline
+    from edgeprune.rounds import timed_beside_baseline
 
     local, board = LocalDevice(), SshDevice(host="board", user="user")
     assert timed_beside_baseline("speedup", local, 5.0, 2.5) and timed_beside_baseline("speedup", board, 5.0, 2.5)
