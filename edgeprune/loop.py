@@ -26,7 +26,7 @@ from edgeprune.farm.executor import LocalExecutor
 from edgeprune.farm.work import BuildShare, export_and_measure
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
-from edgeprune.rounds import Candidate, Say, confirm, measure_plans
+from edgeprune.rounds import Candidate, Say, confirm, lower_quiet_level, measure_plans
 from edgeprune.score.allocate import allocate, rechoose_channels, uniform_plan
 from edgeprune.score.costmodel import LatencyModel
 from edgeprune.score.importance import ScoredGroup
@@ -159,8 +159,11 @@ class SearchContext:
                           self.reference, self.quiet_reference_ms, self.calibration)  # fmt: skip
 
     def measure(self, model: nn.Module, name: str) -> tuple[Measurement, Artifact]:
-        """Export ``model`` into its own folder of the work dir and benchmark it on the device, in this process."""
-        return export_and_measure(self.share(), model, name)
+        """Export ``model`` into its own folder of the work dir and benchmark it on the device, in this process
+        (beside the reference, with the slow state's retakes where a quiet level is set, as the rounds are)."""
+        measurement, artifact = export_and_measure(self.share(), model, name)
+        lower_quiet_level(self, measurement)
+        return measurement, artifact
 
 
 def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms: float, max_rounds: int):

@@ -99,8 +99,9 @@ def run_profile(
             if i == 1 and timed_beside_baseline("latency_ms", device, math.inf, 0.0):
                 # On this (shared) machine every sample is timed beside the unpruned model, as a build's rounds
                 # are, and fitted as the ratio of the two: absolute p50s of one artifact spread by 30-80% here
-                # from one benchmark to the next, the ratio far less (tools/bench_repeatability.py).
-                ctx.reference = artifact
+                # from one benchmark to the next, the ratio far less (tools/bench_repeatability.py). A sample whose
+                # reference ran in the machine's slow state is taken again, as a round is (backends/base.py).
+                ctx.reference, ctx.quiet_reference_ms = artifact, measurement.p50
     baseline_p50, p50s = comparable_samples([m for _, _, m, _ in measured])
     measured = [(name, widths, p50, nodes) for (name, widths, _, nodes), p50 in zip(measured, p50s, strict=True)]
     latency = new_model(structure, target, runtime)

@@ -127,8 +127,10 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
             recalibrate_batchnorm(pruned, batches)
             predicted = ctx.latency_model.predict(ctx.structure.widths_of(plan))  # the plan's own, not its goal
             plans.append((allocation, fraction, pruned.eval(), macs, ctx.steepness, predicted))
-    # Every plan timed beside the unpruned model, in round-robin: a busy spell lands on all plans alike.
-    _, ctx.reference = ctx.measure(model, "unpruned")
+    # Every plan timed beside the unpruned model, in round-robin: a busy spell lands on all plans alike; and taken
+    # again where the unpruned model alongside ran in the machine's slow state, as a build's rounds are.
+    unpruned, ctx.reference = ctx.measure(model, "unpruned")
+    ctx.quiet_reference_ms = unpruned.p50
     baseline_p50 = profiled["baseline_p50"]
     times: list[list[float]] = [[] for _ in plans]
     for repeat in range(args.repeats):

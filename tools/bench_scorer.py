@@ -77,8 +77,10 @@ def predictions(spec: str, weights: str, shape: tuple[int, ...], samples: int, c
     with tempfile.TemporaryDirectory() as tmp:
         ctx = SearchContext(model, example, scored, spec, "magnitude", target, backend, device, Path(tmp), say)
         ctx.structure, ctx.latency_model = structure, latency
-        # Measured as a build measures its rounds here: beside the unpruned model, judged on the comparable p50.
-        _, ctx.reference = ctx.measure(model, "unpruned")
+        # Measured as a build measures its rounds here: beside the unpruned model, judged on the comparable p50, and
+        # taken again where the unpruned model alongside ran in the machine's slow state (backends/base.py).
+        unpruned, ctx.reference = ctx.measure(model, "unpruned")
+        ctx.quiet_reference_ms = unpruned.p50
         full = latency.predict(structure.full_widths())
         for i, fraction in enumerate(np.linspace(0.85, 0.45, count)):
             allocation = ("global", "uniform")[i % 2]
