@@ -12,7 +12,8 @@ to train, the other 597 held out for calibration and evaluation. Then, per model
     With --repeats R each candidate is measured R times and judged on the median; the table then also gives how
     far its R measurements spread ((max − min) / median), the noise the prediction is judged against.
     Profile samples and candidates alike are timed beside the unpruned model and taken as the p50 they would
-    have measured under the profile's baseline (comparable p50), as a build on this machine judges its rounds.
+    have measured under the profile's baseline (comparable p50), as a build on this machine judges its rounds; a
+    timing whose unpruned model alongside ran in the machine's slow state is taken again, as a round's is.
 (b) fidelity at equal measured latency: two builds to the same latency budget (0.6 × the unpruned p50 measured by
     the profile), both given the same 256 training digits as --calib, no distillation: edgeprune's default (global
     allocation of fisher scores computed on those digits), and Torch-Pruning's uniform L1 (magnitude importance,
