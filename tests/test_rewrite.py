@@ -356,7 +356,7 @@ def test_a_judge_runs_the_reference_once_for_every_model_it_scores():
         assert [judge(model) for model in models] == scores and runs == []  # the judge ran it once, before
         baseline = judge.baseline()  # the reference's own score, from its outputs: no run either
         assert runs == [] and baseline == quality(reference, reference, batches)[1]
-        # The steepness choice's distance (KL of the softmax) reads the same outputs: 0 for the reference itself.
+        # The steepness choice's distance (cosine of the logits) reads the same outputs: 0 for the reference itself.
         runs.clear()
         distances = [judge.distance(model) for model in [reference, *models]]
         assert len(runs) == 2 and distances[0] < 1e-9 and min(distances[1:]) > 1e-4  # 2: the reference judged

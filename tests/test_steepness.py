@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from conftest import R18  # noqa: F401
+from torch import nn
 
 from edgeprune.rewrite.plan import GroupPlan, Plan
 from edgeprune.score.allocate import UNIFORM_STEEPNESS, global_widths, plan_from_widths
@@ -47,6 +51,28 @@ def test_steepness_spares_a_layer_the_scores_would_empty(r18, r18_scored, exampl
     assert kept[0.0].min() < kept[2.0].min() < kept[8.0].min()
     assert sum(kept[0.0][prunable] < 1) < sum(kept[2.0][prunable] < 1) < sum(kept[8.0][prunable] < 1)
     assert np.ptp(kept[8.0][prunable]) < np.ptp(kept[0.0][prunable])
+
+
+def test_a_classifiers_distance_is_its_logits_cosine_distance_bounded_per_sample():
+    """The steepness choice judges a classifier by the mean cosine distance of its logits from the unpruned model's:
+    a model whose logits point the opposite way on every sample is at 2, however confident (the KL divergence of
+    the softmax, which the choice used before, grows without bound with that confidence)."""
+    from edgeprune.rewrite.recover import Judge
+
+    torch.manual_seed(0)
+    reference = nn.Linear(8, 5).eval()
+    batches = [(torch.randn(16, 8), None), (torch.randn(16, 8), None)]
+    opposite, nearby = copy.deepcopy(reference), copy.deepcopy(reference)
+    with torch.no_grad():
+        for parameter in opposite.parameters():
+            parameter.mul_(-1000.0)
+        nearby.weight.add_(0.1 * torch.randn_like(nearby.weight))
+    judge = Judge(reference, batches)
+    assert judge.distance(reference) < 1e-6
+    assert judge.distance(opposite) == pytest.approx(2.0, abs=1e-5)
+    x = torch.cat([b for b, _ in batches])
+    expected = float((1 - F.cosine_similarity(nearby(x), reference(x), dim=-1)).mean())
+    assert judge.distance(nearby) == pytest.approx(expected, rel=1e-5) and 0 < expected < 0.1
 
 
 def test_output_distance_is_zero_for_the_same_model_and_grows_with_the_cut(r18, r18_scored, example):
