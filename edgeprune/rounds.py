@@ -31,7 +31,7 @@ FINAL_TRIES = 3  # measurements of the final artifact, when it measures over bud
 class Candidate:
     """A measured round: its plan, MACs, params, the measurement, the artifact measured, and its latency as it
     compares with the budget (the p50 normalised to the baseline's conditions when a reference was timed alongside;
-    for a round accepted in the band, the larger of its two timings).
+    for a round accepted in the band, the larger of its two timings, or the one out of the slow state: confirm).
     """
 
     step: int
@@ -42,7 +42,7 @@ class Candidate:
     artifact: Artifact
     latency: float
     quality: float | None = None  # accuracy or fidelity on held-out data, before recovery
-    timed_again: float | None = None  # the second timing of a round accepted in the band (latency: the larger)
+    timed_again: float | None = None  # the second timing of a round accepted in the band (latency: see confirm)
     again_slow_tries: tuple[float, ...] = ()  # the second timing's tries set aside in the slow state (reference p50s)
     predicted: float | None = None  # the cost model's latency for this plan, before it was measured
     memory_mb: float | None = None  # weights + peak live activations of its graph (memory budgets only)
