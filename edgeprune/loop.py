@@ -31,7 +31,7 @@ from edgeprune.score.allocate import allocate, rechoose_channels, uniform_plan
 from edgeprune.score.costmodel import LatencyModel
 from edgeprune.score.importance import ScoredGroup
 from edgeprune.score.probe import find_unprunable
-from edgeprune.score.steepness import IMPORTANCE, MAGNITUDE, SteepnessChoice, choose_steepness
+from edgeprune.score.steepness import IMPORTANCE, SteepnessChoice, choose_steepness
 from edgeprune.score.structure import Structure
 from edgeprune.target import Target
 
@@ -70,9 +70,10 @@ class SearchContext:
     steepness_batches: list | None = None
     steepness_unlabelled: list | None = None  # the task's unlabelled batches: a compensating build's refit uses them
     steepness: SteepnessChoice | None = None
-    # The same groups scored by weight magnitude (L2): global allocation's other choice of which channels a cut group
-    # keeps, judged beside the build's own scores on the steepness batches (score/steepness.py). None: not offered.
-    magnitude_scored: list[ScoredGroup] | None = None
+    # The same groups scored by weight magnitude, by channel choice (steepness.L2, steepness.L1): global allocation's
+    # other choices of which channels a cut group keeps, judged beside the build's own scores on the steepness batches
+    # (score/steepness.py). Empty: none offered.
+    channel_scores: dict[str, list[ScoredGroup]] = field(default_factory=dict)
     compensating: bool = False  # the build refits by least squares after pruning (steepness is judged after it too)
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
     executor: object = field(default_factory=LocalExecutor)  # where candidates are pruned, exported, measured
@@ -105,7 +106,7 @@ class SearchContext:
             plan = allocate(self.scored, self.structure, cost or self.latency_model.predict, goal,
                             self.target.channel_multiple, self.allocation, self.spec, tuple(self.example.shape),
                             self.method, steepness)  # fmt: skip
-            return rechoose_channels(plan, self.magnitude_scored) if channels == MAGNITUDE else plan
+            return plan if channels == IMPORTANCE else rechoose_channels(plan, self.channel_scores[channels])
 
         unsettled = self.steepness is None or not self.steepness.settled
         if self.allocation == "global" and unsettled and self.steepness_batches and choose:
@@ -121,7 +122,7 @@ class SearchContext:
 
     def channel_choices(self) -> tuple[str, ...]:
         """Which channels a cut group may keep: the build's scores, and by weight magnitude where it has those too."""
-        return (IMPORTANCE, MAGNITUDE) if self.magnitude_scored else (IMPORTANCE,)
+        return (IMPORTANCE, *self.channel_scores)
 
     def checked_plan(self, make: Callable[[], Plan]) -> tuple[Plan, int, int]:
         """Make a plan, prune a copy by it and count. torch-pruning's index mapping can fail at one width and not

@@ -40,7 +40,7 @@ from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.importance import STRUCTURES, score_groups, select_structures
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import keep_unprunable_whole
-from edgeprune.score.steepness import SteepnessChoice
+from edgeprune.score.steepness import MAGNITUDES, SteepnessChoice
 from edgeprune.score.structure import read_structure
 from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_scores
 from edgeprune.target import Budget, load_target
@@ -224,7 +224,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 # Channels by magnitude, judged beside the scores' own choice (score/steepness.py); vote's channels
                 # are the earlier tasks' choice, which is its point.
                 if importance in ("fisher", "taylor") and method != "vote" and options.allocation == "global":
-                    ctx.magnitude_scored = _score(ctx.model, example, "l2", [])
+                    ctx.channel_scores = {c: _score(ctx.model, example, m, []) for c, m in MAGNITUDES.items()}
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
             try:

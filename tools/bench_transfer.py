@@ -116,7 +116,8 @@ def _slow(run: dict) -> str:
 
 def _chose(run: dict) -> str:
     chosen = run.get("steepness")
-    by = " magnitude" if run.get("channels") == "magnitude" else ""  # the channels kept by weight magnitude
+    channels = run.get("channels", "importance")  # the channels kept by weight magnitude: "l2" or "l1"
+    by = "" if channels == "importance" else f" {channels}"
     return "" if chosen is None else (", uniform" if chosen == "uniform" else f", s={chosen:g}") + by
 
 

@@ -15,12 +15,16 @@ task's data says that equal cuts keep its outputs closer, the build takes them, 
 allocation's floor. Only plans whose predicted cost is within the goal are compared: one over it keeps more and
 would win by not doing what was asked.
 
-Which channels a group keeps is a second choice made the same way. Each plan is also made with the same widths and
-each cut group's channels chosen by weight magnitude (L2) instead of the task's importance. Fisher and taylor sum
-per-sample estimates; on ConvNeXt-atto with a couple of hundred digits, fisher's ranking within a group was the
-noisier one, and at a uniform ratio of 0.5 its channels kept 0.831 held-out top-1 agreement against L2's 0.874.
-On ResNet-18 the two were within a point or two of each other. Neither is right for every model, so the task's
-data decides, between the plans of both (README, "Scorer benchmark").
+Which channels a cut group keeps is a second choice made the same way. Each plan is also made with the same widths
+and each cut group's channels chosen by weight magnitude instead of the task's importance, by L2 and by L1. Fisher
+and taylor sum per-sample estimates; on ConvNeXt-atto with a couple of hundred digits, fisher's ranking within a
+group was the noisier one, and at a uniform ratio of 0.5 its channels kept 0.831 held-out top-1 agreement against
+L2's 0.874. On ResNet-18 the two were within a point or two of each other. L1 and L2 differ too, and neither
+everywhere: at uniform ratios of 0.3-0.6 (batch norms recalibrated), L2's channels kept 6-8 points more top-1 on
+RegNetX-200MF at 0.3-0.4, L1's 4 more on ConvNeXt-atto at 0.6, where a build that could only choose L2 kept 0.782
+against Torch-Pruning's uniform L1 at the same widths, 0.834. With L1 among the choices, the uniform ratio with L1's
+channels, Torch-Pruning's own plan, is always one of the candidates. The task's data decides between them all
+(README, "Scorer benchmark").
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ from edgeprune.score.allocate import UNIFORM_STEEPNESS
 
 # 0: the scores as they are; 4: a layer at half width prices its cuts 16x; the last, the uniform ratio
 STEEPNESSES = (0.0, 1.0, 2.0, 4.0, UNIFORM_STEEPNESS)
-# Which channels a cut group keeps: the build's importance scores, or the L2 magnitude of its weights.
-IMPORTANCE, MAGNITUDE = "importance", "magnitude"
+# Which channels a cut group keeps: the build's importance scores, or the L2 or L1 magnitude of its weights
+# (choice → score_groups' method for it; its "magnitude" is group L1, Torch-Pruning's default).
+IMPORTANCE = "importance"
+MAGNITUDES = {"l2": "l2", "l1": "magnitude"}
 Candidate = tuple[float, str]  # (steepness, channel choice)
 
 
@@ -52,13 +58,13 @@ def steepness_name(steepness: float) -> str:
 
 def candidate_name(candidate: Candidate) -> str:
     steepness, channels = candidate
-    return steepness_name(steepness) + (", channels by magnitude" if channels == MAGNITUDE else "")
+    return steepness_name(steepness) + (f", channels by {channels.upper()} magnitude" if channels != IMPORTANCE else "")
 
 
 def _json_key(candidate: Candidate) -> str:
     steepness, channels = candidate
     name = "uniform" if steepness == UNIFORM_STEEPNESS else f"{steepness:g}"  # JSON has no infinity
-    return name + (" magnitude" if channels == MAGNITUDE else "")
+    return name + ("" if channels == IMPORTANCE else f" {channels}")
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class SteepnessChoice:
     samples: int
     plans: int = 0  # the distinct plans within the goal that were compared (0: pinned, nothing was compared)
     over_goal: tuple[Candidate, ...] = ()  # the candidates whose plans were predicted over the goal: not compared
-    channels: str = IMPORTANCE  # which channels a cut group keeps (IMPORTANCE or MAGNITUDE)
+    channels: str = IMPORTANCE  # which channels a cut group keeps (IMPORTANCE or a key of MAGNITUDES)
 
     @property
     def settled(self) -> bool:
