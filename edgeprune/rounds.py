@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 Say = Callable[[str], None]
 FINAL_TRIES = 3  # measurements of the final artifact, when it measures over budget while its round did not
+# Before the n-th try again of the final artifact, a pause of n times this: the machine's slow state lasts ~50 s here
+# (2026-12-04), longer than three tries back to back, and a 2x build failed its final check in it (0.475 ms against
+# a 0.459 ms budget, its round 0.371 ms; 2026-12-05). Only a build that would otherwise fail waits.
+FINAL_PAUSE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -129,16 +133,18 @@ def measure_final(ctx: SearchContext, artifact, baseline_p50: float, round_laten
     """Benchmark the final artifact and return every try (one, unless the machine was busy).
 
     The final artifact has the accepted round's structure, so the same latency. When it measures over budget while
-    its round did not, something else was using the machine (contention only ever adds time): measure again, at
-    most FINAL_TRIES times in all. The report lists every try.
+    its round did not, something else was using the machine (contention only ever adds time): measure again, after
+    a pause that grows with each try (FINAL_PAUSE_S), at most FINAL_TRIES times in all. The report lists every try.
     """
     shape = tuple(ctx.example.shape)
     finals: list[Measurement] = []
     while not finals or (finals[-1].comparable_p50(baseline_p50) > budget_ms >= round_latency
                          and len(finals) < FINAL_TRIES):  # fmt: skip
         if finals:
+            pause = FINAL_PAUSE_S * len(finals)
             ctx.say(f"final artifact measured {finals[-1].comparable_p50(baseline_p50):.3f} ms{slow_state(finals[-1])},"
-                    f" its round {round_latency:.3f} ms: busy machine; measuring again")  # fmt: skip
+                    f" its round {round_latency:.3f} ms: busy machine; measuring again in {pause:g} s")  # fmt: skip
+            time.sleep(pause)
         # No retake without a reference (quiet level None): nothing was timed beside the artifact.
         finals.append(ctx.backend.benchmark(artifact, shape, ctx.target, ctx.device, ctx.reference,
                                             ctx.quiet_reference_ms))  # fmt: skip

@@ -4,9 +4,11 @@ machine's noise; nothing is exported."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import R18  # noqa: F401
 
 from edgeprune.backends import Measurement, get_backend
@@ -204,3 +206,43 @@ def test_a_timing_left_in_the_slow_state_does_not_outweigh_a_quiet_one(r18, r18_
     slow_ms = true_ms * 1.7 / 1.45
     assert confirmed.latency == pytest.approx(slow_ms if slow == {1, 2} else true_ms)
     assert ctx.quiet_reference_ms == (1.45 * 12.0 if slow == {1, 2} and baseline_slow else 12.0)
+
+
+class _SlowSpell:
+    """A backend whose machine is in its slow state for ``spell_s`` seconds from its first timing: the unpruned model
+    alongside runs 1.45x its quiet p50, the pruned one 1.7x, so the ratio reads 17% slow (backends/base.py)."""
+
+    def __init__(self, spell_s: float):
+        self.spell_s, self.start, self.times = spell_s, None, []
+
+    def benchmark(self, artifact, shape, target, device=None, reference=None, quiet_reference_ms=None) -> Measurement:
+        now = time.monotonic()
+        self.start = now if self.start is None else self.start
+        slow = now - self.start < self.spell_s
+        self.times.append(now - self.start)
+        p50, reference_p50 = (0.28 * 1.7, 0.62 * 1.45) if slow else (0.28, 0.62)
+        return Measurement(p50, p50, p50, p50, 100, "local", "simulated", 1, reference_p50=reference_p50)
+
+
+@pytest.mark.parametrize("pause_s", [0.0, 0.4])
+def test_the_final_check_waits_out_a_slow_spell_before_it_fails_a_build(monkeypatch, pause_s):
+    """A 2x build whose baseline was timed slow (0.90 ms: budget 0.45) accepted a round at 0.37 ms, then timed its
+    final artifact three times back to back in a spell of the slow state, longer than the three tries, and failed
+    (2026-12-05, 0.475 ms). With pauses that grow between the tries the third is taken after the spell and holds."""
+    from types import SimpleNamespace
+
+    from edgeprune import rounds
+
+    monkeypatch.setattr(rounds, "FINAL_PAUSE_S", pause_s)
+    backend, said = _SlowSpell(spell_s=1.0), []
+    ctx = SimpleNamespace(example=torch.zeros(1, 3, 8, 8), backend=backend, target=TARGET, device=None,
+                          reference="unpruned", quiet_reference_ms=0.62, say=said.append)  # fmt: skip
+    baseline_p50, budget = 0.90, 0.45
+    finals = rounds.measure_final(ctx, "artifact", baseline_p50, 0.37, budget)
+    assert len(finals) == rounds.FINAL_TRIES and finals[0].comparable_p50(baseline_p50) > budget
+    assert [m.startswith("final artifact measured") for m in said] == [True, True]
+    if pause_s:
+        assert backend.times[1] >= pause_s and backend.times[2] >= 3 * pause_s
+        assert finals[-1].comparable_p50(baseline_p50) <= budget and "measuring again in 0.8 s" in said[-1]
+    else:  # back to back, every try inside the spell: the build would fail
+        assert all(m.comparable_p50(baseline_p50) > budget for m in finals)
