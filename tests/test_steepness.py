@@ -299,3 +299,36 @@ def test_torch_prunings_uniform_l1_plan_is_one_of_global_allocations_candidates(
         assert [g.width for g in plan.groups] == [g.width for g in tp_plan.groups]
     assert kept["l1"] == [g.kept for g in tp_plan.groups]
     assert kept["l2"] != kept["l1"]  # (the fixture's own scores are L1's too)
+
+
+def test_below_the_floor_the_cheapest_plans_channel_choices_are_compared_and_the_steepness_stays_open(
+    r18, r18_scored, example
+):
+    """Where no plan reaches the goal, the cheapest is taken; with channel choices there are several cheapest plans,
+    one set of widths with each choice's channels, and they are compared (RegNetX-200MF's uniform floor kept 0.20
+    cosine with fisher's channels, 0.39 with L1's). The steepness said nothing there: it is chosen again."""
+    from edgeprune.score.allocate import rechoose_channels
+    from edgeprune.score.importance import score_groups
+
+    batches = [(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(8)), None)]
+    structure = read_structure(r18, example, [g.module for g in r18_scored])
+    full = structure.full_widths()
+    half = np.where(full > 8, np.maximum(8, full // 16 * 8), full)
+    # The build's own scores rank the channels backwards: kept by them, the plan keeps the weakest half.
+    backwards = [replace(g, scores=-g.scores) for g in r18_scored]
+    widths = {0.0: full - 8 * (full > 8), UNIFORM_STEEPNESS: half}
+    l2 = score_groups(r18, example, "l2")
+
+    def make(steepness, channels):
+        plan = plan_from_widths(backwards, widths[steepness], R18, tuple(example.shape), "m")
+        return plan if channels == IMPORTANCE else rechoose_channels(plan, l2)
+
+    cost = lambda plan: float(sum(structure.widths_of(plan)))  # noqa: E731
+    choice = choose_steepness(r18, example, batches, make, tuple(widths), cost=cost, goal=1.0,
+                              channels=(IMPORTANCE, "l2"))  # fmt: skip
+    assert len(choice.over_goal) == 4 and choice.floor and choice.plans == 2
+    assert (choice.chosen, choice.channels) == (UNIFORM_STEEPNESS, "l2")
+    assert choice.losses[UNIFORM_STEEPNESS, "l2"] < choice.losses[UNIFORM_STEEPNESS, IMPORTANCE]
+    assert choice.losses[0.0, IMPORTANCE] is None and choice.losses[0.0, "l2"] is None  # not the cheapest
+    assert not choice.settled and "no plan reaches the goal" in choice.describe()
+    assert "chosen again at the next" in choice.describe() and "steepness 0" not in choice.describe()
