@@ -148,10 +148,11 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         curves["top-1"][allocation].append((latency, top1))
         curves["cosine"][allocation].append((latency, cosine))
         note = ""
-        if allocation == "global" and steepness:  # not settled: fewer than two plans reached the goal, none compared
-            note = candidate_name((steepness.chosen, steepness.channels)) + (
-                "" if steepness.settled else " (not compared)"
+        if allocation == "global" and steepness:  # not settled: fewer than two plans reached the goal
+            unsettled = (
+                " (at the floor: channels compared)" if steepness.floor and steepness.plans > 1 else " (not compared)"
             )
+            note = candidate_name((steepness.chosen, steepness.channels)) + ("" if steepness.settled else unsettled)
         # Predicted beside measured: whether the cost model prices both arms' plans alike (a plan's goal is not its
         # prediction: rounding to the channel multiple lands it under the goal).
         rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{fraction:g}", f"{predicted:.3f}", f"{latency:.3f}",
