@@ -8,7 +8,6 @@ stderr, so ``--json`` leaves stdout to the report alone.
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from edgeprune.errors import EdgepruneError, Terminated, on_stop_signal, raise_if_stopped
+from edgeprune.errors import EdgepruneError, Terminated, install_stop_handlers, raise_if_stopped
 from edgeprune.farm.executor import EXECUTORS_HELP
 
 DEVICE_HELP = (
@@ -351,9 +350,7 @@ def profile(
 
 def main() -> None:
     """Entry point of the ``edgeprune`` script. SIGINT and SIGTERM stop a build cleanly: no partial output."""
-    signal.signal(signal.SIGTERM, on_stop_signal)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell had us ignore Ctrl-C
-        signal.signal(signal.SIGINT, on_stop_signal)
+    install_stop_handlers()
     app()
 
 

@@ -6,6 +6,7 @@ traceback, and exits with the code.
 
 from __future__ import annotations
 
+import os
 import signal
 
 
@@ -40,6 +41,31 @@ class Terminated(KeyboardInterrupt):
 # library that catches everything; a build once ran to the end and exited 0 after a SIGTERM. So the signal is also
 # remembered, and raise_if_stopped raises it again at the build's next step and before any output is published.
 _stopped_by: type[KeyboardInterrupt] | None = None
+
+
+_before_ours: dict[int, object] | None = None  # the handlers install_stop_handlers replaced, for forked children
+
+
+def install_stop_handlers() -> None:
+    """on_stop_signal for SIGTERM, and for SIGINT unless the shell had us ignore Ctrl-C.
+
+    A process that a library forks from this one gets back the handlers that were there before ours. OpenVINO sends
+    its usage report from a forked ``multiprocessing.Process``, and a fork taken while another thread held a lock
+    can wait on that lock forever. Our handler is Python code, which such a child never runs again, so SIGTERM
+    could not stop it, and multiprocessing's exit, which terminates and joins it, hung a finished build after
+    "wrote out/" (the demo, 2026-12-05, 10 minutes, until the child was killed with SIGKILL)."""
+    global _before_ours
+    first = _before_ours is None
+    _before_ours = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop_signal)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        _before_ours[signal.SIGINT] = signal.signal(signal.SIGINT, on_stop_signal)
+    if first:
+        os.register_at_fork(after_in_child=_restore_in_child)
+
+
+def _restore_in_child() -> None:
+    for signum, handler in (_before_ours or {}).items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def on_stop_signal(signum: int, frame: object) -> None:

@@ -112,3 +112,37 @@ def test_a_stop_signal_whose_exception_is_swallowed_still_stops_the_build(tmp_pa
     assert done.returncode == 143, done.stderr[-1500:]
     assert "terminated; no output was written" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["swallow.py"], "partial output left behind"
+
+
+# A child forked while the parent held a lock in C, waiting on it (pthread_mutex_lock is not interrupted by
+# signals), as OpenVINO's usage-report process did; the parent then stops it as multiprocessing does, SIGTERM.
+FORKED_CHILD_STUCK_IN_A_LOCK = """
+import ctypes, multiprocessing, os, signal, sys
+from edgeprune.errors import install_stop_handlers
+if sys.argv[1] == "ours":
+    install_stop_handlers()
+libc = ctypes.CDLL(None)
+mutex = ctypes.create_string_buffer(64)  # zeroed: PTHREAD_MUTEX_INITIALIZER
+libc.pthread_mutex_lock(mutex)
+child = multiprocessing.get_context("fork").Process(target=libc.pthread_mutex_lock, args=(mutex,), daemon=True)
+child.start()
+child.join(0.5)
+child.terminate()
+child.join(10)
+print(child.exitcode, signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL)
+if child.is_alive():
+    os.kill(child.pid, signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("handlers", ["ours", "python's"])
+def test_sigterm_stops_a_child_a_library_forked_even_stuck_in_a_lock(handlers):
+    """A finished demo build hung for 10 minutes after "wrote out/": OpenVINO's forked usage-report child waited on
+    a lock forever, and our SIGTERM handler, Python code it never ran, kept it alive when multiprocessing stopped it
+    at exit. A forked child gets back the handlers that were there before ours (SIG_DFL): SIGTERM stops it."""
+    done = subprocess.run([sys.executable, "-c", FORKED_CHILD_STUCK_IN_A_LOCK, handlers], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    exitcode, parent_has_ours = done.stdout.split()
+    assert exitcode == str(-signal.SIGTERM)
+    assert parent_has_ours == str(handlers == "ours")  # the parent keeps its handler
