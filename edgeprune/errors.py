@@ -56,9 +56,11 @@ def install_stop_handlers() -> None:
     "wrote out/" (the demo, 2026-12-05, 10 minutes, until the child was killed with SIGKILL)."""
     global _before_ours
     first = _before_ours is None
-    _before_ours = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop_signal)}
+    before = dict(_before_ours or {})  # installed again, what came before ours is still what was there first
+    before.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, on_stop_signal))
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        _before_ours[signal.SIGINT] = signal.signal(signal.SIGINT, on_stop_signal)
+        before.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, on_stop_signal))
+    _before_ours = before
     if first:
         os.register_at_fork(after_in_child=_restore_in_child)
 

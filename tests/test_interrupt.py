@@ -121,6 +121,7 @@ import ctypes, multiprocessing, os, signal, sys
 from edgeprune.errors import install_stop_handlers
 if sys.argv[1] == "ours":
     install_stop_handlers()
+    install_stop_handlers()  # twice: what came before ours is still SIG_DFL
 libc = ctypes.CDLL(None)
 mutex = ctypes.create_string_buffer(64)  # zeroed: PTHREAD_MUTEX_INITIALIZER
 libc.pthread_mutex_lock(mutex)
