@@ -112,6 +112,13 @@ def build(
     structures: Annotated[
         str | None, typer.Option(help="What may be cut: all, heads or neurons (transformers) [default: all].")
     ] = None,
+    drop_blocks: Annotated[
+        int | None,
+        typer.Option(
+            help="Residual blocks to remove whole, those the task's data misses least, before channels are cut"
+            " [default: 0]."
+        ),
+    ] = None,
     device: Annotated[list[str] | None, typer.Option(help=DEVICE_HELP)] = None,
     executor: Annotated[str | None, typer.Option(help=f"Where candidates run: {EXECUTORS_HELP}.")] = None,
     in_flight: Annotated[
@@ -149,6 +156,7 @@ def build(
         "in_flight": in_flight, "max_rounds": max_rounds, "recover_steps": recover_steps, "calib_limit": calib_limit,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
         "compensate": compensate or None, "bank": bank, "train": train, "aux": aux, "adapt_steps": adapt_steps,
+        "drop_blocks": drop_blocks,
     }  # fmt: skip
     budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb, "macs_ratio": macs_ratio,
               "params_ratio": params_ratio}  # fmt: skip

@@ -24,7 +24,7 @@ from edgeprune.target import Budget, TargetError
 
 SETTINGS = ("model", "weights", "input_shape", "calib", "method", "allocation", "out", "seed", "max_rounds",
             "recover_steps", "device", "plan", "strict", "trust_pickle", "compensate", "bank", "train", "aux",
-            "adapt_steps", "structures", "executor", "in_flight", "calib_limit")  # fmt: skip
+            "adapt_steps", "structures", "executor", "in_flight", "calib_limit", "drop_blocks")  # fmt: skip
 TARGET_KEYS = ("name", "latency_ms", "speedup", "memory_mb", "macs_ratio", "params_ratio")
 
 

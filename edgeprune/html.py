@@ -69,6 +69,11 @@ def write_html(path: Path, report: dict, widths: dict[str, tuple[int, int]], fil
         "<h2>Channel widths before and after</h2>",
         _img(_widths_plot(widths)),
     ]
+    if report.get("depth"):  # --drop-blocks: in the order chosen, with the task outputs' distance after each
+        depth = report["depth"]
+        removed = zip(depth["dropped"], depth["distance_after_each"], strict=True)
+        parts += [f"<h2>Residual blocks removed ({len(depth['dropped'])} of {len(depth['residual_blocks'])})</h2>",
+                  _table([(name, f"outputs' distance after it {d:.4f}") for name, d in removed])]  # fmt: skip
     if report.get("unprunable"):
         parts += ["<h2>Layers kept whole</h2>", _table([(u["module"], u["reason"]) for u in report["unprunable"]])]
     listed = [(name, f"{entry['sha256']} ({entry['bytes']} bytes)") for name, entry in sorted(files.items())]

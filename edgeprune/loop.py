@@ -167,24 +167,29 @@ class SearchContext:
         return measurement, artifact
 
 
-def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms: float, max_rounds: int):
-    """Run up to ``max_rounds`` measured rounds; return (accepted candidate or None, all candidates, unreachable)."""
-    candidates: list[Candidate] = []
+def search(ctx: SearchContext, baseline: tuple[Measurement, Artifact], budget_ms: float, max_rounds: int,
+           start: Candidate | None = None):  # fmt: skip
+    """Run up to ``max_rounds`` measured rounds; return (accepted candidate or None, all candidates, unreachable).
+
+    ``start``: ``ctx.model`` at full width, measured, where it is not the unpruned model (its blocks removed:
+    --drop-blocks); the search starts from it, and the budget stays the unpruned model's."""
+    candidates: list[Candidate] = [start] if start else []
     baseline, baseline_artifact = baseline
     model = ctx.latency_model
-    if baseline.p50 <= budget_ms:  # the unpruned model already fits: ship it as is
+    if start is None:
         plan, macs, params = ctx.plan_at(0.0)
-        candidate = Candidate(0, plan, macs, params, baseline, baseline_artifact, baseline.p50)
-        return candidate, [candidate], False
-    model.add(ctx.structure.full_widths(), baseline.p50)  # calibrate on what the unpruned model measured
+        start = Candidate(0, plan, macs, params, baseline, baseline_artifact, baseline.p50)
+    if start.latency <= budget_ms:  # the model at full width already fits: ship it as is
+        return start, candidates or [start], False
+    model.add(ctx.structure.full_widths(), start.latency)  # calibrate on what the full-width model measured
     # Today's machine against the fit: samples cached on a quieter or busier day outnumber this build's, so the
     # fit alone can miss by the same factor round after round. Each round aims by the ratio of the last
     # measurement to the fit's prediction for it.
-    correction = baseline.p50 / max(model.predict(ctx.structure.full_widths()), 1e-9)
+    correction = start.latency / max(model.predict(ctx.structure.full_widths()), 1e-9)
     for step in range(1, max_rounds + 1):
-        # The unpruned model is a measured point too: after a first round under the band, it is the other side.
-        measured = [(ctx.structure.full_widths(), baseline.p50)]
-        measured += [(ctx.structure.widths_of(c.plan), c.latency) for c in candidates]
+        # The full-width model is a measured point too: after a first round under the band, it is the other side.
+        measured = [(ctx.structure.full_widths(), start.latency)]
+        measured += [(ctx.structure.widths_of(c.plan), c.latency) for c in candidates if c.step]
         # Between two plans measured on either side of the band, the goal is set in the refitted model's own units
         # from its predictions for them; else by the last correction (aim.py).
         aiming = aim(measured, budget_ms, model, correction)

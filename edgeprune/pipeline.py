@@ -30,6 +30,7 @@ from edgeprune.html import write_html
 from edgeprune.loop import SearchContext, learn_where_time_goes, search
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.report import check_output_dir, new_workdir, publish, unreachable_message, versions, write_json
+from edgeprune.rewrite.depth import with_dropped
 from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decomposition
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import count_macs_params
@@ -37,6 +38,7 @@ from edgeprune.rewrite.recover import Judge, recover
 from edgeprune.rounds import measure_final, measure_plan, timed, timed_beside_baseline
 from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path
+from edgeprune.score.depth import choose_blocks, without_blocks
 from edgeprune.score.importance import STRUCTURES, score_groups, select_structures
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import keep_unprunable_whole
@@ -99,6 +101,7 @@ class BuildOptions:
     structures: str = "all"  # or "heads" / "neurons": only attention heads, or all but them (score/importance.py)
     executor: str | None = None  # where candidates run: this process (None, "local") or Ray (farm/executor.py)
     in_flight: int = 1  # candidates per round
+    drop_blocks: int = 0  # residual blocks removed whole, chosen on the task's data, before channels (score/depth.py)
 
 
 def build(options: BuildOptions, say=print) -> dict:
@@ -121,6 +124,9 @@ def build(options: BuildOptions, say=print) -> dict:
         raise BadInput(f"--max-rounds must be at least 1, got {options.max_rounds}")
     if options.in_flight < 1:
         raise BadInput(f"--in-flight must be at least 1, got {options.in_flight}")
+    if options.drop_blocks < 0 or (options.drop_blocks and options.plan):
+        raise BadInput(f"--drop-blocks takes a count of 0 or more, and not with --plan (the plan names its blocks);"
+                       f" got {options.drop_blocks}")  # fmt: skip
     if options.calib_limit is not None and options.calib_limit < 1:
         raise BadInput(f"--calib-limit must be at least 1, got {options.calib_limit}")
     backend = get_backend(target.backend)
@@ -140,6 +146,9 @@ def build(options: BuildOptions, say=print) -> dict:
     aux = load_dataset(options.aux, shape, mean, std, limit, spec=spec) if options.aux else None
     if options.method == "vote" and (not options.bank or data.synthetic):
         raise BadInput("--method vote needs --bank DIR (earlier builds' kept channels) and the task's --calib DATA")
+    if options.drop_blocks and data.synthetic:
+        raise BadInput("--drop-blocks chooses the blocks whose removal moves the outputs least on the task's data:"
+                       " pass --train or --calib DATA")  # fmt: skip
     if target.precision == "int8" and data.synthetic:
         raise BadInput(f"target '{target.name}' is int8, whose ranges are calibrated on real images: pass --calib DATA")
     method = options.method if options.method != "auto" else ("magnitude" if data.synthetic else DEFAULT_IMPORTANCE)
@@ -184,14 +193,20 @@ def build(options: BuildOptions, say=print) -> dict:
             ctx.reference = baseline_artifact
             # The slow state is this machine's (backends/base.py): boards, whose speeds differ, are not judged by it.
             ctx.quiet_reference_ms = baseline.p50 if isinstance(device, LocalDevice) else None
-        decomposed, neighbours = [], []
+        decomposed, neighbours, depth, start = [], [], None, None
         if options.plan:  # a pinned plan: no scoring, no search; the same plan gives the same artifact bytes
             say(f"replaying {options.plan} instead of searching")
             chosen = measure_plan(ctx, _pinned_plan(options.plan, example), baseline.p50, 1, budget_ms)
             candidates = [chosen]
         else:
+            if options.drop_blocks:
+                with timed(say, f"choosing {options.drop_blocks} residual blocks to remove"):
+                    depth = choose_blocks(model, example, list(score_set.batches(BATCH))[:STEEPNESS_BATCHES],
+                                          options.drop_blocks)  # fmt: skip
+                    ctx.model = without_blocks(model, depth)
+                say(f"removed {', '.join(depth.dropped)} of {len(depth.residual)} residual blocks")
             if method in ("lowrank", "double"):
-                ctx.model, decomposed = decomposed_copy(model, example)
+                ctx.model, decomposed = decomposed_copy(ctx.model, example)
                 say(f"{len(decomposed)} layers in SVD form (basis + mix): their basis vectors prune like channels")
             with timed(say, f"scoring channel groups ({method})"):
                 importance = IMPORTANCE.get(method, method)
@@ -211,10 +226,13 @@ def build(options: BuildOptions, say=print) -> dict:
                 keep_unprunable_whole(ctx, options.strict)
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
+            if depth and not counted:  # where the search starts: the model without those blocks, measured
+                start = measure_plan(ctx, ctx.plan_at(0.0)[0], baseline.p50, 0, budget_ms)
             if not counted and not decomposed and not isinstance(device, EstimateDevice):
                 ctx.nodes_device = device  # the build's device (or pool) itself, not the executor's handle of it
                 if not ctx.latency_model.node_samples:
-                    learn_where_time_goes(ctx, baseline_artifact, ctx.structure.full_widths())
+                    full = start.artifact if start else baseline_artifact
+                    learn_where_time_goes(ctx, full, ctx.structure.full_widths())
             if options.steepness is not None:
                 ctx.steepness = SteepnessChoice(options.steepness, {}, 0)
             elif not data.synthetic:  # global allocation's steepness is chosen on them (score/steepness.py)
@@ -251,7 +269,7 @@ def build(options: BuildOptions, say=print) -> dict:
                     candidates = [chosen]
                 else:
                     chosen, candidates, unreachable = search(
-                        ctx, (baseline, baseline_artifact), budget_ms, options.max_rounds
+                        ctx, (baseline, baseline_artifact), budget_ms, options.max_rounds, start
                     )
             finally:  # what this build measured makes the next build of this model start closer
                 ctx.latency_model.save(profile_path(target, baseline.runtime, ctx.structure), baseline.runtime)
@@ -261,6 +279,8 @@ def build(options: BuildOptions, say=print) -> dict:
                                                        ctx.unprunable, len(ctx.scored)))  # fmt: skip
             if decomposed:  # plan.json replays on the original model: it decomposes these layers first
                 chosen = replace(chosen, plan=with_decomposition(chosen.plan, decomposed))
+            if depth:  # and it bypasses these blocks before anything else
+                chosen = replace(chosen, plan=with_dropped(chosen.plan, list(depth.dropped)))
 
         with timed(say, "recovering accuracy on the chosen structure"):
             steps = 0 if method == "compensate" else options.recover_steps
@@ -315,6 +335,7 @@ def build(options: BuildOptions, say=print) -> dict:
             "method": method, "seed": options.seed, "allocation": None if options.plan else options.allocation,
             "cost_model": None if options.plan else cost_model,
             "steepness": ctx.steepness.to_dict() if ctx.steepness else None,
+            "depth": depth.to_dict() if depth else None,
             "unprunable": [{"module": name, "reason": reason} for name, reason in sorted(ctx.unprunable.items())],
             "model": {"spec": options.model, "weights": options.weights, "input_shape": list(example.shape)},
             "data": {"calib": data.source, "synthetic": data.synthetic, "samples": len(data)},

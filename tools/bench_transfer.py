@@ -19,6 +19,8 @@ same fraction of every group) with the same fine-tuning.
 `compensate` is built with 0 recovery steps: the least-squares refit alone, no gradient step.
 `taylor+compensate` is taylor with `--compensate`: the refit, then the same recovery steps as every other method;
 `vote+compensate` likewise. taylor and vote, with or without the refit, are built at each of --vote-steps.
+A method named with `@dN` (`taylor+compensate@d6`) is built with `--drop-blocks N`: N residual blocks removed
+whole before the channels are cut to the budget.
 `vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; fisher),
 then the 10-class task is pruned by their votes. The earlier tasks have --per-class samples per class too, unless
 --bank-per-class says otherwise (earlier tasks of a team often had more data than the new one; their samples are
@@ -72,6 +74,7 @@ def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Pat
     from edgeprune.target import Budget
 
     # "unpruned": a budget the adapted model meets as it is, so the build ships it unpruned (the reference).
+    method, _, dropped = method.partition("@d")  # "taylor+compensate@d6": with --drop-blocks 6
     budget = Budget(latency_ms=1e6) if method == "unpruned" else Budget(speedup=args.speedup)
     options = BuildOptions(
         model=SPEC, input_shape=(1, 3, args.side, args.side), train=str(npz), out=out, force=True,
@@ -80,7 +83,7 @@ def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Pat
         compensate=method.endswith("+compensate"),
         adapt_steps=args.adapt_steps, bank=str(bank) if bank else None, steepness=args.steepness,
         calib=str(unlabelled) if unlabelled else None, aux=str(unlabelled) if unlabelled and args.distil_unlabelled
-        else None, calib_limit=max(args.unlabelled, TRAIN_POOL) if unlabelled else None,
+        else None, calib_limit=max(args.unlabelled, TRAIN_POOL) if unlabelled else None, drop_blocks=int(dropped or 0),
     )  # fmt: skip
     started = time.perf_counter()
     try:
@@ -190,11 +193,11 @@ def main() -> int:
                         print(f"[{per_class}/class seed {seed}] bank: {name}", file=sys.stderr, flush=True)
                         build(related, root / "related-out", "fisher", args, args.recover_steps, bank)
                 for method in args.methods:
-                    base = method.split("+")[0]
+                    base = method.split("+")[0].split("@")[0]
                     steps_list = args.vote_steps if base in ("vote", "taylor") else [args.recover_steps]
                     steps_list = [0] if method == "unpruned" else steps_list
                     # compensate is the refit alone, with no gradient step (the build takes none): built once
-                    steps_list = [0] if method == "compensate" else steps_list
+                    steps_list = [0] if method.split("@")[0] == "compensate" else steps_list
                     for steps in steps_list:
                         out = root / f"out-{method}-{steps}"
                         print(f"[{per_class}/class seed {seed}] {method}, {steps} recovery steps", file=sys.stderr,

@@ -31,6 +31,10 @@ def apply_plan(
     touched by pruning other groups, so applying groups one after another is exact.
     """
     target = model if inplace else copy_model(model)
+    if plan.notes.get("dropped_blocks"):  # depth pruning: the plan's groups are those of the model without them
+        from edgeprune.rewrite.depth import drop_blocks
+
+        drop_blocks(target, list(plan.notes["dropped_blocks"]))
     if plan.notes.get("decomposed"):  # lowrank / double: the plan's groups are those of the SVD form
         from edgeprune.rewrite.lowrank import decompose
 

@@ -1,0 +1,160 @@
+"""Depth pruning (``--drop-blocks``): residual blocks found by running their own code, chosen on the task's data,
+removed by the plan, replayed from plan.json, and the search started from the model without them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import R18
+from test_search import _SkewedTarget
+
+from edgeprune.backends import get_backend
+from edgeprune.errors import BadInput
+from edgeprune.loop import BAND_LOW, GUARD, SearchContext, search
+from edgeprune.rewrite.depth import Bypass, residual_blocks, with_dropped
+from edgeprune.rewrite.plan import Plan
+from edgeprune.rewrite.prune import apply_plan
+from edgeprune.rounds import measure_plan
+from edgeprune.score.allocate import uniform_plan
+from edgeprune.score.costmodel import new_model
+from edgeprune.score.depth import choose_blocks, without_blocks
+from edgeprune.score.importance import score_groups
+from edgeprune.score.structure import read_structure
+from edgeprune.target import load_target
+
+TINY = Path(__file__).parent / "data" / "tiny_models.py"
+EXAMPLE = torch.zeros(1, 3, 32, 32)
+
+
+def _tiny_resnet() -> torch.nn.Module:
+    spec = importlib.util.spec_from_file_location("tiny_models", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.resnet().eval()
+    with torch.no_grad():  # trained-looking statistics, so that every block does something
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def test_residual_blocks_are_found_by_running_their_own_code():
+    """The blocks whose input passes through them when their weights are zero: not the plain block that keeps the
+    shape, not the downsampling block with a projection, and not the stage that holds two residual blocks (itself
+    residual: only the innermost count)."""
+    assert residual_blocks(_tiny_resnet(), EXAMPLE) == ["stage1.0", "stage1.1", "stage2.1"]
+    resnet18 = __import__("edgeprune.model", fromlist=["load_model"]).load_model(R18, input_shape=(1, 3, 64, 64))
+    # timm's resnet18: the second block of each stage, and the first of stage 1 (no downsampling there)
+    assert residual_blocks(resnet18.module, resnet18.input.example()) == [
+        "layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"
+    ]  # fmt: skip
+
+
+def test_the_block_that_changes_the_outputs_least_is_removed_first_and_too_many_is_bad_input():
+    model = _tiny_resnet()
+    with torch.no_grad():  # stage1.1 adds nothing to its input: removing it changes no output
+        model.stage1[1].body[4].weight.zero_(), model.stage1[1].body[4].bias.zero_()
+    batches = [(torch.randn(8, 3, 32, 32), None) for _ in range(2)]
+    choice = choose_blocks(model, EXAMPLE, batches, 2)
+    assert choice.dropped[0] == "stage1.1" and choice.distance[0] < 1e-9
+    assert choice.distance[1] > 1e-4 and choice.residual == ("stage1.0", "stage1.1", "stage2.1")
+    assert json.loads(json.dumps(choice.to_dict()))["dropped"] == list(choice.dropped)
+    with pytest.raises(BadInput, match=r"--drop-blocks 4: this model has 3 residual blocks .* pass --drop-blocks 3"):
+        choose_blocks(model, EXAMPLE, batches, 4)
+
+
+def test_a_plan_that_removes_blocks_replays_on_the_original_model(tmp_path):
+    """The channel plan is made on the model without the blocks; plan.json names the blocks, and apply_plan on the
+    original model bypasses them first: the same weights, the same outputs, and no layer of theirs left."""
+    model = _tiny_resnet()
+    batches = [(torch.randn(8, 3, 32, 32), None)]
+    shallower = without_blocks(model, choose_blocks(model, EXAMPLE, batches, 2))
+    scored = score_groups(shallower, EXAMPLE, "magnitude")
+    plan = uniform_plan(scored, 0.25, 8, "tiny", tuple(EXAMPLE.shape), "magnitude")
+    dropped = [name for name, m in shallower.named_modules() if isinstance(m, Bypass)]
+    plan = with_dropped(plan, dropped)
+    plan.save(tmp_path / "plan.json")
+    replayed = apply_plan(model, Plan.load(tmp_path / "plan.json"), EXAMPLE)
+    direct = apply_plan(shallower, plan, EXAMPLE)  # its blocks are bypassed already: only the channels are cut
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(replayed(x), direct(x), atol=1e-6)
+    convs = [n for n, m in replayed.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(dropped) == 2 and not any(n.startswith(tuple(d + "." for d in dropped)) for n in convs)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) - len(convs) == 4  # two convs a block
+    with pytest.raises(BadInput, match="plan removes block 'stage9.0', which the model does not have"):
+        apply_plan(model, with_dropped(plan, ["stage9.0"]), EXAMPLE)
+
+
+def test_the_search_starts_from_the_model_without_the_blocks(r18, example, tmp_path):
+    """The budget stays the unpruned model's; the model without the blocks is measured first (step 0) and the rounds
+    start from it. Where it already fits, it is shipped as it is, with no round."""
+    target = load_target("x86-openvino")
+    skewed = _SkewedTarget()  # latency falls with the square of the MACs kept, 12 ms unpruned
+    baseline = skewed.measure(r18, example)
+    shallower = without_blocks(r18, choose_blocks(r18, example, [(torch.randn(4, 3, 64, 64), None)], 2))
+    scored = score_groups(shallower, example, "magnitude")
+    for rounds in (True, False):
+        ctx = SearchContext(shallower, example, scored, R18, "magnitude", target, get_backend("openvino"), None,
+                            tmp_path, say=lambda _: None, executor=skewed)  # fmt: skip
+        ctx.structure = read_structure(shallower, example, [g.module for g in scored])
+        ctx.latency_model = new_model(ctx.structure, target, "simulated")
+        start = measure_plan(ctx, ctx.plan_at(0.0)[0], baseline.p50, 0, 12.0)
+        assert start.latency < 0.99 * baseline.p50  # two of resnet18's blocks removed: fewer MACs, same widths
+        budget = start.latency / 1.3 if rounds else start.latency * 1.01
+        chosen, candidates, unreachable = search(ctx, (baseline, None), budget, 4, start)
+        assert candidates[0] is start and not unreachable
+        if rounds:
+            assert BAND_LOW * budget <= chosen.latency <= GUARD * budget and chosen.step >= 1
+        else:
+            assert chosen is start and candidates == [start]
+
+
+def _digits(path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    chosen = np.concatenate([np.flatnonzero(data.target == c)[:12] for c in range(10)])
+    images = np.kron(data.images[chosen].astype(np.float32) / 16.0, np.ones((4, 4), np.float32))
+    np.savez(path, x=(np.repeat(images[:, None], 3, axis=1) - 0.5) / 0.5, y=data.target[chosen].astype(np.int64))
+
+
+def _build(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", f"{TINY}:resnet", "--out",
+               str(tmp_path / name), "--json", "--adapt-steps", "10", "--recover-steps", "3", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=400,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
+
+
+def test_build_drops_blocks_then_cuts_channels_and_the_plan_replays(tmp_path):
+    pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
+    _digits(tmp_path / "task.npz")
+    done = _build(tmp_path, "a", "--train", str(tmp_path / "task.npz"), "--drop-blocks", "2", "--macs-ratio", "0.5")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert len(report["depth"]["dropped"]) == 2 and report["met_budget"]
+    assert set(report["depth"]["dropped"]) <= {"stage1.0", "stage1.1", "stage2.1"}
+    assert "Residual blocks removed (2 of 3)" in (tmp_path / "a" / "report.html").read_text()
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    assert plan["notes"]["dropped_blocks"] == report["depth"]["dropped"]
+    replay = _build(tmp_path, "b", "--train", str(tmp_path / "task.npz"), "--plan", str(tmp_path / "a" / "plan.json"),
+                    "--macs-ratio", "0.5")  # fmt: skip
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    assert json.loads(replay.stdout)["result"]["macs"] == report["result"]["macs"]
+    # bad input: one line, exit 2, nothing written
+    for args, message in ((["--drop-blocks", "-1"], "--drop-blocks takes a count of 0 or more"),
+                          (["--drop-blocks", "1"], "--drop-blocks chooses the blocks"),
+                          (["--drop-blocks", "5", "--train", str(tmp_path / "task.npz")],
+                           "this model has 3 residual blocks")):  # fmt: skip
+        failed = _build(tmp_path, "bad", "--macs-ratio", "0.5", *args)
+        assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr
+        assert not (tmp_path / "bad").exists()
