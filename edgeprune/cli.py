@@ -113,10 +113,10 @@ def build(
         str | None, typer.Option(help="What may be cut: all, heads or neurons (transformers) [default: all].")
     ] = None,
     drop_blocks: Annotated[
-        int | None,
+        str | None,
         typer.Option(
-            help="Residual blocks to remove whole, those the task's data misses least, before channels are cut"
-            " [default: 0]."
+            help="Residual blocks to remove whole, those the task's data misses least, before channels are cut: a"
+            " count, or auto (depth gives about the square root of the speedup) [default: 0]."
         ),
     ] = None,
     device: Annotated[list[str] | None, typer.Option(help=DEVICE_HELP)] = None,
@@ -156,7 +156,7 @@ def build(
         "in_flight": in_flight, "max_rounds": max_rounds, "recover_steps": recover_steps, "calib_limit": calib_limit,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
         "compensate": compensate or None, "bank": bank, "train": train, "aux": aux, "adapt_steps": adapt_steps,
-        "drop_blocks": drop_blocks,
+        "drop_blocks": int(drop_blocks) if drop_blocks and drop_blocks.lstrip("-").isdigit() else drop_blocks,
     }  # fmt: skip
     budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb, "macs_ratio": macs_ratio,
               "params_ratio": params_ratio}  # fmt: skip

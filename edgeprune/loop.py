@@ -29,6 +29,7 @@ from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.rounds import Candidate, Say, confirm, lower_quiet_level, measure_plans
 from edgeprune.score.allocate import allocate, rechoose_channels, uniform_plan
 from edgeprune.score.costmodel import LatencyModel
+from edgeprune.score.depth import DepthChoice, choose_depth, depth_goal_ms, without_blocks
 from edgeprune.score.importance import ScoredGroup
 from edgeprune.score.probe import find_unprunable
 from edgeprune.score.steepness import IMPORTANCE, SteepnessChoice, choose_steepness
@@ -279,3 +280,18 @@ def learn_where_time_goes(ctx: SearchContext, artifact: Artifact, widths) -> boo
     if nodes:
         ctx.latency_model.add_nodes(widths, *nodes)
     return bool(nodes)
+
+
+def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_ms: float,
+                  budget_ms: float) -> DepthChoice:  # fmt: skip
+    """--drop-blocks: choose ``count`` residual blocks (or, ``auto``, as many as the measured latency allows) on the
+    task's ``batches`` (score/depth.py); ``ctx.model`` becomes the model without them."""
+
+    def measure(model: nn.Module, name: str) -> float:
+        latency = ctx.measure(model, name)[0].comparable_p50(baseline_ms)
+        ctx.say(f"{name} (residual blocks removed): {latency:.3f} ms comparable p50")
+        return latency
+
+    depth = choose_depth(ctx.model, ctx.example, batches, count, measure, depth_goal_ms(baseline_ms, budget_ms))
+    ctx.model = without_blocks(ctx.model, depth)
+    return depth

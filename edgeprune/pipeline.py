@@ -27,7 +27,7 @@ from edgeprune.estimate import EstimateDevice, measuring_device
 from edgeprune.farm.executor import make_executor
 from edgeprune.farm.pool import pool_status
 from edgeprune.html import write_html
-from edgeprune.loop import SearchContext, learn_where_time_goes, search
+from edgeprune.loop import SearchContext, learn_where_time_goes, remove_blocks, search
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.report import check_output_dir, new_workdir, publish, unreachable_message, versions, write_json
 from edgeprune.rewrite.depth import with_dropped
@@ -38,7 +38,7 @@ from edgeprune.rewrite.recover import Judge, recover
 from edgeprune.rounds import measure_final, measure_plan, timed, timed_beside_baseline
 from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path
-from edgeprune.score.depth import choose_blocks, without_blocks
+from edgeprune.score.depth import check_drop_blocks
 from edgeprune.score.importance import STRUCTURES, score_groups, select_structures
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import keep_unprunable_whole
@@ -101,7 +101,7 @@ class BuildOptions:
     structures: str = "all"  # or "heads" / "neurons": only attention heads, or all but them (score/importance.py)
     executor: str | None = None  # where candidates run: this process (None, "local") or Ray (farm/executor.py)
     in_flight: int = 1  # candidates per round
-    drop_blocks: int = 0  # residual blocks removed whole, chosen on the task's data, before channels (score/depth.py)
+    drop_blocks: int | str = 0  # residual blocks removed whole before channels, or "auto" (score/depth.py)
 
 
 def build(options: BuildOptions, say=print) -> dict:
@@ -124,9 +124,7 @@ def build(options: BuildOptions, say=print) -> dict:
         raise BadInput(f"--max-rounds must be at least 1, got {options.max_rounds}")
     if options.in_flight < 1:
         raise BadInput(f"--in-flight must be at least 1, got {options.in_flight}")
-    if options.drop_blocks < 0 or (options.drop_blocks and options.plan):
-        raise BadInput(f"--drop-blocks takes a count of 0 or more, and not with --plan (the plan names its blocks);"
-                       f" got {options.drop_blocks}")  # fmt: skip
+    check_drop_blocks(options.drop_blocks, options.plan, budget.kind in (*COUNTED, "memory_mb"))
     if options.calib_limit is not None and options.calib_limit < 1:
         raise BadInput(f"--calib-limit must be at least 1, got {options.calib_limit}")
     backend = get_backend(target.backend)
@@ -199,12 +197,11 @@ def build(options: BuildOptions, say=print) -> dict:
             chosen = measure_plan(ctx, _pinned_plan(options.plan, example), baseline.p50, 1, budget_ms)
             candidates = [chosen]
         else:
-            if options.drop_blocks:
-                with timed(say, f"choosing {options.drop_blocks} residual blocks to remove"):
-                    depth = choose_blocks(model, example, list(score_set.batches(BATCH))[:STEEPNESS_BATCHES],
-                                          options.drop_blocks)  # fmt: skip
-                    ctx.model = without_blocks(model, depth)
-                say(f"removed {', '.join(depth.dropped)} of {len(depth.residual)} residual blocks")
+            if options.drop_blocks and (counted or baseline.p50 > budget_ms):  # else the model fits as it is
+                with timed(say, f"choosing residual blocks to remove ({options.drop_blocks})"):
+                    batches = list(score_set.batches(BATCH))[:STEEPNESS_BATCHES]
+                    depth = remove_blocks(ctx, options.drop_blocks, batches, baseline.p50, budget_ms)
+                say(depth.describe())
             if method in ("lowrank", "double"):
                 ctx.model, decomposed = decomposed_copy(ctx.model, example)
                 say(f"{len(decomposed)} layers in SVD form (basis + mix): their basis vectors prune like channels")

@@ -25,7 +25,15 @@ from edgeprune.rewrite.prune import apply_plan
 from edgeprune.rounds import measure_plan
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.costmodel import new_model
-from edgeprune.score.depth import choose_blocks, without_blocks
+from edgeprune.score.depth import (
+    AUTO,
+    check_drop_blocks,
+    choose_blocks,
+    choose_depth,
+    deepest_within,
+    depth_goal_ms,
+    without_blocks,
+)
 from edgeprune.score.importance import score_groups
 from edgeprune.score.structure import read_structure
 from edgeprune.target import load_target
@@ -70,6 +78,30 @@ def test_the_block_that_changes_the_outputs_least_is_removed_first_and_too_many_
     assert json.loads(json.dumps(choice.to_dict()))["dropped"] == list(choice.dropped)
     with pytest.raises(BadInput, match=r"--drop-blocks 4: this model has 3 residual blocks .* pass --drop-blocks 3"):
         choose_blocks(model, EXAMPLE, batches, 4)
+
+
+def test_auto_removes_blocks_until_the_model_without_them_measures_the_goal():
+    """``--drop-blocks auto``: blocks go in the greedy order while the model without them, measured, stays at or over
+    the geometric mean of the unpruned latency and the budget; bisection finds that count in a few measurements."""
+    assert depth_goal_ms(1.0, 0.25) == pytest.approx(0.5)  # 4x: 2x from depth, 2x from channels
+    latencies = {n: 10.0 - n for n in range(10)}  # 9 blocks, each 1 ms
+    for goal, expected in ((6.5, 3), (10.0, 0), (0.5, 9), (1.0, 9), (9.0, 1)):
+        measured: list[int] = []
+        count, probes = deepest_within(goal, 9, lambda n: measured.append(n) or latencies[n])  # noqa: B023
+        assert count == expected and [n for n, _ in probes] == measured and len(set(measured)) == len(measured)
+        assert len(measured) <= 4 and all(latencies[n] >= goal for n in range(count + 1) if n)
+    model = _tiny_resnet()
+    batches = [(torch.randn(8, 3, 32, 32), None)]
+    convs = lambda m, name: float(sum(isinstance(x, torch.nn.Conv2d) for x in m.modules()))  # noqa: E731
+    order = choose_blocks(model, EXAMPLE, batches, None)
+    auto = choose_depth(model, EXAMPLE, batches, AUTO, convs, goal_ms=9.0)  # 11 convs whole, 2 fewer per block
+    assert auto.dropped == order.dropped[:1] and auto.goal_ms == 9.0 and auto.probes == ((2, 7.0), (1, 9.0))
+    assert auto.to_dict()["auto_measured"] and "auto" in auto.describe()
+    for count, plan, counted, message in ((-1, None, False, "a count of 0 or more, or auto"),
+                                          ("some", None, False, "got some"), (2, "plan.json", False, "not with --plan"),
+                                          (AUTO, None, True, "it needs --speedup or --latency-ms")):  # fmt: skip
+        with pytest.raises(BadInput, match=message):
+            check_drop_blocks(count, plan, counted)
 
 
 def test_a_plan_that_removes_blocks_replays_on_the_original_model(tmp_path):
@@ -154,7 +186,9 @@ def test_build_drops_blocks_then_cuts_channels_and_the_plan_replays(tmp_path):
     for args, message in ((["--drop-blocks", "-1"], "--drop-blocks takes a count of 0 or more"),
                           (["--drop-blocks", "1"], "--drop-blocks chooses the blocks"),
                           (["--drop-blocks", "5", "--train", str(tmp_path / "task.npz")],
-                           "this model has 3 residual blocks")):  # fmt: skip
+                           "this model has 3 residual blocks"),
+                          (["--drop-blocks", "auto", "--train", str(tmp_path / "task.npz")],
+                           "it needs --speedup or --latency-ms")):  # fmt: skip
         failed = _build(tmp_path, "bad", "--macs-ratio", "0.5", *args)
         assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr
         assert not (tmp_path / "bad").exists()
