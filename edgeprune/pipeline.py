@@ -124,7 +124,6 @@ def build(options: BuildOptions, say=print) -> dict:
         raise BadInput(f"--max-rounds must be at least 1, got {options.max_rounds}")
     if options.in_flight < 1:
         raise BadInput(f"--in-flight must be at least 1, got {options.in_flight}")
-    check_drop_blocks(options.drop_blocks, options.plan, budget.kind in (*COUNTED, "memory_mb"))
     if options.calib_limit is not None and options.calib_limit < 1:
         raise BadInput(f"--calib-limit must be at least 1, got {options.calib_limit}")
     backend = get_backend(target.backend)
@@ -144,9 +143,7 @@ def build(options: BuildOptions, say=print) -> dict:
     aux = load_dataset(options.aux, shape, mean, std, limit, spec=spec) if options.aux else None
     if options.method == "vote" and (not options.bank or data.synthetic):
         raise BadInput("--method vote needs --bank DIR (earlier builds' kept channels) and the task's --calib DATA")
-    if options.drop_blocks and data.synthetic:
-        raise BadInput("--drop-blocks chooses the blocks whose removal moves the outputs least on the task's data:"
-                       " pass --train or --calib DATA")  # fmt: skip
+    check_drop_blocks(options.drop_blocks, options.plan, budget.kind in (*COUNTED, "memory_mb"), data.synthetic)
     if target.precision == "int8" and data.synthetic:
         raise BadInput(f"target '{target.name}' is int8, whose ranges are calibrated on real images: pass --calib DATA")
     method = options.method if options.method != "auto" else ("magnitude" if data.synthetic else DEFAULT_IMPORTANCE)
@@ -194,7 +191,7 @@ def build(options: BuildOptions, say=print) -> dict:
         decomposed, neighbours, depth, start = [], [], None, None
         if options.plan:  # a pinned plan: no scoring, no search; the same plan gives the same artifact bytes
             say(f"replaying {options.plan} instead of searching")
-            chosen = measure_plan(ctx, _pinned_plan(options.plan, example), baseline.p50, 1, budget_ms)
+            chosen = measure_plan(ctx, Plan.load_pinned(options.plan, tuple(example.shape)), baseline.p50, 1, budget_ms)
             candidates = [chosen]
         else:
             if options.drop_blocks and (counted or baseline.p50 > budget_ms):  # else the model fits as it is
@@ -390,14 +387,6 @@ def _unpruned(ctx: SearchContext, baseline, baseline_artifact, memory: dict):
 
     plan, macs, params = ctx.plan_at(0.0)
     return Candidate(0, plan, macs, params, baseline, baseline_artifact, baseline.p50, memory_mb=memory["total_mb"])
-
-
-def _pinned_plan(path: str, example: torch.Tensor) -> Plan:
-    plan = Plan.load(Path(path))
-    if tuple(plan.input_shape) != tuple(example.shape):
-        shape = ",".join(map(str, plan.input_shape))
-        raise BadInput(f"--plan {path} was made for input shape {shape}; pass --input-shape {shape}")
-    return plan
 
 
 def _score(model, example: torch.Tensor, method: str, batches: list) -> list:

@@ -101,7 +101,7 @@ def test_auto_removes_blocks_until_the_model_without_them_measures_the_goal():
                                           ("some", None, False, "got some"), (2, "plan.json", False, "not with --plan"),
                                           (AUTO, None, True, "it needs --speedup or --latency-ms")):  # fmt: skip
         with pytest.raises(BadInput, match=message):
-            check_drop_blocks(count, plan, counted)
+            check_drop_blocks(count, plan, counted, synthetic=False)
 
 
 def test_a_plan_that_removes_blocks_replays_on_the_original_model(tmp_path):

@@ -84,6 +84,15 @@ class Plan:
             raise BadInput(f"plan is malformed: {exc}") from None
 
     @classmethod
+    def load_pinned(cls, path: str, input_shape: tuple[int, ...]) -> Plan:
+        """``--plan PATH``: the plan, which must have been made for this input shape (else BadInput)."""
+        plan = cls.load(Path(path))
+        if tuple(plan.input_shape) != tuple(input_shape):
+            shape = ",".join(map(str, plan.input_shape))
+            raise BadInput(f"--plan {path} was made for input shape {shape}; pass --input-shape {shape}")
+        return plan
+
+    @classmethod
     def load(cls, path: Path) -> Plan:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))

@@ -51,12 +51,15 @@ class DepthChoice:
                 "residual_blocks": list(self.residual)} | (auto if self.goal_ms is not None else {})  # fmt: skip
 
 
-def check_drop_blocks(count, plan: str | None, counted_budget: bool) -> None:
+def check_drop_blocks(count, plan: str | None, counted_budget: bool, synthetic: bool) -> None:
     """A count of 0 or more, or auto (which needs a latency budget: it balances measured latency), not with a plan
-    (the plan names its blocks); else BadInput."""
+    (the plan names its blocks), and the task's data to choose the blocks on; else BadInput."""
     if (count != AUTO and not (isinstance(count, int) and count >= 0)) or (count and plan):
         raise BadInput(f"--drop-blocks takes a count of 0 or more, or auto, and not with --plan (the plan names its"
                        f" blocks); got {count}")  # fmt: skip
+    if count and synthetic:
+        raise BadInput("--drop-blocks chooses the blocks whose removal moves the outputs least on the task's data:"
+                       " pass --train or --calib DATA")  # fmt: skip
     if count == AUTO and counted_budget:
         raise BadInput("--drop-blocks auto balances measured latency: it needs --speedup or --latency-ms; give a"
                        " count of blocks with other budgets")  # fmt: skip
