@@ -3,8 +3,8 @@
 A residual block computes ``x + f(x)`` (or ``act(x + f(x))``); without ``f`` it passes its input on, so the block
 can go entirely: its layers, their launches and their memory traffic. On a small input a model's time is mostly
 per-layer overhead that no channel cut removes. EfficientNet-Lite0 at 64×64 on this CPU needed 85% of its MACs
-cut to run 2x faster, while bypassing 9 of its 16 blocks alone ran 1.87x faster (tools/bench_transfer.py,
-README). The plan names the blocks (``notes["dropped_blocks"]``); apply_plan bypasses them before any channel cut.
+cut to run 2x faster, while bypassing 9 of its 16 blocks alone ran 1.87x faster (measured by hand: README,
+"Depth"). The plan names the blocks (``notes["dropped_blocks"]``); apply_plan bypasses them before any channel cut.
 """
 
 from __future__ import annotations
