@@ -19,6 +19,7 @@ from test_search import _SkewedTarget
 from edgeprune.backends import get_backend
 from edgeprune.errors import BadInput
 from edgeprune.loop import BAND_LOW, GUARD, SearchContext, search
+from edgeprune.model import load_model
 from edgeprune.rewrite.depth import Bypass, residual_blocks, with_dropped
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
@@ -60,7 +61,7 @@ def test_residual_blocks_are_found_by_running_their_own_code():
     shape, not the downsampling block with a projection, and not the stage that holds two residual blocks (itself
     residual: only the innermost count)."""
     assert residual_blocks(_tiny_resnet(), EXAMPLE) == ["stage1.0", "stage1.1", "stage2.1"]
-    resnet18 = __import__("edgeprune.model", fromlist=["load_model"]).load_model(R18, input_shape=(1, 3, 64, 64))
+    resnet18 = load_model(R18, input_shape=(1, 3, 64, 64))
     # timm's resnet18: the second block of each stage, and the first of stage 1 (no downsampling there)
     assert residual_blocks(resnet18.module, resnet18.input.example()) == [
         "layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"

@@ -95,9 +95,7 @@ def drop_blocks(model: nn.Module, names: list[str]) -> nn.Module:
             )
         if isinstance(modules[name], Bypass):  # removed already (a plan replayed on a model without it)
             continue
-        parent_name, _, attribute = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, attribute, Bypass())
+        model.set_submodule(name, Bypass())
     return model
 
 

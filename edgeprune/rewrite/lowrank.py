@@ -66,9 +66,7 @@ def decompose(model: nn.Module, names: list[str] | None = None) -> list[str]:
     for name in chosen:
         if isinstance(modules[name], Decomposed):  # already in SVD form (a plan replayed on a decomposed model)
             continue
-        parent_name, _, attribute = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, attribute, decompose_layer(modules[name]))
+        model.set_submodule(name, decompose_layer(modules[name]))
     return chosen
 
 
