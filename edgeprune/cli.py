@@ -349,6 +349,9 @@ def profile(
             out.print(f"measured ms: each sample timed beside the unpruned model, as the p50 it would have measured"
                       f" when the unpruned model measured {result['baseline_p50']:.3f} ms (its median)",
                       markup=False, soft_wrap=True)  # fmt: skip
+        if result.get("retaken"):
+            out.print(f"timed again, first timed in the machine's slow state: {', '.join(result['retaken'])}",
+                      markup=False, soft_wrap=True)  # fmt: skip
         out.print(f"cached in {result['cache']}; builds of this model on {result['target']} start from it",
                   markup=False, soft_wrap=True)  # fmt: skip
     else:

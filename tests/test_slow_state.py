@@ -10,6 +10,8 @@ to 1.23x its p50 alone) can neither trigger a retake nor hide one."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +109,48 @@ def test_a_builds_rounds_pass_the_baselines_p50_as_the_quiet_level(artifacts, ta
     share = dataclasses.replace(share, quiet_reference_ms=None, device=SlowAtTimes(slow={1}))
     measured, _ = export_and_measure(share, _conv_net(32), "round-2")
     assert len(share.device.calls) == 1 and measured.slow_tries == ()
+
+
+class SlowLatencyCalls(LocalDevice):
+    """This machine in its slow state on the timings (runner calls that time a model) numbered in ``slow``: the
+    model timed alone 12x; timed beside a reference, 16x, and the reference 8x. The reference beside another model
+    runs 1.2-1.5x its time alone here, so the first sample's reference does not read as slower than the unpruned
+    model alone had: nothing in the profile's first samples can tell that they were slow."""
+
+    def __init__(self, slow: set[int]) -> None:
+        super().__init__()
+        object.__setattr__(self, "slow", slow)
+        object.__setattr__(self, "timings", [])
+
+    def run_runner(self, args: list[str]) -> dict:
+        result = super().run_runner(args)
+        if "latency_ms" not in result:
+            return result
+        self.timings.append(result)
+        if len(self.timings) in self.slow:
+            beside = "reference_latency_ms" in result
+            for key, factor in (("latency_ms", 16.0 if beside else 12.0), ("reference_latency_ms", 8.0)):
+                if key in result:
+                    result[key] = {**result[key], "p50": result[key]["p50"] * factor}
+        return result
+
+
+def test_a_profile_that_began_in_the_slow_state_takes_those_samples_again(target, tmp_path, monkeypatch):
+    """The unpruned model alone and the first sample beside it both timed slow: nothing quicker had been seen, so no
+    retake then. Once later samples show the quiet level, both are taken again, and the fit uses the retakes."""
+    from edgeprune import profile
+
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    device = SlowLatencyCalls(slow={1, 2})
+    monkeypatch.setattr(profile, "load_target", lambda name: target)
+    monkeypatch.setattr(profile, "open_device", lambda url: device)
+    tiny = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
+    result = profile.run_profile("x86-openvino", tiny, samples=4, say=lambda message: None)
+    # This machine's own noise on so small a model can add a retake; the two slow samples are always among them.
+    assert result["retaken"][:2] == ["unpruned", "uniform 25%"] and len(device.timings) >= 6
+    quickest = min(t.get("reference_latency_ms", t["latency_ms"])["p50"] for t in device.timings)
+    # Without the retakes the median unpruned p50 is ~5-6x the quiet one (two timings of four at 8-12x); with them ~1x.
+    assert result["baseline_p50"] < 3 * quickest
+    # The first sample as taken again: a quarter cut runs near its reference's time, not twice it (slow state).
+    cached = json.loads(Path(result["cache"]).read_text())["samples"]
+    assert cached[1][1] < 1.3 * result["baseline_p50"]
