@@ -45,9 +45,12 @@ class ProfileRow:
 def run_profile(
     target_name: str, model_spec: str = DEFAULT_MODEL, weights: str | None = None,
     input_shape: tuple[int, ...] | None = None, device_url: str | None = None, samples: int = 10,
-    trust_pickle: bool = False, say=print,
+    trust_pickle: bool = False, say=print, quiet_ms: float | None = None,
 ) -> dict:  # fmt: skip
-    """Profile ``model_spec`` on ``target_name``; return what was measured and where the fit is cached."""
+    """Profile ``model_spec`` on ``target_name``; return what was measured and where the fit is cached.
+    ``quiet_ms``: the unpruned model's p50 out of the machine's slow state where it is known from elsewhere (an
+    earlier timing on this machine): samples timed over SLOW_STATE times it are taken again, as against the
+    quickest the profile itself sees."""
     if samples < 4:
         raise BadInput("--samples must be at least 4 (the unpruned model, three uniform cuts)")
     target = load_target(target_name)
@@ -106,7 +109,7 @@ def run_profile(
                 # are, and fitted as the ratio of the two: absolute p50s of one artifact spread by 30-80% here
                 # from one benchmark to the next, the ratio far less (tools/bench_repeatability.py). A sample whose
                 # reference ran in the machine's slow state is taken again, as a round is (backends/base.py).
-                ctx.reference, ctx.quiet_reference_ms = artifact, sample[2].p50
+                ctx.reference, ctx.quiet_reference_ms = artifact, min(sample[2].p50, quiet_ms or math.inf)
         # A sample is judged slow against the quickest the reference ran in the whole profile, not only before it:
         # a profile that began in the slow state (it lasts minutes) had nothing quicker to judge its first samples
         # by, and there a pruned model slows more than its reference, so the ratio misprices every cut (README,
@@ -141,7 +144,7 @@ def run_profile(
     return {"target": target.name, "model": model_spec, "source": latency.source, "not_measured": None,
             "rows": rows, "cache": str(path), "kept_whole": sorted(whole), "runtime": runtime,
             "baseline_p50": baseline_p50, "timed_beside": ctx.reference is not None,
-            "retaken": [plans[i][0] for i in retaken]}  # fmt: skip
+            "retaken": [plans[i][0] for i in retaken], "quiet_ms": ctx.quiet_reference_ms}  # fmt: skip
 
 
 def _slow(measurement, unpruned: bool, quiet_ms: float | None) -> bool:

@@ -154,3 +154,22 @@ def test_a_profile_that_began_in_the_slow_state_takes_those_samples_again(target
     # The first sample as taken again: a quarter cut runs near its reference's time, not twice it (slow state).
     cached = json.loads(Path(result["cache"]).read_text())["samples"]
     assert cached[1][1] < 1.3 * result["baseline_p50"]
+
+
+def test_a_profile_told_the_quiet_level_takes_a_slow_sample_again_at_once(target, tmp_path, monkeypatch):
+    """Given the quiet level known from elsewhere (tools/bench_scorer.py --reprofiles passes the one its candidates
+    showed), the first sample beside the unpruned model is judged slow when it is timed, and taken again then; only
+    the unpruned model, timed alone before any reference, waits for the end."""
+    from edgeprune import profile
+
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(profile, "load_target", lambda name: target)
+    tiny = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
+    monkeypatch.setattr(profile, "open_device", lambda url: LocalDevice())
+    quiet = profile.run_profile("x86-openvino", tiny, samples=4, say=lambda message: None)["quiet_ms"]
+    device = SlowLatencyCalls(slow={1, 2})
+    monkeypatch.setattr(profile, "open_device", lambda url: device)
+    result = profile.run_profile("x86-openvino", tiny, samples=4, say=lambda message: None, quiet_ms=QUIET * quiet)
+    assert result["retaken"] == ["unpruned"]
+    slowed = device.timings[1]["reference_latency_ms"]["p50"]
+    assert device.timings[2]["reference_latency_ms"]["p50"] < slowed / 2  # the first sample's second try, quiet
