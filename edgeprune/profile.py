@@ -92,9 +92,9 @@ def run_profile(
     with tempfile.TemporaryDirectory(prefix="edgeprune-profile-") as tmp:
         ctx = SearchContext(model, example, scored, model_spec, "profile", target, backend, device, Path(tmp), say)
 
-        def take(i: int, name: str, plan) -> tuple:
+        def take(folder: str, name: str, plan) -> tuple:
             pruned_plan, _, _ = ctx.checked_plan(lambda plan=plan: plan)
-            measurement, artifact = ctx.measure(apply_plan(model, pruned_plan, example), f"sample-{i}")
+            measurement, artifact = ctx.measure(apply_plan(model, pruned_plan, example), folder)
             # Where the time goes, node by node, when the runtime can say: what the per-layer fit learns from.
             nodes = backend.node_times(artifact, shape, target, device, ctx.reference)
             return (name, structure.widths_of(pruned_plan), measurement, nodes), artifact
@@ -102,7 +102,7 @@ def run_profile(
         measured = []
         for i, (name, plan) in enumerate(plans, 1):
             say(f"[{i}/{len(plans)}] {name}: exporting and measuring ...")
-            sample, artifact = take(i, name, plan)
+            sample, artifact = take(f"sample-{i}", name, plan)
             measured.append(sample)
             if i == 1 and timed_beside_baseline("latency_ms", device, math.inf, 0.0):
                 # On this (shared) machine every sample is timed beside the unpruned model, as a build's rounds
@@ -121,7 +121,8 @@ def run_profile(
                 f"{plans[i][0]}: timed in the machine's slow state (the unpruned model ran {ran:.3f} ms, the"
                 f" quickest {ctx.quiet_reference_ms:.3f} ms); measuring again ..."
             )
-            measured[i] = take(i + 1, *plans[i])[0]
+            # Its own folder: the unpruned model's first one holds the reference every timing runs beside.
+            measured[i] = take(f"sample-{i + 1}-again", *plans[i])[0]
         runtime = measured[0][2].runtime
     baseline_p50, p50s = comparable_samples([m for _, _, m, _ in measured])
     measured = [(name, widths, p50, nodes) for (name, widths, _, nodes), p50 in zip(measured, p50s, strict=True)]
