@@ -117,14 +117,23 @@ class SlowLatencyCalls(LocalDevice):
     runs 1.2-1.5x its time alone here, so the first sample's reference does not read as slower than the unpruned
     model alone had: nothing in the profile's first samples can tell that they were slow."""
 
-    def __init__(self, slow: set[int]) -> None:
+    def __init__(self, slow: set[int], slow_counts: frozenset[int] = frozenset()) -> None:
         super().__init__()
         object.__setattr__(self, "slow", slow)
+        object.__setattr__(self, "slow_counts", slow_counts)  # per-node counts numbered alike: all of them 8x
         object.__setattr__(self, "timings", [])
+        object.__setattr__(self, "counts", [])
         object.__setattr__(self, "models", [])  # the artifact each timing ran
 
     def run_runner(self, args: list[str]) -> dict:
         result = super().run_runner(args)
+        if "node_times" in result:
+            self.counts.append(args[args.index("--model") + 1])
+            if len(self.counts) in self.slow_counts:
+                counted = result["node_times"]
+                result["node_times"] = {"nodes": [[name, kind, ms * 8.0, *rest] for name, kind, ms, *rest in
+                                                  counted["nodes"]],
+                                        "reference_ms": (counted.get("reference_ms") or 0.0) * 8.0 or None}  # fmt: skip
         if "latency_ms" not in result:
             return result
         self.timings.append(result)
@@ -177,3 +186,18 @@ def test_a_profile_told_the_quiet_level_takes_a_slow_sample_again_at_once(target
     assert device.timings[2]["reference_latency_ms"]["p50"] < device.timings[1]["reference_latency_ms"]["p50"] / 2
     # Noise on so small a model can add a retake at the end; the unpruned model, timed alone, is always the first.
     assert result["retaken"][0] == "unpruned"
+
+
+def test_a_profile_sample_whose_per_node_counts_ran_in_the_slow_state_is_taken_again(target, tmp_path, monkeypatch):
+    """The per-node counts are a run of their own: a slow spell there misattributes the time the per-layer fit learns
+    from, however quiet the sample's timing was."""
+    from edgeprune import profile
+
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    device = SlowLatencyCalls(slow=set(), slow_counts=frozenset({3}))
+    monkeypatch.setattr(profile, "load_target", lambda name: target)
+    monkeypatch.setattr(profile, "open_device", lambda url: device)
+    tiny = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
+    result = profile.run_profile("x86-openvino", tiny, samples=4, say=lambda message: None)
+    assert "uniform 50%" in result["retaken"]
+    assert any(model.endswith("sample-3-again/model.xml") for model in device.counts)  # counted again too
