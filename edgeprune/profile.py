@@ -116,7 +116,7 @@ def run_profile(
         # "Measurement noise"). So are its per-node times, in a run of their own: RegNetX-200MF's unpruned model,
         # counted beside one sample, summed 1.295 ms against 0.81-0.91 beside the seven others. Those samples are
         # taken again now; the retake's own tries keep the quickest.
-        levels = [_node_level(nodes) for *_, nodes in measured]
+        levels = [_node_level(nodes, i == 0) for i, (*_, nodes) in enumerate(measured)]
         quickest = min((level for level in levels if level), default=None)
         retaken = [
             i for i, (_, _, m, _) in enumerate(measured)
@@ -160,12 +160,13 @@ def _slow(measurement, unpruned: bool, quiet_ms: float | None) -> bool:
     return measurement.in_slow_state(quiet_ms)
 
 
-def _node_level(nodes: tuple | None) -> float | None:
-    """The unpruned model's summed node time counted beside a sample's (its own, for the unpruned sample)."""
+def _node_level(nodes: tuple | None, unpruned: bool) -> float | None:
+    """The unpruned model's summed node time counted beside a sample's (its own, for the unpruned sample); None
+    where nothing was counted beside it (a board over SSH): a sample's own sum says nothing of the machine."""
     if not nodes:
         return None
     found, reference_ms = nodes
-    return reference_ms or sum(node[2] for node in found)
+    return reference_ms or (sum(node[2] for node in found) if unpruned else None)
 
 
 def comparable_samples(measurements: list) -> tuple[float, list[float]]:

@@ -201,3 +201,14 @@ def test_a_profile_sample_whose_per_node_counts_ran_in_the_slow_state_is_taken_a
     result = profile.run_profile("x86-openvino", tiny, samples=4, say=lambda message: None)
     assert "uniform 50%" in result["retaken"]
     assert any(model.endswith("sample-3-again/model.xml") for model in device.counts)  # counted again too
+
+
+def test_per_node_counts_with_nothing_counted_beside_them_judge_nothing():
+    """Over SSH nothing is counted beside a sample: its own node sum, smaller for a deeper cut, is no level."""
+    from edgeprune.profile import _node_level
+
+    counted = [("conv", "Convolution", 0.4, ()), ("fc", "FullyConnected", 0.1, ())]
+    assert _node_level((counted, None), unpruned=True) == pytest.approx(0.5)
+    assert _node_level((counted, None), unpruned=False) is None
+    assert _node_level((counted, 0.9), unpruned=False) == 0.9
+    assert _node_level(None, unpruned=False) is None
