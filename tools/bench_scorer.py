@@ -104,11 +104,11 @@ def predictions(spec: str, weights: str, shape: tuple[int, ...], samples: int, c
             # wider than the ±10% being judged, and with two of three repeats in it a median is one of them.
             tries = [ctx.measure(pruned, f"candidate-{i}-{k}")[0] for k in range(repeats)]
             measured.append((allocation, structure.widths_of(plan), tries))
-    # The profile's unpruned p50 against the quickest the unpruned model ran beside the candidates: far over 1, the
-    # whole profile ran in the machine's slow state, which no timing inside it could tell (edgeprune/profile.py), and
-    # its fit prices every cut at that state's ratios. With --reprofiles it is taken again, from no measurement,
-    # told the quiet level the candidates showed; the candidates, measured already, are predicted by the new fit,
-    # which has not seen them either.
+    # The profile's unpruned p50 against the quickest the unpruned model ran since (alone, then beside the
+    # candidates: ctx.quiet_reference_ms): far over 1, the whole profile ran in the machine's slow state, which no
+    # timing inside it could tell (edgeprune/profile.py), and its fit prices every cut at that state's ratios. With
+    # --reprofiles it is taken again, from no measurement, told that quiet level; the candidates, measured already,
+    # are predicted by the new fit, which has not seen them either.
     levels = [profiled["baseline_p50"] / ctx.quiet_reference_ms]
     while levels[-1] > SLOW_STATE and len(levels) <= reprofiles:
         profile_path(target, profiled["runtime"], structure).unlink()
@@ -198,7 +198,12 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=8, help="profile measurements per model")
     parser.add_argument("--candidates", type=int, default=6,
                         help="new plans predicted, then measured, per model (0: (b) only)")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=1, help="measurements per candidate in (a); the median counts")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measurements per candidate in (a); the one whose unpruned model alongside ran quickest counts",
+    )
     parser.add_argument(
         "--reprofiles",
         type=int,
