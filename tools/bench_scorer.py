@@ -48,7 +48,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_task import accuracy, agreement, digits, task_model_spec, train  # noqa: E402
 
-from edgeprune.backends.base import SLOW_STATE  # noqa: E402
+from edgeprune.backends.base import SLOW_STATE, quietest  # noqa: E402
 
 TRAIN = 1200  # digits to train on; the other 597 are held out
 
@@ -120,7 +120,7 @@ def predictions(spec: str, weights: str, shape: tuple[int, ...], samples: int, c
     for allocation, widths, tries in measured:
         predicted = latency.predict(widths)
         runs = [m.comparable_p50(baseline_p50) for m in tries]
-        comparable = min(tries, key=lambda m: m.reference_p50 or 0.0).comparable_p50(baseline_p50)
+        comparable = quietest(tries).comparable_p50(baseline_p50)
         rows.append({"allocation": allocation, "predicted": predicted, "measured": comparable,
                      "error": (predicted - comparable) / comparable,
                      "spread": (max(runs) - min(runs)) / comparable})  # fmt: skip

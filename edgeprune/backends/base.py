@@ -51,6 +51,12 @@ class Artifact:
         return sum(p.stat().st_size for p in shipped if p.exists())
 
 
+def quietest(tries: list[Measurement]) -> Measurement:
+    """Of several timings of one artifact, the one whose reference alongside ran quickest: the one furthest from the
+    machine's slow state (the one a benchmark keeps of its tries)."""
+    return min(tries, key=lambda m: m.reference_p50 or 0.0)
+
+
 @dataclass(frozen=True)
 class Measurement:
     """Latency percentiles of one artifact on one device, with where and how it was measured."""
@@ -177,7 +183,7 @@ class Backend(ABC):
         tries = [self._timing(device, args)]
         while tries[-1].in_slow_state(quiet_reference_ms) and len(tries) < SLOW_STATE_TRIES:
             tries.append(self._timing(device, args))
-        best = min(tries, key=lambda m: m.reference_p50 or 0.0)
+        best = quietest(tries)
         return replace(best, slow_tries=tuple(m.reference_p50 for m in tries if m is not best))
 
     @staticmethod
