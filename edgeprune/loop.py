@@ -71,9 +71,9 @@ class SearchContext:
     steepness_batches: list | None = None
     steepness_unlabelled: list | None = None  # the task's unlabelled batches: a compensating build's refit uses them
     steepness: SteepnessChoice | None = None
-    # The same groups scored by weight magnitude, per channel choice (the keys of steepness.MAGNITUDES: "l2", "l1"):
-    # global allocation's other choices of which channels a cut group keeps, judged beside the build's own scores on
-    # the steepness batches (score/steepness.py). Empty: none offered.
+    # The same groups scored for another choice of which channels a cut group keeps (the keys of
+    # steepness.CHANNEL_CHOICES: "l2", "l1" magnitude, "energy"), judged beside the build's own scores on the steepness
+    # batches (score/steepness.py). Empty: none offered.
     channel_scores: dict[str, list[ScoredGroup]] = field(default_factory=dict)
     compensating: bool = False  # the build refits by least squares after pruning (steepness is judged after it too)
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on

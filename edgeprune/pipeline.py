@@ -42,7 +42,7 @@ from edgeprune.score.depth import check_drop_blocks
 from edgeprune.score.importance import STRUCTURES, score_groups, select_structures
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import keep_unprunable_whole
-from edgeprune.score.steepness import MAGNITUDES, SteepnessChoice
+from edgeprune.score.steepness import CHANNEL_CHOICES, SteepnessChoice
 from edgeprune.score.structure import read_structure
 from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_scores
 from edgeprune.target import Budget, load_target
@@ -233,10 +233,11 @@ def build(options: BuildOptions, say=print) -> dict:
                 ctx.steepness_batches = list(score_set.batches(BATCH))[:STEEPNESS_BATCHES]
                 if calib is not None and not calib.synthetic:  # the final refit fits on them too (recover)
                     ctx.steepness_unlabelled = list(calib.batches(BATCH))[:STEEPNESS_BATCHES]
-                # Channels by magnitude, judged beside the scores' own choice (score/steepness.py); vote's channels
-                # are the earlier tasks' choice, which is its point.
+                # Channels by magnitude or energy, judged beside the scores' own choice (score/steepness.py);
+                # vote's channels are the earlier tasks' choice, which is its point.
                 if importance in ("fisher", "taylor") and method != "vote" and options.allocation == "global":
-                    ctx.channel_scores = {c: _score(ctx.model, example, m, []) for c, m in MAGNITUDES.items()}
+                    ctx.channel_scores = {c: _score(ctx.model, example, m, ctx.steepness_batches)
+                                          for c, m in CHANNEL_CHOICES.items()}  # fmt: skip
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
             try:

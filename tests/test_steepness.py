@@ -269,14 +269,14 @@ def test_a_cut_group_keeps_its_channels_by_magnitude_where_that_keeps_the_output
 
 
 def test_torch_prunings_uniform_l1_plan_is_one_of_global_allocations_candidates(r18, r18_scored, example, tmp_path):
-    """Among the channel choices a build judges are L2 and L1 magnitude; at the uniform ratio, L1's plan is the one
-    Torch-Pruning's uniform L1 makes for the same goal, so the baseline teams reach for is always compared. On
+    """Among the channel choices a build judges are L2 and L1 magnitude and energy; at the uniform ratio, L1's plan is
+    the one Torch-Pruning's uniform L1 makes for the same goal, so the baseline teams reach for is always compared. On
     ConvNeXt-atto a build that could only choose L2's channels kept 0.782 top-1 agreement where uniform L1, at the
     same widths, kept 0.834 (README)."""
     from edgeprune.backends import get_backend
     from edgeprune.loop import SearchContext
     from edgeprune.score.importance import score_groups
-    from edgeprune.score.steepness import MAGNITUDES, SteepnessChoice
+    from edgeprune.score.steepness import CHANNEL_CHOICES, SteepnessChoice
 
     target = load_target("x86-openvino")
     structure = read_structure(r18, example, [g.module for g in r18_scored])
@@ -287,8 +287,9 @@ def test_torch_prunings_uniform_l1_plan_is_one_of_global_allocations_candidates(
         ctx.structure, ctx.latency_model = structure, new_model(structure, target, "estimate")
         contexts[allocation] = ctx
     ctx = contexts["global"]
-    ctx.channel_scores = {c: score_groups(r18, example, m) for c, m in MAGNITUDES.items()}
-    assert ctx.channel_choices() == (IMPORTANCE, "l2", "l1")
+    batches = [(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(3)), None)]
+    ctx.channel_scores = {c: score_groups(r18, example, m, batches) for c, m in CHANNEL_CHOICES.items()}
+    assert ctx.channel_choices() == (IMPORTANCE, "l2", "l1", "energy")
     goal = 0.5 * ctx.latency_model.predict(structure.full_widths())
     tp_plan, _, _ = contexts["uniform"].plan_for(goal)
     kept = {}
@@ -299,6 +300,7 @@ def test_torch_prunings_uniform_l1_plan_is_one_of_global_allocations_candidates(
         assert [g.width for g in plan.groups] == [g.width for g in tp_plan.groups]
     assert kept["l1"] == [g.kept for g in tp_plan.groups]
     assert kept["l2"] != kept["l1"]  # (the fixture's own scores are L1's too)
+    assert kept["energy"] != kept["l1"]
 
 
 def test_below_the_floor_the_cheapest_plans_channel_choices_are_compared_and_the_steepness_stays_open(

@@ -52,12 +52,12 @@ def test_adapt_compensate_into_a_bank_then_vote(tmp_path):
     assert "least-squares compensation" in first["quality"]["recovery"] and first["quality"]["distill_steps"] == 0
     assert first["quality"]["compensated_layers"] > 0
     # Global allocation's steepness was chosen on the task's own data, by the outputs of every steepness's plan, each
-    # with its channels chosen by taylor's scores and by weight magnitude, L2 and L1.
+    # with its channels chosen by taylor's scores, by weight magnitude, L2 and L1, and by energy.
     steepness = first["steepness"]
     assert steepness["chosen"] in (0, 1, 2, 4, "uniform") and steepness["samples"] > 0
-    assert steepness["channels"] in ("importance", "l2", "l1")
-    assert all(d is None or d >= 0 for d in steepness["distance"].values()) and len(steepness["distance"]) == 15
-    assert {"uniform", "uniform l2", "uniform l1"} <= set(steepness["distance"])
+    assert steepness["channels"] in ("importance", "l2", "l1", "energy")
+    assert all(d is None or d >= 0 for d in steepness["distance"].values()) and len(steepness["distance"]) == 20
+    assert {"uniform", "uniform l2", "uniform l1", "uniform energy"} <= set(steepness["distance"])
     assert len(list(bank.glob("*.json"))) == 1 and first["bank_entry"].startswith(str(bank))
     second = _build(tmp_path, "b", "--train", str(tmp_path / "task_b.npz"), "--method", "vote", "--bank", str(bank))
     neighbours = second["vote"]["neighbours"]

@@ -9,9 +9,9 @@ a curve instead. Per model (trained on the digits as bench_scorer.py trains it; 
 there when missing), after `edgeprune profile` has fitted the latency model:
 
 - global: the build's default, fisher scores on 192 training digits (as many as a build scores on) and global
-  allocation with the steepness and the channel choice (fisher's, L2 or L1 magnitude's) a build to that latency would
-  choose on 128 of them (chosen for each plan at its own goal); uniform: magnitude (L1) scores and the same
-  fraction of every group, rounded to the same multiple (Torch-Pruning's uniform L1). Each at --fractions of the
+  allocation with the steepness and the channel choice (fisher's, L2 or L1 magnitude's, energy's) a build to that
+  latency would choose on 128 of them (chosen for each plan at its own goal); uniform: magnitude (L1) scores and the
+  same fraction of every group, rounded to the same multiple (Torch-Pruning's uniform L1). Each at --fractions of the
   unpruned model's predicted latency.
 - every plan is pruned and its batch norm recalibrated on 192 training digits (what a build does without
   --compensate or distillation), then exported and timed on OpenVINO beside the unpruned model, --repeats times in
@@ -83,7 +83,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     from edgeprune.rewrite.recover import recalibrate_batchnorm
     from edgeprune.score.costmodel import new_model
     from edgeprune.score.importance import score_groups
-    from edgeprune.score.steepness import MAGNITUDES, candidate_name
+    from edgeprune.score.steepness import CHANNEL_CHOICES, candidate_name
     from edgeprune.score.structure import read_structure
     from edgeprune.target import load_target
 
@@ -114,7 +114,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         ctx.steepness_batches = batches[:8] if allocation == "global" else None
         # A build's other channel choice, judged beside its scores' (score/steepness.py)
         if allocation == "global":
-            ctx.channel_scores = {c: score_groups(model, example, m) for c, m in MAGNITUDES.items()}
+            ctx.channel_scores = {c: score_groups(model, example, m, batches[:8]) for c, m in CHANNEL_CHOICES.items()}
         full = ctx.latency_model.predict(ctx.structure.full_widths())
         for fraction in args.fractions:
             # Each plan is what a build to that budget would make: its steepness chosen at its own goal, as a build

@@ -17,14 +17,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgeprune.rewrite.heads import head_of, head_scores
+from edgeprune.score.energy import energy_scores
 from edgeprune.score.tp_compat import UnboundedGroup  # (and torch-pruning's workarounds, applied on import)
 from edgeprune.text import is_embedding, similarity_loss, trim_padding
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # magnitude: group L1 of the weights; l2: group squared L2, which for an SVD basis vector (√s·v, u·√s) is exactly
 # its singular value s, so lowrank and double rank basis vectors by singular value; taylor: |w·∂L/∂w|; fisher: the
-# same product taken for each sample and squared, summed (the loss curvature a channel's removal meets).
-METHODS = ("magnitude", "l2", "taylor", "fisher")
+# same product taken for each sample and squared, summed (the loss curvature a channel's removal meets); energy: what
+# a channel feeds the layers that read it (score/energy.py), a choice of channels within a group.
+METHODS = ("magnitude", "l2", "taylor", "fisher", "energy")
 FISHER_SEED = 0  # the labels fisher draws from the model's own predictions: the same scores build after build
 
 
@@ -182,12 +184,13 @@ def score_groups(
     method: str,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]] = (),
 ) -> list[ScoredGroup]:
-    """Score every prunable group of ``model`` with ``method`` ("magnitude" or "taylor").
+    """Score every prunable group of ``model`` with ``method`` (one of METHODS).
 
     ``magnitude`` is data-free group L1 of the pretrained weights. ``taylor`` is first-order Taylor (|w·∂L/∂w|)
     accumulated over ``batches``; the loss is cross-entropy with the labels when a batch has them, else with the
     unpruned model's own predictions as pseudo-labels (a self-distillation target whose gradient is not zero).
-    ``fisher`` (``_fisher_scores``) needs no labels. The model is left unchanged apart from cleared gradients.
+    ``fisher`` (``_fisher_scores``) and ``energy`` (score/energy.py) need no labels. The model is left unchanged
+    apart from cleared gradients.
     """
     if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r}; known: {', '.join(METHODS)}")
@@ -201,6 +204,8 @@ def score_groups(
         _accumulate_gradients(model, batches)
     elif method == "fisher":
         importance = _fisher_scores(model, graph, listed, batches)
+    elif method == "energy":
+        importance = energy_scores(model, listed, batches)
     else:
         p = 2 if method == "l2" else 1
         importance = tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer=None)

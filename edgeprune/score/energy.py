@@ -1,0 +1,93 @@
+"""Stage 2: which channels of a group to keep, by the energy each one feeds the layers that read it.
+
+Removing channel c of a group zeroes column c of every conv or linear layer that reads the group's channels, and
+changes that layer's output by W[:, c]·x_c. Its expected squared size is ||W[:, c]||²·E[x_c²]: the column's weight
+energy times the channel's activation energy on the task's inputs (exact for a linear layer; for a conv it ignores
+the overlap of neighbouring positions). Summed over the group's readers, that is the score. It needs only forward
+passes, so a few dozen samples settle it, where fisher's per-sample gradient squares need hundreds (pipeline.py).
+
+Measured at a uniform ratio, batch norms recalibrated, held-out top-1 agreement with the unpruned model on the
+digits (README, "Scorer benchmark"): at ratio 0.3, ResNet-18 0.943 against L1 magnitude's 0.846 and fisher's 0.782;
+EfficientNet-Lite0 0.832 against 0.558 and 0.729; ConvNeXt-atto 0.975 against 0.961 and 0.931.
+
+A group holding a norm that normalises across channels (LayerNorm, GroupNorm: ConvNeXt's residual stream) is scored
+by L1 magnitude instead. Removing a channel there also rescales every other channel by statistics it was part of,
+which the energy after the norm does not see: ConvNeXt-atto's streams scored by energy kept 0.831 at ratio 0.5,
+by L1 0.868 (its MLPs by energy either way). Raw energy is in no unit shared across groups, so its scores choose
+channels within a group (score/steepness.py), not widths across groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from edgeprune.text import trim_padding
+
+_fn = tp.pruner.function
+READS = (_fn.prune_conv_in_channels, _fn.prune_linear_in_channels)  # a layer whose inputs the group cuts
+ACROSS_CHANNELS = (_fn.prune_layernorm_out_channels, _fn.prune_groupnorm_out_channels)
+
+
+def _is_reader(item) -> bool:
+    layer = item.dep.target.module
+    if item.dep.handler not in READS or not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return False
+    # A depthwise conv maps channel c to channel c: the group cuts its outputs too, and its readers count instead.
+    return isinstance(layer, nn.Linear) or layer.groups == 1 or layer.groups != layer.in_channels
+
+
+def _column_energy(layer: nn.Module) -> torch.Tensor:
+    """||W[:, c]||² for every input channel c of a conv or linear layer."""
+    weight = layer.weight.detach().float()
+    if isinstance(layer, nn.Linear):
+        return weight.pow(2).sum(0)
+    if layer.transposed:  # (in, out / groups, *kernel): each input channel has its own row
+        return weight.pow(2).flatten(1).sum(1)
+    groups = layer.groups  # (out, in / groups, *kernel): input c feeds only its own group's outputs
+    per_group = layer.in_channels // groups
+    return weight.reshape(groups, layer.out_channels // groups, per_group, -1).pow(2).sum((1, 3)).flatten()
+
+
+def energy_scores(model: nn.Module, listed: list, batches: Iterable) -> Callable:
+    """A scorer of one torch-pruning group (as its importances are) for the groups ``listed`` (prunable_groups),
+    from the readers' input energies over ``batches``: see the module's docstring."""
+    readers = {item.dep.target.module for _, group in listed for item in group or () if _is_reader(item)}
+    sums: dict[nn.Module, torch.Tensor] = {}
+    calls: dict[nn.Module, int] = {}
+
+    def record(layer: nn.Module, inputs: tuple) -> None:
+        x = inputs[0].detach().float()
+        per_channel = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else x.transpose(0, 1).flatten(1).T
+        sums[layer] = sums.get(layer, 0) + per_channel.pow(2).mean(0)
+        calls[layer] = calls.get(layer, 0) + 1
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in readers]
+    count = 0
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                model(trim_padding(model, x))
+                count += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if count == 0:
+        raise ValueError("energy scores need at least one batch of data")
+    magnitude = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+
+    def score(group: tp.Group) -> torch.Tensor | None:
+        items = [item for item in group if _is_reader(item) and item.dep.target.module in sums]
+        if not items or any(item.dep.handler in ACROSS_CHANNELS for item in group):
+            return magnitude(group)
+        total = torch.zeros(len(group[0].idxs))
+        for item in items:
+            layer = item.dep.target.module
+            energy = _column_energy(layer) * (sums[layer] / calls[layer])
+            total.index_add_(0, torch.as_tensor(item.root_idxs), energy[torch.as_tensor(item.idxs)])
+        return total
+
+    return score
