@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeprune.score.energy import _column_energy
-from edgeprune.score.importance import score_groups
+from edgeprune.score.energy import _column_energy, energy_scores
+from edgeprune.score.importance import build_graph, prunable_groups, score_groups
 
 
 def _batches(shape, count=2, seed=0):
@@ -46,6 +46,11 @@ def test_a_channel_with_the_largest_weights_that_never_fires_is_the_first_energy
     assert int(magnitude.scores.argmax()) == 0 and 0 in magnitude.best(15)
     assert float(energy.scores[0]) == 0.0 and 0 not in energy.best(15)
     assert not energy.comparable  # raw energies are compared within a group, not across groups
+    listed = prunable_groups(model, build_graph(model, example))
+    model.train()  # scored as it runs in inference, its statistics untouched, its mode given back
+    statistics = model.bn1.running_mean.clone()
+    energy_scores(model, listed, _batches((3, 16, 16)))
+    assert model.training and torch.equal(model.bn1.running_mean, statistics)
 
 
 def test_a_score_is_the_readers_column_energy_times_the_channels_input_energy():

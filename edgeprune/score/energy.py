@@ -66,13 +66,15 @@ def energy_scores(model: nn.Module, listed: list, batches: Iterable) -> Callable
         calls[layer] = calls.get(layer, 0) + 1
 
     hooks = [layer.register_forward_pre_hook(record) for layer in readers]
-    count = 0
+    count, training = 0, model.training
+    model.eval()  # inference's activations, and batch-norm statistics left as they are
     try:
         with torch.no_grad():
             for x, _ in batches:
                 model(trim_padding(model, x))
                 count += 1
     finally:
+        model.train(training)
         for hook in hooks:
             hook.remove()
     if count == 0:
