@@ -122,7 +122,7 @@ class SearchContext:
         return self.checked_plan(make)
 
     def channel_choices(self) -> tuple[str, ...]:
-        """Which channels a cut group may keep: the build's scores, and by weight magnitude where it has those too."""
+        """Which channels a cut group may keep: the build's scores, and the other choices it has scores for."""
         return (IMPORTANCE, *self.channel_scores)
 
     def checked_plan(self, make: Callable[[], Plan]) -> tuple[Plan, int, int]:

@@ -128,3 +128,58 @@ def test_energy_without_data_is_refused():
 
     with pytest.raises(ValueError, match="at least one batch"):
         score_groups(ConvNet().eval(), torch.zeros(1, 3, 16, 16), "energy", [])
+
+
+class Upsampling(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.up(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+def test_a_transposed_conv_reads_each_channel_with_its_own_row():
+    torch.manual_seed(4)
+    model = Upsampling().eval()
+    batches = _batches((3, 8, 8))
+    scored = score_groups(model, torch.zeros(1, 3, 8, 8), "energy", batches)
+    into_up = torch.cat([torch.relu(model.conv(x)) for x, _ in batches])
+    expected = model.up.weight.detach().pow(2).flatten(1).sum(1) * into_up.pow(2).mean((0, 2, 3))
+    torch.testing.assert_close(_group(scored, "conv").scores, expected.detach(), rtol=1e-5, atol=1e-7)
+
+
+class ScaledConv(nn.Conv2d):
+    """A conv whose forward does not multiply by ``weight`` as it is (as timm's weight-standardised convs do)."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight * 3.0, self.bias, self.stride, self.padding)
+
+
+def test_a_group_read_by_a_layer_with_a_forward_of_its_own_keeps_l1s_ranking():
+    """All of a group's readers are scored or none: a reader whose weight is not the one it multiplies by is not."""
+    torch.manual_seed(5)
+    model = ConvNet().eval()
+    model.conv2 = ScaledConv(16, 8, 3, padding=1)
+    example = torch.zeros(1, 3, 16, 16)
+    energy = _group(score_groups(model, example, "energy", _batches((3, 16, 16))), "conv1")
+    torch.testing.assert_close(energy.scores, _group(score_groups(model, example, "magnitude"), "conv1").scores)
+
+
+class BatchOfOne(ConvNet):
+    def forward(self, x):
+        if len(x) > 1:
+            raise RuntimeError("this model takes one image at a time")
+        return super().forward(x)
+
+
+def test_a_model_whose_code_fails_on_the_task_data_builds_without_energys_choice():
+    from edgeprune.pipeline import _channel_choices
+
+    said = []
+    choices = _channel_choices(BatchOfOne().eval(), torch.zeros(1, 3, 16, 16), _batches((3, 16, 16)), said.append)
+    assert set(choices) == {"l2", "l1"}
+    assert said == ["channels by the energy they feed their readers not offered: RuntimeError: this model takes one"
+                    " image at a time"]  # fmt: skip

@@ -165,8 +165,8 @@ def plan_from_widths(
 
 def rechoose_channels(plan: Plan, scored: list[ScoredGroup]) -> Plan:
     """``plan``'s widths, each cut group's channels chosen by ``scored``'s scores instead (groups matched by name;
-    a group ``scored`` cannot score keeps the plan's choice). Global allocation's other channel choice: widths
-    from the task's importance, channels by weight magnitude (score/steepness.py says when and why)."""
+    a group ``scored`` cannot score keeps the plan's choice). Global allocation's other channel choices: widths
+    from the task's importance, channels by weight magnitude or energy (score/steepness.py says when and why)."""
     by_name = {g.module: g for g in scored}
     groups = []
     for group in plan.groups:

@@ -28,16 +28,20 @@ from torch import nn
 from edgeprune.text import trim_padding
 
 _fn = tp.pruner.function
-READS = (_fn.prune_conv_in_channels, _fn.prune_linear_in_channels)  # a layer whose inputs the group cuts
+# Norms across a group's channels: the group keeps L1's ranking (the module's docstring says why)
 ACROSS_CHANNELS = (_fn.prune_layernorm_out_channels, _fn.prune_groupnorm_out_channels)
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+# Layers whose forward multiplies their input by ``weight`` as it is: a subclass with a forward of its own (timm's
+# weight-standardised convs, whose gain scales the weight) may not, and its group keeps L1's ranking.
+PLAIN = {cls.forward for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                 nn.ConvTranspose3d)}  # fmt: skip
 
 
 def _is_reader(item) -> bool:
+    """A conv or linear layer whose inputs the group cuts (a depthwise conv's are cut as its outputs, and its readers
+    count instead: torch-pruning lists it with its output handler)."""
     layer = item.dep.target.module
-    if item.dep.handler not in READS or not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        return False
-    # A depthwise conv maps channel c to channel c: the group cuts its outputs too, and its readers count instead.
-    return isinstance(layer, nn.Linear) or layer.groups == 1 or layer.groups != layer.in_channels
+    return item.dep.handler.__name__ == "prune_in_channels" and isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd))
 
 
 def _column_energy(layer: nn.Module) -> torch.Tensor:
@@ -60,13 +64,15 @@ def energy_scores(model: nn.Module, listed: list, batches: Iterable) -> Callable
     calls: dict[nn.Module, int] = {}
 
     def record(layer: nn.Module, inputs: tuple) -> None:
+        if not inputs or not isinstance(inputs[0], torch.Tensor):  # called with keywords: not measured, not scored
+            return
         x = inputs[0].detach().float()
         per_channel = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else x.transpose(0, 1).flatten(1).T
         sums[layer] = sums.get(layer, 0) + per_channel.pow(2).mean(0)
         calls[layer] = calls.get(layer, 0) + 1
 
     hooks = [layer.register_forward_pre_hook(record) for layer in readers]
-    count, training = 0, model.training
+    count, modes = 0, {module: module.training for module in model.modules()}
     model.eval()  # inference's activations, and batch-norm statistics left as they are
     try:
         with torch.no_grad():
@@ -74,7 +80,8 @@ def energy_scores(model: nn.Module, listed: list, batches: Iterable) -> Callable
                 model(trim_padding(model, x))
                 count += 1
     finally:
-        model.train(training)
+        for module, training in modes.items():
+            module.train(training)
         for hook in hooks:
             hook.remove()
     if count == 0:
@@ -82,8 +89,12 @@ def energy_scores(model: nn.Module, listed: list, batches: Iterable) -> Callable
     magnitude = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
 
     def score(group: tp.Group) -> torch.Tensor | None:
-        items = [item for item in group if _is_reader(item) and item.dep.target.module in sums]
-        if not items or any(item.dep.handler in ACROSS_CHANNELS for item in group):
+        # All of a group's readers or none: a partial sum would look like a score and rank by a part of the effect.
+        items = [item for item in group if _is_reader(item)]
+        unmeasured = any(item.dep.target.module not in sums or type(item.dep.target.module).forward not in PLAIN
+                         or item.root_idxs is None or None in item.root_idxs for item in items)  # fmt: skip
+        normed = any(item.dep.handler in ACROSS_CHANNELS or isinstance(item.dep.target.module, NORMS) for item in group)
+        if not items or unmeasured or normed:
             return magnitude(group)
         total = torch.zeros(len(group[0].idxs))
         for item in items:

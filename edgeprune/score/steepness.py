@@ -16,7 +16,8 @@ allocation's floor. Only plans whose predicted cost is within the goal are compa
 would win by not doing what was asked.
 
 Which channels a cut group keeps is a second choice made the same way. Each plan is also made with the same widths
-and each cut group's channels chosen by weight magnitude instead of the task's importance, by L2 and by L1. Fisher
+and each cut group's channels chosen by other scores than the task's importance: weight magnitude, by L2 and by
+L1, and energy (below). Fisher
 and taylor sum per-sample estimates; on ConvNeXt-atto with a couple of hundred digits, fisher's ranking within a
 group was the noisier one, and at a uniform ratio of 0.5 its channels kept 0.831 held-out top-1 agreement against
 L2's 0.874. On ResNet-18 the two were within a point or two of each other. L1 and L2 differ too, and neither
