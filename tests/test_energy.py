@@ -151,21 +151,34 @@ def test_a_transposed_conv_reads_each_channel_with_its_own_row():
     torch.testing.assert_close(_group(scored, "conv").scores, expected.detach(), rtol=1e-5, atol=1e-7)
 
 
-class ScaledConv(nn.Conv2d):
-    """A conv whose forward does not multiply by ``weight`` as it is (as timm's weight-standardised convs do)."""
+class StdConv2d(nn.Conv2d):
+    """A conv that standardises its weight before it multiplies by it, as timm's does."""
 
     def forward(self, x):
-        return nn.functional.conv2d(x, self.weight * 3.0, self.bias, self.stride, self.padding)
+        weight = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
+        return nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding)
 
 
-def test_a_group_read_by_a_layer_with_a_forward_of_its_own_keeps_l1s_ranking():
-    """All of a group's readers are scored or none: a reader whose weight is not the one it multiplies by is not."""
+class PaddedConv2d(nn.Conv2d):
+    """A conv with a forward of its own that uses its weight as stored (EfficientNet-Lite0's same-padding convs)."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride)
+
+
+def test_a_group_read_by_a_weight_standardised_conv_keeps_l1s_ranking():
+    """All of a group's readers are scored or none: a reader whose weight is not the one it multiplies by is not. A
+    conv with a forward of its own that uses its weight as stored is scored."""
     torch.manual_seed(5)
-    model = ConvNet().eval()
-    model.conv2 = ScaledConv(16, 8, 3, padding=1)
     example = torch.zeros(1, 3, 16, 16)
-    energy = _group(score_groups(model, example, "energy", _batches((3, 16, 16))), "conv1")
-    torch.testing.assert_close(energy.scores, _group(score_groups(model, example, "magnitude"), "conv1").scores)
+    scores = {}
+    for reader in (StdConv2d, PaddedConv2d):
+        model = ConvNet().eval()
+        model.conv2 = reader(16, 8, 3, padding=0 if reader is PaddedConv2d else 1)
+        energy = _group(score_groups(model, example, "energy", _batches((3, 16, 16))), "conv1").scores
+        scores[reader] = energy, _group(score_groups(model, example, "magnitude"), "conv1").scores
+    torch.testing.assert_close(*scores[StdConv2d])
+    assert not torch.allclose(*scores[PaddedConv2d])
 
 
 class BatchOfOne(ConvNet):

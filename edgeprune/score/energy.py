@@ -31,10 +31,6 @@ _fn = tp.pruner.function
 # Norms across a group's channels: the group keeps L1's ranking (the module's docstring says why)
 ACROSS_CHANNELS = (_fn.prune_layernorm_out_channels, _fn.prune_groupnorm_out_channels)
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
-# Layers whose forward multiplies their input by ``weight`` as it is: a subclass with a forward of its own (timm's
-# weight-standardised convs, whose gain scales the weight) may not, and its group keeps L1's ranking.
-PLAIN = {cls.forward for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                                 nn.ConvTranspose3d)}  # fmt: skip
 
 
 def _is_reader(item) -> bool:
@@ -42,6 +38,15 @@ def _is_reader(item) -> bool:
     count instead: torch-pruning lists it with its output handler)."""
     layer = item.dep.target.module
     return item.dep.handler.__name__ == "prune_in_channels" and isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd))
+
+
+def _weight_as_stored(layer: nn.Module) -> bool:
+    """Whether the layer multiplies its input by ``weight`` as stored. timm's weight-standardised convs (StdConv2d,
+    ScaledStdConv2d and their "Same" kin) standardise it in their forward, and a gain scales it (importance.py's
+    GainConvPruner); a group they read keeps L1's ranking. Padding subclasses (EfficientNet-Lite0's
+    Conv2dStaticSamePadding) use it as it is: a rule on the class's own forward would have left 23 of its 24 groups
+    to L1."""
+    return getattr(layer, "gain", None) is None and "StdConv" not in type(layer).__name__
 
 
 def _column_energy(layer: nn.Module) -> torch.Tensor:
@@ -91,7 +96,7 @@ def energy_scores(model: nn.Module, listed: list, batches: Iterable) -> Callable
     def score(group: tp.Group) -> torch.Tensor | None:
         # All of a group's readers or none: a partial sum would look like a score and rank by a part of the effect.
         items = [item for item in group if _is_reader(item)]
-        unmeasured = any(item.dep.target.module not in sums or type(item.dep.target.module).forward not in PLAIN
+        unmeasured = any(item.dep.target.module not in sums or not _weight_as_stored(item.dep.target.module)
                          or item.root_idxs is None or None in item.root_idxs for item in items)  # fmt: skip
         normed = any(item.dep.handler in ACROSS_CHANNELS or isinstance(item.dep.target.module, NORMS) for item in group)
         if not items or unmeasured or normed:
