@@ -42,7 +42,7 @@ from edgeprune.score.depth import check_drop_blocks
 from edgeprune.score.importance import STRUCTURES, score_groups, select_structures
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import keep_unprunable_whole
-from edgeprune.score.steepness import CHANNEL_CHOICES, CHANNEL_NAMES, SteepnessChoice
+from edgeprune.score.steepness import SteepnessChoice, other_channel_scores
 from edgeprune.score.structure import read_structure
 from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_scores
 from edgeprune.target import Budget, load_target
@@ -236,7 +236,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 # Channels by magnitude or energy, judged beside the scores' own choice (score/steepness.py);
                 # vote's channels are the earlier tasks' choice, which is its point.
                 if importance in ("fisher", "taylor") and method != "vote" and options.allocation == "global":
-                    ctx.channel_scores = _channel_choices(ctx.model, example, ctx.steepness_batches, say)
+                    ctx.channel_scores = other_channel_scores(ctx.model, example, ctx.steepness_batches, say)
             cost_model = {"started_from": ctx.latency_model.source}
             say(f"cost model: {cost_model['started_from']}; {options.allocation} allocation")
             try:
@@ -387,19 +387,6 @@ def _unpruned(ctx: SearchContext, baseline, baseline_artifact, memory: dict):
 
     plan, macs, params = ctx.plan_at(0.0)
     return Candidate(0, plan, macs, params, baseline, baseline_artifact, baseline.p50, memory_mb=memory["total_mb"])
-
-
-def _channel_choices(model, example: torch.Tensor, batches: list, say) -> dict:
-    """The groups scored for each other choice of channels (steepness.CHANNEL_CHOICES). Energy runs the model on the
-    task's data under hooks; where the model's own code fails there, that choice is left out and the build goes on."""
-    choices = {}
-    for choice, method in CHANNEL_CHOICES.items():
-        try:
-            choices[choice] = score_groups(model, example, method, batches)
-        except Exception as exc:  # the graph traced already (the build's own scores): the model's code raised
-            failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-            say(f"channels by {CHANNEL_NAMES[choice]} not offered: {failure}")
-    return choices
 
 
 def _score(model, example: torch.Tensor, method: str, batches: list) -> list:

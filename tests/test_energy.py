@@ -189,10 +189,10 @@ class BatchOfOne(ConvNet):
 
 
 def test_a_model_whose_code_fails_on_the_task_data_builds_without_energys_choice():
-    from edgeprune.pipeline import _channel_choices
+    from edgeprune.score.steepness import other_channel_scores
 
     said = []
-    choices = _channel_choices(BatchOfOne().eval(), torch.zeros(1, 3, 16, 16), _batches((3, 16, 16)), said.append)
+    choices = other_channel_scores(BatchOfOne().eval(), torch.zeros(1, 3, 16, 16), _batches((3, 16, 16)), said.append)
     assert set(choices) == {"l2", "l1"}
     assert said == ["channels by the energy they feed their readers not offered: RuntimeError: this model takes one"
                     " image at a time"]  # fmt: skip

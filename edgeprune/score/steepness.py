@@ -45,6 +45,7 @@ from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.rewrite.recover import Judge, recalibrate_batchnorm
 from edgeprune.score.allocate import UNIFORM_STEEPNESS
+from edgeprune.score.importance import score_groups
 
 # 0: the scores as they are; 4: a layer at half width prices its cuts 16x; the last, the uniform ratio
 STEEPNESSES = (0.0, 1.0, 2.0, 4.0, UNIFORM_STEEPNESS)
@@ -183,3 +184,16 @@ def choose_steepness(
     order = {c: i for i, c in enumerate(candidates)}
     chosen = min(measured, key=lambda c: (measured[c], order[c])) if measured else within[0]
     return SteepnessChoice(chosen[0], losses, sum(len(x) for x, _ in judge), len(seen), over, chosen[1], floor)
+
+
+def other_channel_scores(model: nn.Module, example: torch.Tensor, batches: list, say: Callable[[str], None]) -> dict:
+    """The groups scored for each other choice of channels (CHANNEL_CHOICES). Energy runs the model on the
+    task's data under hooks; where the model's own code fails there, that choice is left out and the build goes on."""
+    choices = {}
+    for choice, method in CHANNEL_CHOICES.items():
+        try:
+            choices[choice] = score_groups(model, example, method, batches)
+        except Exception as exc:  # the graph traced already (the build's own scores): the model's code raised
+            failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+            say(f"channels by {CHANNEL_NAMES[choice]} not offered: {failure}")
+    return choices
