@@ -83,7 +83,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     from edgeprune.rewrite.recover import recalibrate_batchnorm
     from edgeprune.score.costmodel import new_model
     from edgeprune.score.importance import score_groups
-    from edgeprune.score.steepness import CHANNEL_CHOICES, candidate_name
+    from edgeprune.score.steepness import candidate_name, other_channel_scores
     from edgeprune.score.structure import read_structure
     from edgeprune.target import load_target
 
@@ -114,7 +114,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         ctx.steepness_batches = batches[:8] if allocation == "global" else None
         # A build's other channel choice, judged beside its scores' (score/steepness.py)
         if allocation == "global":
-            ctx.channel_scores = {c: score_groups(model, example, m, batches[:8]) for c, m in CHANNEL_CHOICES.items()}
+            ctx.channel_scores = other_channel_scores(model, example, batches[:8], say)
         full = ctx.latency_model.predict(ctx.structure.full_widths())
         for fraction in args.fractions:
             # Each plan is what a build to that budget would make: its steepness chosen at its own goal, as a build

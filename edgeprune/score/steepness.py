@@ -16,18 +16,17 @@ allocation's floor. Only plans whose predicted cost is within the goal are compa
 would win by not doing what was asked.
 
 Which channels a cut group keeps is a second choice made the same way. Each plan is also made with the same widths
-and each cut group's channels chosen by other scores than the task's importance: weight magnitude, by L2 and by
-L1, and energy (below). Fisher
-and taylor sum per-sample estimates; on ConvNeXt-atto with a couple of hundred digits, fisher's ranking within a
-group was the noisier one, and at a uniform ratio of 0.5 its channels kept 0.831 held-out top-1 agreement against
-L2's 0.874. On ResNet-18 the two were within a point or two of each other. L1 and L2 differ too, and neither
-everywhere: at uniform ratios of 0.3-0.6 (batch norms recalibrated), L2's channels kept 6-8 points more top-1 on
-RegNetX-200MF at 0.3-0.4, L1's 4 more on ConvNeXt-atto at 0.6, where a build that could only choose L2 kept 0.782
-against Torch-Pruning's uniform L1 at the same widths, 0.834. With L1 among the choices, the uniform ratio with L1's
-channels, Torch-Pruning's own plan, is always one of the candidates. Last, by the energy each channel feeds the
-layers that read it (score/energy.py), from forward passes on the task's data alone: at a uniform ratio of 0.3 it
-kept 0.943 top-1 agreement on ResNet-18 (L1 0.846, fisher 0.782) and 0.975 on ConvNeXt-atto (L1 0.961). The task's
-data decides between them all (README, "Scorer benchmark").
+and each cut group's channels chosen by other scores than the task's importance: weight magnitude, by L2 and by L1,
+and energy (below). Fisher and taylor sum per-sample estimates; on ConvNeXt-atto with a couple of hundred digits,
+fisher's ranking within a group was the noisier one, and at a uniform ratio of 0.5 its channels kept 0.831 held-out
+top-1 agreement against L2's 0.874. On ResNet-18 the two were within a point or two of each other. L1 and L2 differ
+too, and neither everywhere: at uniform ratios of 0.3-0.6 (batch norms recalibrated), L2's channels kept 6-8 points
+more top-1 on RegNetX-200MF at 0.3-0.4, L1's 4 more on ConvNeXt-atto at 0.6, where a build that could only choose L2
+kept 0.782 against Torch-Pruning's uniform L1 at the same widths, 0.834. With L1 among the choices, the uniform
+ratio with L1's channels, Torch-Pruning's own plan, is always one of the candidates. Last, by the energy each
+channel feeds the layers that read it (score/energy.py), from forward passes on the task's data alone: at a uniform
+ratio of 0.3 it kept 0.943 top-1 agreement on ResNet-18 (L1 0.846, fisher 0.782) and 0.975 on ConvNeXt-atto (L1
+0.961). The task's data decides between them all (README, "Scorer benchmark").
 """
 
 from __future__ import annotations
