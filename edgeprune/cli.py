@@ -116,7 +116,8 @@ def build(
         str | None,
         typer.Option(
             help="Residual blocks to remove whole, those the task's data misses least, before channels are cut: a"
-            " count, or auto (depth gives about the square root of the speedup) [default: 0]."
+            " count, or auto (the count whose plan to the budget keeps the task's outputs closest) [default: auto"
+            " with task data and a latency or speedup budget under global allocation, else 0]."
         ),
     ] = None,
     device: Annotated[list[str] | None, typer.Option(help=DEVICE_HELP)] = None,

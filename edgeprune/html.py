@@ -74,6 +74,11 @@ def write_html(path: Path, report: dict, widths: dict[str, tuple[int, int]], fil
         removed = zip(depth["dropped"], depth["distance_after_each"], strict=True)
         parts += [f"<h2>Residual blocks removed ({len(depth['dropped'])} of {len(depth['residual_blocks'])})</h2>",
                   _table([(name, f"outputs' distance after it {d:.4f}") for name, d in removed])]  # fmt: skip
+        if depth.get("auto_judged"):  # --drop-blocks auto: how many, chosen by each count's plan to the budget
+            judged = [(f"{j['blocks']} blocks", "channels cannot reach the budget" if j["distance"] is None
+                       else f"outputs' distance {j['distance']:.4f}") for j in depth["auto_judged"]]  # fmt: skip
+            parts += [f"<h3>How many: each count's plan to {depth['auto_goal_ms']:.3f} ms, judged on the task</h3>",
+                      _table(judged)]  # fmt: skip
     if report.get("unprunable"):
         parts += ["<h2>Layers kept whole</h2>", _table([(u["module"], u["reason"]) for u in report["unprunable"]])]
     listed = [(name, f"{entry['sha256']} ({entry['bytes']} bytes)") for name, entry in sorted(files.items())]

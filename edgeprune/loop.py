@@ -24,16 +24,18 @@ from edgeprune.device import Device
 from edgeprune.errors import BadInput, EdgepruneError
 from edgeprune.farm.executor import LocalExecutor
 from edgeprune.farm.work import BuildShare, export_and_measure
+from edgeprune.rewrite.compensate import compensate
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
+from edgeprune.rewrite.recover import recalibrate_batchnorm
 from edgeprune.rounds import Candidate, Say, confirm, lower_quiet_level, measure_plans
 from edgeprune.score.allocate import allocate, rechoose_channels, uniform_plan
-from edgeprune.score.costmodel import LatencyModel
-from edgeprune.score.depth import DepthChoice, choose_depth, depth_goal_ms, without_blocks
+from edgeprune.score.costmodel import LatencyModel, new_model
+from edgeprune.score.depth import DepthChoice, choose_depth, without_blocks
 from edgeprune.score.importance import ScoredGroup
 from edgeprune.score.probe import find_unprunable
 from edgeprune.score.steepness import IMPORTANCE, SteepnessChoice, choose_steepness
-from edgeprune.score.structure import Structure
+from edgeprune.score.structure import Structure, read_structure
 from edgeprune.target import Target
 
 MAX_REPROBES = 4  # plans re-made after keeping newly found culprits whole, before the build gives up
@@ -282,16 +284,42 @@ def learn_where_time_goes(ctx: SearchContext, artifact: Artifact, widths) -> boo
     return bool(nodes)
 
 
-def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_ms: float,
-                  budget_ms: float) -> DepthChoice:  # fmt: skip
-    """--drop-blocks: choose ``count`` residual blocks (or, ``auto``, as many as the measured latency allows) on the
-    task's ``batches`` (score/depth.py); ``ctx.model`` becomes the model without them."""
+def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_ms: float, budget_ms: float,
+                  score: Callable[[nn.Module], list[ScoredGroup]] | None = None,
+                  runtime: str = "", order: DepthChoice | None = None) -> DepthChoice:  # fmt: skip
+    """--drop-blocks: choose ``count`` residual blocks (or, ``auto``, as many as keep the task's outputs closest once
+    channels are cut to the budget: score/depth.py) on the task's ``batches``; ``ctx.model`` becomes the model
+    without them. ``score`` scores a model's groups as the build does, ``runtime`` keys its cost model; ``order``:
+    every block in the order chosen, where known (it does not depend on the budget)."""
 
     def measure(model: nn.Module, name: str) -> float:
         latency = ctx.measure(model, name)[0].comparable_p50(baseline_ms)
         ctx.say(f"{name} (residual blocks removed): {latency:.3f} ms comparable p50")
         return latency
 
-    depth = choose_depth(ctx.model, ctx.example, batches, count, measure, depth_goal_ms(baseline_ms, budget_ms))
+    def cut_to_budget(shallower: nn.Module, measured_ms: float) -> nn.Module | None:
+        """The plan the first round would make for the model without the blocks (steepness 0, the scores' own
+        channels: every count alike), pruned, and its batch norm recalibrated or, in a compensating build, refitted
+        on every other batch; None where its prediction stays over the budget (the channels' floor)."""
+        scored = score(shallower)
+        sub = replace(ctx, model=shallower, scored=scored, steepness=None, steepness_batches=None, channel_scores={},
+                      unprunable={}, _macs_cache={}, say=lambda message: None,
+                      structure=read_structure(shallower, ctx.example, [g.module for g in scored]))  # fmt: skip
+        sub.latency_model = new_model(sub.structure, ctx.target, runtime)
+        sub.latency_model.add(sub.structure.full_widths(), measured_ms)  # the roofline scaled to its measurement
+        try:
+            plan = sub.plan_for(AIM * budget_ms, choose=False)[0]
+            if sub.latency_model.predict(sub.structure.widths_of(plan)) > budget_ms:
+                return None
+            pruned = apply_plan(shallower, plan, ctx.example)
+        except EdgepruneError:  # no consistent cut at these widths: not a candidate
+            return None
+        if ctx.compensating:  # the build's own repair: a deep cut in a few layers reads far better after it
+            compensate(shallower, pruned, [x for x, _ in batches[::2]])
+        else:
+            recalibrate_batchnorm(pruned, batches)
+        return pruned
+
+    depth = choose_depth(ctx.model, ctx.example, batches, count, measure, budget_ms, cut_to_budget, baseline_ms, order)
     ctx.model = without_blocks(ctx.model, depth)
     return depth

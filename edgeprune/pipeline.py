@@ -101,7 +101,7 @@ class BuildOptions:
     structures: str = "all"  # or "heads" / "neurons": only attention heads, or all but them (score/importance.py)
     executor: str | None = None  # where candidates run: this process (None, "local") or Ray (farm/executor.py)
     in_flight: int = 1  # candidates per round
-    drop_blocks: int | str = 0  # residual blocks removed whole before channels, or "auto" (score/depth.py)
+    drop_blocks: int | str | None = None  # residual blocks removed whole first, or "auto"; None: auto where it can
 
 
 def build(options: BuildOptions, say=print) -> dict:
@@ -143,7 +143,8 @@ def build(options: BuildOptions, say=print) -> dict:
     aux = load_dataset(options.aux, shape, mean, std, limit, spec=spec) if options.aux else None
     if options.method == "vote" and (not options.bank or data.synthetic):
         raise BadInput("--method vote needs --bank DIR (earlier builds' kept channels) and the task's --calib DATA")
-    check_drop_blocks(options.drop_blocks, options.plan, budget.kind in (*COUNTED, "memory_mb"), data.synthetic)
+    drop_blocks = check_drop_blocks(options.drop_blocks, options.plan, budget.kind in (*COUNTED, "memory_mb"),
+                                    data.synthetic, options.allocation)  # fmt: skip
     if target.precision == "int8" and data.synthetic:
         raise BadInput(f"target '{target.name}' is int8, whose ranges are calibrated on real images: pass --calib DATA")
     method = options.method if options.method != "auto" else ("magnitude" if data.synthetic else DEFAULT_IMPORTANCE)
@@ -194,18 +195,19 @@ def build(options: BuildOptions, say=print) -> dict:
             chosen = measure_plan(ctx, Plan.load_pinned(options.plan, tuple(example.shape)), baseline.p50, 1, budget_ms)
             candidates = [chosen]
         else:
-            if options.drop_blocks and (counted or baseline.p50 > budget_ms):  # else the model fits as it is
-                with timed(say, f"choosing residual blocks to remove ({options.drop_blocks})"):
-                    batches = list(score_set.batches(BATCH))[:STEEPNESS_BATCHES]
-                    depth = remove_blocks(ctx, options.drop_blocks, batches, baseline.p50, budget_ms)
+            importance = IMPORTANCE.get(method, method)
+            scoring = list(score_set.batches(BATCH))[: SCORE_BATCHES.get(importance, 4)]
+            if drop_blocks and (counted or baseline.p50 > budget_ms):  # else the model fits as it is
+                with timed(say, f"choosing residual blocks to remove ({drop_blocks})"):
+                    counts = lambda m: _score(m, example, importance, scoring[:4])  # noqa: E731 (64 samples a count)
+                    depth = remove_blocks(ctx, drop_blocks, list(score_set.batches(BATCH))[:STEEPNESS_BATCHES],
+                                          baseline.p50, budget_ms, counts, baseline.runtime)  # fmt: skip
                 say(depth.describe())
             if method in ("lowrank", "double"):
                 ctx.model, decomposed = decomposed_copy(ctx.model, example)
                 say(f"{len(decomposed)} layers in SVD form (basis + mix): their basis vectors prune like channels")
             with timed(say, f"scoring channel groups ({method})"):
-                importance = IMPORTANCE.get(method, method)
-                batches = list(score_set.batches(BATCH))[: SCORE_BATCHES.get(importance, 4)]
-                ctx.scored = _score(ctx.model, example, importance, batches)
+                ctx.scored = _score(ctx.model, example, importance, scoring)
                 if method == "lowrank":
                     ctx.scored = basis_only(ctx.scored, decomposed)
                 if method == "vote":
@@ -220,7 +222,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 keep_unprunable_whole(ctx, options.strict)
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
-            if depth and not counted:  # where the search starts: the model without those blocks, measured
+            if depth and depth.dropped and not counted:  # the search starts from the model without them, measured
                 start = measure_plan(ctx, ctx.plan_at(0.0)[0], baseline.p50, 0, budget_ms)
             if not counted and not decomposed and not isinstance(device, EstimateDevice):
                 ctx.nodes_device = device  # the build's device (or pool) itself, not the executor's handle of it

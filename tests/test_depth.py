@@ -30,9 +30,9 @@ from edgeprune.score.depth import (
     AUTO,
     check_drop_blocks,
     choose_blocks,
+    choose_count,
     choose_depth,
-    deepest_within,
-    depth_goal_ms,
+    fewest_within,
     without_blocks,
 )
 from edgeprune.score.importance import score_groups
@@ -81,28 +81,46 @@ def test_the_block_that_changes_the_outputs_least_is_removed_first_and_too_many_
         choose_blocks(model, EXAMPLE, batches, 4)
 
 
-def test_auto_removes_blocks_until_the_model_without_them_measures_the_goal():
-    """``--drop-blocks auto``: blocks go in the greedy order while the model without them, measured, stays at or over
-    the geometric mean of the unpruned latency and the budget; bisection finds that count in a few measurements."""
-    assert depth_goal_ms(1.0, 0.25) == pytest.approx(0.5)  # 4x: 2x from depth, 2x from channels
+def test_auto_bounds_the_count_by_measured_latency_and_picks_the_closest_plan():
+    """``--drop-blocks auto``: the fewest blocks that alone meet the budget, found by bisection on measured
+    latencies, bound the counts; of the counts tried, the one whose plan to the budget keeps the outputs closest
+    wins, counts whose channels cannot reach the budget are no candidates, and none reaching gives 0."""
     latencies = {n: 10.0 - n for n in range(10)}  # 9 blocks, each 1 ms
-    for goal, expected in ((6.5, 3), (10.0, 0), (0.5, 9), (1.0, 9), (9.0, 1)):
+    for budget, expected in ((6.5, 4), (9.5, 1), (0.5, 9), (1.0, 9), (9.0, 1)):
         measured: list[int] = []
-        count, probes = deepest_within(goal, 9, lambda n: measured.append(n) or latencies[n])  # noqa: B023
-        assert count == expected and [n for n, _ in probes] == measured and len(set(measured)) == len(measured)
-        assert len(measured) <= 4 and all(latencies[n] >= goal for n in range(count + 1) if n)
+        assert fewest_within(budget, 9, lambda n: measured.append(n) or latencies[n]) == expected  # noqa: B023
+        assert len(measured) <= 4 and 0 not in measured
+    assert fewest_within(1.0, 0, lambda n: pytest.fail("nothing to measure")) == 0
+    chosen, tried = choose_count(12, lambda n: (n - 6) ** 2)
+    assert chosen == 6 and [n for n, _ in tried] == [0, 3, 4, 6, 8, 9, 12]  # 5 spread, then beside the best
+    assert choose_count(12, lambda n: (n - 7) ** 2, tries=9)[0] == 7  # refined until adjacent
+    assert choose_count(12, lambda n: None if n < 9 else float(n))[0] == 9
+    assert choose_count(4, lambda n: None) == (0, ((0, None), (1, None), (2, None), (3, None), (4, None)))
     model = _tiny_resnet()
     batches = [(torch.randn(8, 3, 32, 32), None)]
     convs = lambda m, name: float(sum(isinstance(x, torch.nn.Conv2d) for x in m.modules()))  # noqa: E731
     order = choose_blocks(model, EXAMPLE, batches, None)
-    auto = choose_depth(model, EXAMPLE, batches, AUTO, convs, goal_ms=9.0)  # 11 convs whole, 2 fewer per block
-    assert auto.dropped == order.dropped[:1] and auto.goal_ms == 9.0 and auto.probes == ((2, 7.0), (1, 9.0))
-    assert auto.to_dict()["auto_measured"] and "auto" in auto.describe()
+    # 11 convs whole, 2 fewer per block: 2 blocks meet 8; channels cannot reach it without blocks here
+    auto = choose_depth(model, EXAMPLE, batches, AUTO, convs, 8.0, lambda m, ms: None if ms > 10 else m, 11.0)
+    judged = dict(auto.judged)
+    assert judged[0] is None and 0 < judged[1] < judged[2] and auto.dropped == order.dropped[:1]
+    assert auto.goal_ms == 8.0 and auto.probes == ((1, 9.0), (2, 7.0))
+    assert auto.to_dict()["auto_judged"][1] == {"blocks": 1, "distance": judged[1]} and "auto" in auto.describe()
     for count, plan, counted, message in ((-1, None, False, "a count of 0 or more, or auto"),
                                           ("some", None, False, "got some"), (2, "plan.json", False, "not with --plan"),
                                           (AUTO, None, True, "it needs --speedup or --latency-ms")):  # fmt: skip
         with pytest.raises(BadInput, match=message):
             check_drop_blocks(count, plan, counted, synthetic=False)
+    # Without a count: auto where it can judge (global allocation, a latency budget, task data, no plan), else 0
+    assert check_drop_blocks(None, None, False, synthetic=False) == AUTO
+    for plan, counted, synthetic, allocation in (
+        (None, False, False, "uniform"),
+        (None, True, False, "global"),
+        (None, False, True, "global"),
+        ("plan.json", False, False, "global"),
+    ):
+        assert check_drop_blocks(None, plan, counted, synthetic, allocation) == 0
+    assert check_drop_blocks(3, None, False, synthetic=False) == 3
 
 
 def test_a_plan_that_removes_blocks_replays_on_the_original_model(tmp_path):
@@ -193,3 +211,20 @@ def test_build_drops_blocks_then_cuts_channels_and_the_plan_replays(tmp_path):
         failed = _build(tmp_path, "bad", "--macs-ratio", "0.5", *args)
         assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_build_with_auto_judges_counts_of_blocks_on_the_task_and_ships_the_closest(tmp_path):
+    """A build with ``--drop-blocks auto`` and a speedup budget: each count it tried is in the report with its plan's
+    distance, the count it shipped is the closest of those that reached the budget, and the plan names its blocks."""
+    pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
+    _digits(tmp_path / "task.npz")
+    done = _build(tmp_path, "a", "--train", str(tmp_path / "task.npz"), "--drop-blocks", "auto", "--speedup", "1.5")
+    assert done.returncode == 0, done.stderr[-2000:]
+    depth = json.loads(done.stdout)["depth"]
+    judged = {j["blocks"]: j["distance"] for j in depth["auto_judged"]}
+    assert 0 in judged and len(judged) >= 2 and depth["auto_goal_ms"] > 0
+    reached = {n: d for n, d in judged.items() if d is not None}
+    assert len(depth["dropped"]) == min(reached, key=lambda n: (reached[n], n))
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    assert plan["notes"].get("dropped_blocks", []) == depth["dropped"]
+    assert "each count's plan to" in (tmp_path / "a" / "report.html").read_text()

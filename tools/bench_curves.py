@@ -1,7 +1,7 @@
 """Fidelity against *measured* latency, global allocation against Torch-Pruning's uniform L1 (issue 3, goal 3).
 
     python tools/bench_curves.py --weights-dir DIR [--models timm:resnet18@128 ...] [--fractions 0.4 0.5 0.6 0.7]
-                                 [--repeats 3] [--markdown]
+                                 [--repeats 3] [--drop-blocks auto|N] [--markdown]
 
 tools/bench_scorer.py's (b) builds each arm to one budget, and the two builds land anywhere in the acceptance band
 ([0.85, 0.97] of it), up to 14% apart: a difference in fidelity can be a difference in latency. Here each arm is
@@ -10,9 +10,11 @@ there when missing), after `edgeprune profile` has fitted the latency model:
 
 - global: the build's default, fisher scores on 192 training digits (as many as a build scores on) and global
   allocation with the steepness and the channel choice (fisher's, L2 or L1 magnitude's, energy's) a build to that
-  latency would choose on 128 of them (chosen for each plan at its own goal); uniform: magnitude (L1) scores and the
-  same fraction of every group, rounded to the same multiple (Torch-Pruning's uniform L1). Each at --fractions of the
-  unpruned model's predicted latency.
+  latency would choose on 128 of them (chosen for each plan at its own goal); first, as a build does by default
+  (--drop-blocks auto), the residual blocks whose removal keeps the outputs closest once channels meet the goal
+  (score/depth.py; `--drop-blocks 0`: channels only, the default before the twenty-sixth session); uniform:
+  magnitude (L1) scores and the same fraction of every group, rounded to the same multiple (Torch-Pruning's uniform
+  L1). Each at --fractions of the unpruned model's predicted latency.
 - every plan is pruned and its batch norm recalibrated on 192 training digits (what a build does without
   --compensate or distillation), then exported and timed on OpenVINO beside the unpruned model, --repeats times in
   round-robin over all the plans of the model, so a busy spell hits every plan alike; the median counts.
@@ -82,6 +84,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     from edgeprune.rewrite.prune import apply_plan, count_macs_params
     from edgeprune.rewrite.recover import recalibrate_batchnorm
     from edgeprune.score.costmodel import new_model
+    from edgeprune.score.depth import choose_blocks
     from edgeprune.score.importance import score_groups
     from edgeprune.score.steepness import candidate_name, other_channel_scores
     from edgeprune.score.structure import read_structure
@@ -101,8 +104,9 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 192, 16)]
     with torch.no_grad():
         reference = model(x[TRAIN:])
-    plans = []  # (allocation, fraction, pruned model, MACs, steepness, predicted ms)
+    plans = []  # (allocation, fraction, pruned model, MACs, steepness, predicted ms, blocks removed)
     ctx = None
+    unpruned, order = None, None
     for allocation, importance in ARMS.items():
         scoring = batches[: SCORE_BATCHES.get(importance, 4)]  # as many as a build scores this importance on
         scored = [replace(g, scores=None) if g.module in profiled["kept_whole"] else g
@@ -116,7 +120,24 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         if allocation == "global":
             ctx.channel_scores = other_channel_scores(model, example, batches[:8], say)
         full = ctx.latency_model.predict(ctx.structure.full_widths())
+        if unpruned is None:  # timed first: choosing blocks measures models beside it, as a build does
+            unpruned, ctx.reference = ctx.measure(model, "unpruned")
+            ctx.quiet_reference_ms = unpruned.p50
         for fraction in args.fractions:
+            if allocation == "global" and args.drop_blocks != "0":  # what the build does first: blocks, then channels
+                if order is None:  # every block in the greedy order: the same for every goal
+                    order = choose_blocks(model, example, batches[:8], None)
+                depth, shallow = _without_blocks(ctx, args.drop_blocks, batches, scoring, profiled, fraction * full,
+                                                 order)  # fmt: skip
+                if depth.dropped:
+                    shallow.steepness = None
+                    plan, macs, _ = shallow.plan_for(fraction * full)
+                    pruned = apply_plan(shallow.model, plan, example)
+                    recalibrate_batchnorm(pruned, batches)
+                    predicted = shallow.latency_model.predict(shallow.structure.widths_of(plan))
+                    plans.append((allocation, fraction, pruned.eval(), macs, shallow.steepness, predicted,
+                                  len(depth.dropped)))  # fmt: skip
+                    continue
             # Each plan is what a build to that budget would make: its steepness chosen at its own goal, as a build
             # chooses it at its first round. One steepness for the whole curve, chosen at the middle goal, carried
             # a choice made where it meant nothing to the other goals: at a goal deeper than the allocator's floor
@@ -127,11 +148,9 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
             pruned = apply_plan(model, plan, example)
             recalibrate_batchnorm(pruned, batches)
             predicted = ctx.latency_model.predict(ctx.structure.widths_of(plan))  # the plan's own, not its goal
-            plans.append((allocation, fraction, pruned.eval(), macs, ctx.steepness, predicted))
+            plans.append((allocation, fraction, pruned.eval(), macs, ctx.steepness, predicted, 0))
     # Every plan timed beside the unpruned model, in round-robin: a busy spell lands on all plans alike; and taken
     # again where the unpruned model alongside ran in the machine's slow state, as a build's rounds are.
-    unpruned, ctx.reference = ctx.measure(model, "unpruned")
-    ctx.quiet_reference_ms = unpruned.p50
     baseline_p50 = profiled["baseline_p50"]
     times: list[list[float]] = [[] for _ in plans]
     for repeat in range(args.repeats):
@@ -140,7 +159,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     full_macs = count_macs_params(model, example)[0]
     rows = []
     curves = {metric: {"global": [], "uniform": []} for metric in ("top-1", "cosine")}
-    for (allocation, fraction, pruned, macs, steepness, predicted), measured in zip(plans, times, strict=True):
+    for (allocation, fraction, pruned, macs, steepness, predicted, blocks), measured in zip(plans, times, strict=True):
         with torch.no_grad():
             out = pruned(x[TRAIN:])
         top1, cosine = agreement(out, reference)
@@ -153,6 +172,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
                 " (at the floor: channels compared)" if steepness.floor and steepness.plans > 1 else " (not compared)"
             )
             note = candidate_name((steepness.chosen, steepness.channels)) + ("" if steepness.settled else unsettled)
+        note += f"; {blocks} blocks removed" if blocks else ""
         # Predicted beside measured: whether the cost model prices both arms' plans alike (a plan's goal is not its
         # prediction: rounding to the channel multiple lands it under the goal).
         rows.append([name, f"{allocation} ({ARMS[allocation]})", f"{fraction:g}", f"{predicted:.3f}", f"{latency:.3f}",
@@ -161,6 +181,36 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     rows.sort(key=lambda r: (r[1], float(r[4])))
     verdicts = "; ".join(f"{metric}: {compare(by_arm)[1]}" for metric, by_arm in curves.items())
     return rows, f"{verdicts} (unpruned {baseline_p50:.3f} ms)"
+
+
+def _without_blocks(ctx, count, batches: list, scoring: list, profiled: dict, goal_ms: float, order):
+    """The blocks a build to ``goal_ms`` removes (``--drop-blocks``: a count, or auto), and a SearchContext for the
+    model without them as the build makes it: its groups scored, its cost model calibrated on its measured latency,
+    the steepness and channels chosen at the first plan."""
+    from dataclasses import replace as copy_of
+
+    from edgeprune.loop import remove_blocks
+    from edgeprune.score.costmodel import new_model
+    from edgeprune.score.depth import AUTO
+    from edgeprune.score.importance import score_groups
+    from edgeprune.score.steepness import other_channel_scores
+    from edgeprune.score.structure import read_structure
+
+    score = lambda m: score_groups(m, ctx.example, ctx.method, scoring[:4])  # noqa: E731  (as the build's counts)
+    shallow = copy_of(ctx, steepness=None, _macs_cache={}, unprunable={})
+    count = AUTO if count == AUTO else int(count)
+    depth = remove_blocks(shallow, count, batches[:8], profiled["baseline_p50"], goal_ms, score, profiled["runtime"],
+                          order)  # fmt: skip
+    if depth.dropped:
+        shallow.scored = score_groups(shallow.model, ctx.example, ctx.method, scoring)
+        shallow.structure = read_structure(shallow.model, ctx.example, [g.module for g in shallow.scored])
+        shallow.latency_model = new_model(shallow.structure, ctx.target, profiled["runtime"])
+        measured = dict(depth.probes).get(len(depth.dropped))
+        if measured is None:
+            measured = shallow.measure(shallow.model, "depth")[0].comparable_p50(profiled["baseline_p50"])
+        shallow.latency_model.add(shallow.structure.full_widths(), measured)
+        shallow.channel_scores = other_channel_scores(shallow.model, ctx.example, batches[:8], lambda message: None)
+    return depth, shallow
 
 
 def main() -> int:
@@ -173,6 +223,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timings of every plan; the median counts")
     parser.add_argument("--weights-dir", required=True, help="trained weights (as bench_scorer.py keeps them)")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--drop-blocks", default="auto", help="global's residual blocks, as a build's (0: none)")
     parser.add_argument("--markdown", action="store_true", help="(the tables are always markdown)")
     args = parser.parse_args()
     head = ["model", "allocation (importance)", "goal (of predicted)", "predicted ms", "measured ms (median)", "spread",

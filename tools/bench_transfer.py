@@ -20,7 +20,8 @@ same fraction of every group) with the same fine-tuning.
 `taylor+compensate` is taylor with `--compensate`: the refit, then the same recovery steps as every other method;
 `vote+compensate` likewise. taylor and vote, with or without the refit, are built at each of --vote-steps.
 A method named with `@dN` (`taylor+compensate@d6`) is built with `--drop-blocks N`: N residual blocks removed
-whole before the channels are cut to the budget; `@dauto` with `--drop-blocks auto`.
+whole before the channels are cut to the budget (`@d0`: none); `@dauto` with `--drop-blocks auto`. Without, the
+build's default (auto, for global allocation with a speedup budget on the task's data).
 `vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; fisher),
 then the 10-class task is pruned by their votes. The earlier tasks have --per-class samples per class too, unless
 --bank-per-class says otherwise (earlier tasks of a team often had more data than the new one; their samples are
@@ -84,7 +85,7 @@ def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Pat
         adapt_steps=args.adapt_steps, bank=str(bank) if bank else None, steepness=args.steepness,
         calib=str(unlabelled) if unlabelled else None, aux=str(unlabelled) if unlabelled and args.distil_unlabelled
         else None, calib_limit=max(args.unlabelled, TRAIN_POOL) if unlabelled else None,
-        drop_blocks=int(dropped) if dropped.isdigit() else dropped or 0,
+        drop_blocks=int(dropped) if dropped.isdigit() else dropped or None,
     )  # fmt: skip
     started = time.perf_counter()
     try:

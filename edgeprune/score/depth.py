@@ -5,14 +5,16 @@ logits' cosine for a classifier). Blocks are removed one at a time, each time th
 those already removed, moves the outputs least: blocks of one stage stand in for each other, and the second of two
 similar blocks costs more once the first is gone than it did alone.
 
-``--drop-blocks auto`` takes blocks in that order until the model without them, measured, runs at the geometric
-mean of the unpruned model's latency and the budget (depth_goal_ms): about the square root of the speedup from
-depth, the rest from channels.
+``--drop-blocks auto`` chooses how many on the task's data (choose_count): the fewest blocks whose removal alone
+meets the budget, measured, bound the counts; for a few counts up to that bound, the model without them is cut by
+channels to the budget (what the build's first round would make) and the count whose plan keeps the outputs closest
+to the unpruned model's wins, 0 included. Until the twenty-sixth session it was a rule (the measured geometric mean
+of the unpruned latency and the budget, about the square root of the speedup from depth): on RegNetX-200MF at
+0.4-0.5 of its latency, channels alone fell to chance where removing blocks kept 0.65 top-1 agreement (README).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -30,30 +32,45 @@ AUTO = "auto"
 @dataclass(frozen=True)
 class DepthChoice:
     """The blocks removed, in the order chosen, with the Judge's distance after each removal, and the residual
-    blocks the model has; for ``auto``, the latency aimed at and the (blocks removed, ms) measured to find it."""
+    blocks the model has; for ``auto``, the budget, the (blocks removed, ms) measured, and the (blocks removed,
+    distance of the plan to the budget, None where channels could not reach it) judged."""
 
     dropped: tuple[str, ...]
     distance: tuple[float, ...]
     residual: tuple[str, ...]
     goal_ms: float | None = None
     probes: tuple[tuple[int, float], ...] = ()
+    judged: tuple[tuple[int, float | None], ...] = ()
 
     def first(self, count: int) -> DepthChoice:
         return replace(self, dropped=self.dropped[:count], distance=self.distance[:count])
 
     def describe(self) -> str:
-        aimed = f" (auto: the model without them measured at or over {self.goal_ms:.3f} ms)" if self.goal_ms else ""
-        return f"removed {len(self.dropped)} of {len(self.residual)} residual blocks{aimed}: {', '.join(self.dropped)}"
+        tried = ", ".join(f"{n}: {'-' if d is None else f'{d:.4f}'}" for n, d in self.judged)
+        aimed = f" (auto: each count's plan to {self.goal_ms:.3f} ms, its distance {tried})" if self.goal_ms else ""
+        if not self.residual:
+            return "no residual block to remove: channels only"
+        names = f": {', '.join(self.dropped)}" if self.dropped else ""
+        return f"removed {len(self.dropped)} of {len(self.residual)} residual blocks{aimed}{names}"
 
     def to_dict(self) -> dict:
-        auto = {"auto_goal_ms": self.goal_ms, "auto_measured": [{"blocks": n, "p50_ms": ms} for n, ms in self.probes]}
+        auto = {
+            "auto_goal_ms": self.goal_ms,
+            "auto_measured": [{"blocks": n, "p50_ms": ms} for n, ms in self.probes],
+            "auto_judged": [{"blocks": n, "distance": d} for n, d in self.judged],
+        }
         return {"dropped": list(self.dropped), "distance_after_each": [round(d, 6) for d in self.distance],
                 "residual_blocks": list(self.residual)} | (auto if self.goal_ms is not None else {})  # fmt: skip
 
 
-def check_drop_blocks(count, plan: str | None, counted_budget: bool, synthetic: bool) -> None:
-    """A count of 0 or more, or auto (which needs a latency budget: it balances measured latency), not with a plan
-    (the plan names its blocks), and the task's data to choose the blocks on; else BadInput."""
+def check_drop_blocks(count, plan: str | None, counted_budget: bool, synthetic: bool,
+                      allocation: str = "global") -> int | str:  # fmt: skip
+    """The count of blocks a build removes: a count of 0 or more, or auto (which needs a latency budget: it compares
+    plans to it), not with a plan (the plan names its blocks), with the task's data to choose the blocks on; else
+    BadInput. Without one (None), auto where it can judge, under global allocation to a latency or speedup budget on
+    the task's data with no plan; else 0."""
+    if count is None:
+        return AUTO if allocation == "global" and not (plan or counted_budget or synthetic) else 0
     if (count != AUTO and not (isinstance(count, int) and count >= 0)) or (count and plan):
         raise BadInput(f"--drop-blocks takes a count of 0 or more, or auto, and not with --plan (the plan names its"
                        f" blocks); got {count}")  # fmt: skip
@@ -61,43 +78,81 @@ def check_drop_blocks(count, plan: str | None, counted_budget: bool, synthetic: 
         raise BadInput("--drop-blocks chooses the blocks whose removal moves the outputs least on the task's data:"
                        " pass --train or --calib DATA")  # fmt: skip
     if count == AUTO and counted_budget:
-        raise BadInput("--drop-blocks auto balances measured latency: it needs --speedup or --latency-ms; give a"
-                       " count of blocks with other budgets")  # fmt: skip
+        raise BadInput("--drop-blocks auto compares plans at a measured latency: it needs --speedup or --latency-ms;"
+                       " give a count of blocks with other budgets")  # fmt: skip
+    return count
 
 
 def choose_depth(model: nn.Module, example: torch.Tensor, batches: list, count: int | str,
-                 measure: Callable[[nn.Module, str], float] | None = None,
-                 goal_ms: float | None = None) -> DepthChoice:  # fmt: skip
-    """``count`` blocks (choose_blocks), or with ``auto`` as many as keep the model without them, ``measure``d, at or
-    over ``goal_ms`` (depth_goal_ms)."""
+                 measure: Callable[[nn.Module, str], float] | None = None, budget_ms: float | None = None,
+                 cut_to_budget: Callable[[nn.Module, float], nn.Module | None] | None = None,
+                 baseline_ms: float | None = None, order: DepthChoice | None = None) -> DepthChoice:  # fmt: skip
+    """``count`` blocks (choose_blocks), or with ``auto`` the count choose_count finds: ``measure`` times a model
+    (the unpruned one ran in ``baseline_ms``), ``cut_to_budget(model, its ms)`` cuts its channels to ``budget_ms``
+    (None where they cannot reach it); ``order``: choose_blocks's for all blocks, where known already."""
     if count != AUTO:
         return choose_blocks(model, example, batches, count)
-    order = choose_blocks(model, example, batches, None)
-    chosen, probes = deepest_within(
-        goal_ms, len(order.dropped), lambda n: measure(without_blocks(model, order.first(n)), f"depth-{n}")
-    )
-    return replace(order.first(chosen), goal_ms=goal_ms, probes=tuple(probes))
+    order = order or choose_blocks(model, example, batches, None)
+    if not order.dropped:  # no residual block: nothing to judge
+        return replace(order, goal_ms=budget_ms)
+    judge = Judge(model, batches)
+    measured: dict[int, float] = {} if baseline_ms is None else {0: baseline_ms}
+
+    def ms(n: int) -> float:
+        if n not in measured:
+            measured[n] = measure(without_blocks(model, order.first(n)), f"depth-{n}")
+        return measured[n]
+
+    def distance(n: int) -> float | None:
+        shallower = without_blocks(model, order.first(n))
+        candidate = shallower if ms(n) <= budget_ms else cut_to_budget(shallower, ms(n))
+        return None if candidate is None else judge.distance(candidate)
+
+    chosen, judged = choose_count(fewest_within(budget_ms, len(order.dropped), ms), distance)
+    probes = tuple(sorted((n, t) for n, t in measured.items() if n))
+    return replace(order.first(chosen), goal_ms=budget_ms, probes=probes, judged=judged)
 
 
-def depth_goal_ms(baseline_ms: float, budget_ms: float) -> float:
-    """How fast ``auto`` wants the model without its blocks: the geometric mean of the unpruned model's latency and
-    the budget, so that depth gives about the square root of the speedup and channels the rest. Depth and width
-    scaled together, as EfficientNet's compound scaling argues, rather than either alone: on EfficientNet-Lite0 at
-    64×64 and 2x, 6 of its 9 residual blocks removed (1.46x by depth) kept more accuracy than channels alone, and
-    more than 9 blocks (1.87x by depth) (README, "Depth")."""
-    return math.sqrt(baseline_ms * budget_ms)
-
-
-def deepest_within(goal_ms: float, count: int, measure: Callable[[int], float]) -> tuple[int, list[tuple[int, float]]]:
-    """The most blocks n (0..``count``, in the chosen order) whose removal leaves the model at or over ``goal_ms``,
-    by bisection on measured latencies (``measure(n)``), and the (n, ms) measured. Latency falls as blocks go, so
-    a few measurements find it: at most 4 for EfficientNet-Lite0's 9 blocks."""
-    low, high, probes = 0, count, []
+def fewest_within(budget_ms: float, count: int, measure: Callable[[int], float]) -> int:
+    """The fewest blocks n (1..``count``, in the chosen order) whose removal alone brings the model, ``measure``d,
+    within ``budget_ms``; ``count`` where none does. Latency falls as blocks go, so bisection finds it in a few
+    measurements (4 for EfficientNet-Lite0's 9 blocks)."""
+    low, high = min(1, count), count
     while low < high:
-        middle = (low + high + 1) // 2
-        probes.append((middle, measure(middle)))
-        low, high = (middle, high) if probes[-1][1] >= goal_ms else (low, middle - 1)
-    return low, probes
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if measure(middle) > budget_ms else (low, middle)
+    return low
+
+
+def choose_count(limit: int, distance: Callable[[int], float | None],
+                 tries: int = 7) -> tuple[int, tuple[tuple[int, float | None], ...]]:  # fmt: skip
+    """The count in 0..``limit`` whose ``distance`` is least (None: not a candidate), and the counts tried. Five
+    counts spread over the range first, then the midpoints beside the best, while they are not adjacent, up to
+    ``tries`` counts in all: one count's plan is a scoring, an allocation and a forward pass, and a greedy order
+    makes the distance change smoothly with the count. Where no count's plan reaches the budget: 0, as without
+    --drop-blocks."""
+    tried: dict[int, float | None] = {}
+    for n in sorted({round(limit * i / 4) for i in range(5)}):
+        tried[n] = distance(n)
+    while len(tried) < tries:
+        scored = {n: d for n, d in tried.items() if d is not None}
+        if not scored:
+            break
+        best = min(scored, key=lambda n: (scored[n], n))
+        counts = sorted(tried)
+        at = counts.index(best)
+        beside = [
+            (counts[at - 1] + best) // 2 if at > 0 else best,
+            (best + counts[at + 1] + 1) // 2 if at + 1 < len(counts) else best,
+        ]
+        fresh = [n for n in beside if n not in tried]
+        if not fresh:
+            break
+        for n in fresh[: tries - len(tried)]:
+            tried[n] = distance(n)
+    scored = {n: d for n, d in tried.items() if d is not None}
+    chosen = min(scored, key=lambda n: (scored[n], n)) if scored else 0
+    return chosen, tuple(sorted(tried.items()))
 
 
 def choose_blocks(model: nn.Module, example: torch.Tensor, batches: list, count: int | None) -> DepthChoice:
