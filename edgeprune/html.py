@@ -69,7 +69,7 @@ def write_html(path: Path, report: dict, widths: dict[str, tuple[int, int]], fil
         "<h2>Channel widths before and after</h2>",
         _img(_widths_plot(widths)),
     ]
-    if report.get("depth"):  # --drop-blocks: in the order chosen, with the task outputs' distance after each
+    if (report.get("depth") or {}).get("residual_blocks"):  # in the order chosen, with the outputs' distance after each
         depth = report["depth"]
         removed = zip(depth["dropped"], depth["distance_after_each"], strict=True)
         parts += [f"<h2>Residual blocks removed ({len(depth['dropped'])} of {len(depth['residual_blocks'])})</h2>",
