@@ -124,31 +124,25 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
             unpruned, ctx.reference = ctx.measure(model, "unpruned")
             ctx.quiet_reference_ms = unpruned.p50
         for fraction in args.fractions:
+            work, blocks = ctx, 0  # the model the channels are cut on: without the blocks a build would remove
             if allocation == "global" and args.drop_blocks != "0":  # what the build does first: blocks, then channels
                 if order is None:  # every block in the greedy order: the same for every goal
                     order = choose_blocks(model, example, batches[:8], None)
                 depth, shallow = _without_blocks(ctx, args.drop_blocks, batches, scoring, profiled, fraction * full,
                                                  order)  # fmt: skip
                 if depth.dropped:
-                    shallow.steepness = None
-                    plan, macs, _ = shallow.plan_for(fraction * full)
-                    pruned = apply_plan(shallow.model, plan, example)
-                    recalibrate_batchnorm(pruned, batches)
-                    predicted = shallow.latency_model.predict(shallow.structure.widths_of(plan))
-                    plans.append((allocation, fraction, pruned.eval(), macs, shallow.steepness, predicted,
-                                  len(depth.dropped)))  # fmt: skip
-                    continue
+                    work, blocks = shallow, len(depth.dropped)
             # Each plan is what a build to that budget would make: its steepness chosen at its own goal, as a build
             # chooses it at its first round. One steepness for the whole curve, chosen at the middle goal, carried
             # a choice made where it meant nothing to the other goals: at a goal deeper than the allocator's floor
             # every steepness gives the same plan, the tie goes to 0, and ConvNeXt-atto's 0.5 plan at steepness 0
             # kept 0.776 top-1 agreement against uniform L1's 0.871 (0.25-0.5 run of this session).
-            ctx.steepness = None
-            plan, macs, _ = ctx.plan_for(fraction * full)
-            pruned = apply_plan(model, plan, example)
+            work.steepness = None
+            plan, macs, _ = work.plan_for(fraction * full)
+            pruned = apply_plan(work.model, plan, example)
             recalibrate_batchnorm(pruned, batches)
-            predicted = ctx.latency_model.predict(ctx.structure.widths_of(plan))  # the plan's own, not its goal
-            plans.append((allocation, fraction, pruned.eval(), macs, ctx.steepness, predicted, 0))
+            predicted = work.latency_model.predict(work.structure.widths_of(plan))  # the plan's own, not its goal
+            plans.append((allocation, fraction, pruned.eval(), macs, work.steepness, predicted, blocks))
     # Every plan timed beside the unpruned model, in round-robin: a busy spell lands on all plans alike; and taken
     # again where the unpruned model alongside ran in the machine's slow state, as a build's rounds are.
     baseline_p50 = profiled["baseline_p50"]
