@@ -32,7 +32,7 @@ from edgeprune.rounds import Candidate, Say, confirm, lower_quiet_level, measure
 from edgeprune.score.allocate import allocate, rechoose_channels, uniform_plan
 from edgeprune.score.costmodel import LatencyModel, new_model
 from edgeprune.score.depth import DepthChoice, choose_depth, without_blocks
-from edgeprune.score.importance import ScoredGroup
+from edgeprune.score.importance import ScoredGroup, build_graph, prunable_groups
 from edgeprune.score.probe import find_unprunable
 from edgeprune.score.steepness import IMPORTANCE, SteepnessChoice, choose_steepness
 from edgeprune.score.structure import Structure, read_structure
@@ -290,7 +290,12 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
     """--drop-blocks: choose ``count`` residual blocks (or, ``auto``, as many as keep the task's outputs closest once
     channels are cut to the budget: score/depth.py) on the task's ``batches``; ``ctx.model`` becomes the model
     without them. ``score`` scores a model's groups as the build does, ``runtime`` keys its cost model; ``order``:
-    every block in the order chosen, where known (it does not depend on the budget)."""
+    every block in the order chosen, where known (it does not depend on the budget). ``ctx.latency_model`` becomes
+    the whole model's cached cost model (None without per-node samples): the model without the blocks borrows them
+    (LatencyModel.borrow_nodes), here to price each count's plan and in the build to price its first round."""
+    groups = [name for name, _ in prunable_groups(ctx.model, build_graph(ctx.model, ctx.example))]
+    whole = new_model(read_structure(ctx.model, ctx.example, groups), ctx.target, runtime)  # as profiled
+    ctx.latency_model = whole if whole.node_samples else None
 
     def measure(model: nn.Module, name: str) -> float:
         latency = ctx.measure(model, name)[0].comparable_p50(baseline_ms)
@@ -306,7 +311,9 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
                       unprunable={}, _macs_cache={}, say=lambda message: None,
                       structure=read_structure(shallower, ctx.example, [g.module for g in scored]))  # fmt: skip
         sub.latency_model = new_model(sub.structure, ctx.target, runtime)
-        sub.latency_model.add(sub.structure.full_widths(), measured_ms)  # the roofline scaled to its measurement
+        if ctx.latency_model is not None:
+            sub.latency_model.borrow_nodes(ctx.latency_model)
+        sub.latency_model.add(sub.structure.full_widths(), measured_ms)  # scaled to its measurement
         try:
             plan = sub.plan_for(AIM * budget_ms, choose=False)[0]
             if sub.latency_model.predict(sub.structure.widths_of(plan)) > budget_ms:

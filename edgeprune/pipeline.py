@@ -221,12 +221,14 @@ def build(options: BuildOptions, say=print) -> dict:
                 ctx.scored = select_structures(ctx.scored, options.structures)
                 keep_unprunable_whole(ctx, options.strict)
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
-            ctx.latency_model = new_model(ctx.structure, target, baseline.runtime)
+            whole, ctx.latency_model = ctx.latency_model, new_model(ctx.structure, target, baseline.runtime)
             if depth and depth.dropped and not counted:  # the search starts from the model without them, measured
                 start = measure_plan(ctx, ctx.plan_at(0.0)[0], baseline.p50, 0, budget_ms)
             if not counted and not decomposed and not isinstance(device, EstimateDevice):
                 ctx.nodes_device = device  # the build's device (or pool) itself, not the executor's handle of it
                 if not ctx.latency_model.node_samples:
+                    if start and whole:  # the whole model's profile, without the removed blocks (remove_blocks)
+                        ctx.latency_model.borrow_nodes(whole)
                     full = start.artifact if start else baseline_artifact
                     learn_where_time_goes(ctx, full, ctx.structure.full_widths())
             if options.steepness is not None:

@@ -292,3 +292,59 @@ def test_a_mispriced_round_teaches_the_cost_model_where_its_time_went(r18, r18_s
     gone = replace(small, model=tmp_path / "missing.xml")
     assert not learn_where_time_goes(ctx, gone, ctx.structure.widths_of(half)) and ctx.nodes_device is None
     assert sum("per-node times not taken" in message for message in said) == 1
+
+
+def test_the_model_without_blocks_is_priced_from_the_whole_models_per_node_profile(r18, mbv3, example):
+    """--drop-blocks: the whole model's per-node profile (8 plans), mapped onto the model without two of its blocks,
+    prices that model's plans within 2% after one measurement of it, where its own per-node times of that one
+    measurement (each layer's time scaled by its roofline) miss the layers' fixed costs by more than 5%."""
+    from edgeprune.rewrite.depth import drop_blocks
+    from edgeprune.rewrite.prune import copy_model
+    from edgeprune.score.importance import build_graph, prunable_groups
+
+    def structure_of(model):
+        return read_structure(model, example, [name for name, _ in prunable_groups(model, build_graph(model, example))])
+
+    whole = new_model(structure_of(r18), TARGET, "openvino 1.0")
+    rng = np.random.default_rng(0)
+    efficiency = {layer.name: rng.uniform(0.5, 3.0) for layer in whole.structure.layers}
+
+    def runtime(model, widths):  # per-node times, and the p50 a timer outside the counters sees
+        roofline, activations, _ = model.layer_terms(widths)
+        per_layer = 0.01 + np.array([efficiency[layer.name] for layer in model.structure.layers]) * roofline
+        rest = 0.05 + 2e-7 * activations
+        nodes = [(f"/{'/'.join(layer.name.split('.'))}/Conv", "Convolution", float(ms))
+                 for layer, ms in zip(model.structure.layers, per_layer, strict=True)]  # fmt: skip
+        return nodes + [("Reorder_n1", "Reorder", rest)], 0.3 + 1.1 * (per_layer.sum() + rest)
+
+    def random_widths(structure):
+        return np.maximum(8, np.round(structure.channels * rng.uniform(0.3, 1.0, len(structure.channels)) / 8) * 8)
+
+    for widths in [whole.structure.full_widths()] + [random_widths(whole.structure) for _ in range(7)]:
+        nodes, p50 = runtime(whole, widths)
+        whole.add_nodes(widths, nodes, None)
+        whole.add(widths, p50)
+    shallow = structure_of(drop_blocks(copy_model(r18), ["layer2.1", "layer3.1"]))
+    assert len(shallow.layers) == len(whole.structure.layers) - 4
+    # A plan of the whole model, mapped: every layer the model without the blocks keeps is as wide as it was.
+    widths = random_widths(whole.structure)
+    mapped = shallow.widths_matching(whole.structure, widths)
+    names = [layer.name for layer in whole.structure.layers]
+    outs = dict(zip(names, whole.structure.layer_widths(widths)[1], strict=True))
+    assert [outs[layer.name] for layer in shallow.layers] == list(shallow.layer_widths(mapped)[1])
+
+    borrowed, own = new_model(shallow, TARGET, "openvino 1.0"), new_model(shallow, TARGET, "openvino 1.0")
+    assert borrowed.borrow_nodes(whole) == 8
+    assert new_model(structure_of(mbv3), TARGET, "openvino 1.0").borrow_nodes(whole) == 0  # another model's layers
+    for model in (borrowed, own):  # then, as a build does, the start's own node times and its p50
+        nodes, p50 = runtime(model, shallow.full_widths())
+        model.add_nodes(shallow.full_widths(), nodes, None)
+        model.add(shallow.full_widths(), p50)
+    assert "8 of the profiles are the whole model's" in borrowed.source
+    errors, own_errors = [], []
+    for _ in range(6):
+        widths = random_widths(shallow)
+        truth = runtime(borrowed, widths)[1]
+        errors.append(abs(borrowed.predict(widths) - truth) / truth)
+        own_errors.append(abs(own.predict(widths) - truth) / truth)
+    assert max(errors) < 0.02 and max(own_errors) > 0.05, (errors, own_errors)

@@ -164,11 +164,33 @@ def fidelity(spec: str, weights: str, shape: tuple[int, ...], budget_ms: float, 
     top1, cosine = agreement(b, a)
     return {
         "accuracy": accuracy(pruned, data.x, data.y), "unpruned_accuracy": accuracy(model, data.x, data.y),
-        "allocation": allocation, "latency": report["result"]["comparable_p50"], "rounds": len(report["iterations"]),
+        "allocation": allocation, "latency": report["result"]["comparable_p50"], "rounds": _rounds(report),
         "macs": report["result"]["macs"] / report["baseline"]["macs"],
         "top1": top1, "cosine": cosine,
-        "steepness": (report.get("steepness") or {}).get("chosen"),
+        "steepness": (report.get("steepness") or {}).get("chosen"), "depth": report.get("depth") or {},
     }  # fmt: skip
+
+
+def _depth_note(depth: dict) -> str:
+    """How many residual blocks the build removed, and the counts it judged (blocks: distance, - where channels
+    could not reach the budget)."""
+    if not depth.get("residual_blocks"):
+        return ""
+    judged = ", ".join(f"{j['blocks']}: " + ("-" if j["distance"] is None else f"{j['distance']:.3f}")
+                       for j in depth.get("auto_judged") or ())  # fmt: skip
+    removed = f"; {len(depth['dropped'])} of {len(depth['residual_blocks'])} blocks removed"
+    return removed + (f" (judged {judged})" if judged else "")
+
+
+def _rounds(report: dict) -> str:
+    """The search's measured rounds (as bench_transfer counts them), and where residual blocks were removed, "+ 0":
+    the model without them measured at full width before the search (round 0), and the depth choice's own exports.
+    Until the twenty-seventh session this column counted round 0 as a round."""
+    steps = {i["step"] for i in report["iterations"]}
+    depth = report.get("depth") or {}
+    probes = len(depth.get("auto_measured") or ())
+    extra = f" + 0 (+{probes} depth probes)" if 0 in steps else ""
+    return f"{len(steps - {0})}{extra}"
 
 
 def verdict(global_arm: dict | None, uniform_arm: dict | None) -> str:
@@ -289,7 +311,7 @@ def main() -> int:
                                       f"{r['latency']:.3f}", f"{r['macs']:.0%}", str(r["rounds"]),
                                       f"{r['top1']:.3f}", f"{r['cosine']:.4f}",
                                       f"{r['accuracy']:.3f} ({r['unpruned_accuracy']:.3f})",
-                                      _steepness_note(r["steepness"])])  # fmt: skip
+                                      _steepness_note(r["steepness"]) + _depth_note(r["depth"])])  # fmt: skip
                 err.print("  " + " | ".join(fidelity_rows[-1]))
                 arms[allocation] = r
             verdict_rows.append([name, verdict(arms.get("global"), arms.get("uniform"))])

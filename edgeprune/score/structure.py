@@ -113,6 +113,24 @@ class Structure:
         live = (ins * in_positions + outs * out_positions) * BYTES_PER_ELEMENT.get(precision, 4)
         return float(2 * live.max()) if len(live) else 0.0
 
+    def widths_matching(self, other: Structure, widths: np.ndarray) -> np.ndarray | None:
+        """This structure's group widths under which each of its layers is as wide as the layer of the same name in
+        ``other`` under ``widths``: ``other`` is the same model with more layers (before residual blocks were
+        removed). None where a group cuts no layer that ``other`` has."""
+        _, outs = other.layer_widths(widths)
+        index = {layer.name: i for i, layer in enumerate(other.layers)}
+        mapped = self.full_widths()
+        for g in range(len(self.groups)):
+            cut = [i for i in np.nonzero(self.out_cut[:, g])[0] if self.layers[i].name in index]
+            if not cut:
+                if self.out_cut[:, g].any():
+                    return None
+                continue  # a group kept whole cuts nothing: its width does not matter
+            there = index[self.layers[cut[0]].name]
+            removed = other.layers[there].out_channels - outs[there]
+            mapped[g] = self.channels[g] - removed / self.out_cut[cut[0], g]
+        return np.clip(np.round(mapped), 1, self.channels)
+
     def kind_mask(self, kind: str) -> np.ndarray:
         return np.array([layer.kind == kind for layer in self.layers])
 
