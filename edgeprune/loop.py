@@ -286,19 +286,25 @@ def learn_where_time_goes(ctx: SearchContext, artifact: Artifact, widths) -> boo
 
 def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_ms: float, budget_ms: float,
                   score: Callable[[nn.Module], list[ScoredGroup]] | None = None,
-                  runtime: str = "", order: DepthChoice | None = None) -> DepthChoice:  # fmt: skip
+                  runtime: str = "", order: DepthChoice | None = None,
+                  ) -> tuple[DepthChoice, tuple[Measurement, Artifact] | None]:  # fmt: skip
     """--drop-blocks: choose ``count`` residual blocks (or, ``auto``, as many as keep the task's outputs closest once
     channels are cut to the budget: score/depth.py) on the task's ``batches``; ``ctx.model`` becomes the model
     without them. ``score`` scores a model's groups as the build does, ``runtime`` keys its cost model; ``order``:
-    every block in the order chosen, where known (it does not depend on the budget). ``ctx.latency_model`` becomes
+    every block in the order chosen, where known (it does not depend on the budget). Returns the choice and, where
+    blocks were removed and measured, the measurement of the model without them (the search's round 0, not taken
+    twice). ``ctx.latency_model`` becomes
     the whole model's cached cost model (None without per-node samples): the model without the blocks borrows them
     (LatencyModel.borrow_nodes), here to price each count's plan and in the build to price its first round."""
     groups = [name for name, _ in prunable_groups(ctx.model, build_graph(ctx.model, ctx.example))]
     whole = new_model(read_structure(ctx.model, ctx.example, groups), ctx.target, runtime)  # as profiled
     ctx.latency_model = whole if whole.node_samples else None
 
+    taken: dict[str, tuple[Measurement, Artifact]] = {}
+
     def measure(model: nn.Module, name: str) -> float:
-        latency = ctx.measure(model, name)[0].comparable_p50(baseline_ms)
+        taken[name] = ctx.measure(model, name)
+        latency = taken[name][0].comparable_p50(baseline_ms)
         ctx.say(f"{name} (residual blocks removed): {latency:.3f} ms comparable p50")
         return latency
 
@@ -329,4 +335,4 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
 
     depth = choose_depth(ctx.model, ctx.example, batches, count, measure, budget_ms, cut_to_budget, baseline_ms, order)
     ctx.model = without_blocks(ctx.model, depth)
-    return depth
+    return depth, (taken.get(f"depth-{len(depth.dropped)}") if depth.dropped else None)

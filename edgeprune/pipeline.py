@@ -35,7 +35,7 @@ from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decompos
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import count_macs_params
 from edgeprune.rewrite.recover import Judge, recover
-from edgeprune.rounds import measure_final, measure_plan, timed, timed_beside_baseline
+from edgeprune.rounds import measure_final, measure_plan, measured_already, timed, timed_beside_baseline
 from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.depth import check_drop_blocks
@@ -189,7 +189,7 @@ def build(options: BuildOptions, say=print) -> dict:
             ctx.reference = baseline_artifact
             # The slow state is this machine's (backends/base.py): boards, whose speeds differ, are not judged by it.
             ctx.quiet_reference_ms = baseline.p50 if isinstance(device, LocalDevice) else None
-        decomposed, neighbours, depth, start = [], [], None, None
+        decomposed, neighbours, depth, start, probe = [], [], None, None, None
         if options.plan:  # a pinned plan: no scoring, no search; the same plan gives the same artifact bytes
             say(f"replaying {options.plan} instead of searching")
             chosen = measure_plan(ctx, Plan.load_pinned(options.plan, tuple(example.shape)), baseline.p50, 1, budget_ms)
@@ -200,7 +200,7 @@ def build(options: BuildOptions, say=print) -> dict:
             if drop_blocks and (counted or baseline.p50 > budget_ms):  # else the model fits as it is
                 with timed(say, f"choosing residual blocks to remove ({drop_blocks})"):
                     counts = lambda m: _score(m, example, importance, scoring[:4])  # noqa: E731 (64 samples a count)
-                    depth = remove_blocks(ctx, drop_blocks, list(score_set.batches(BATCH))[:STEEPNESS_BATCHES],
+                    depth, probe = remove_blocks(ctx, drop_blocks, list(score_set.batches(BATCH))[:STEEPNESS_BATCHES],
                                           baseline.p50, budget_ms, counts, baseline.runtime)  # fmt: skip
                 say(depth.describe())
             if method in ("lowrank", "double"):
@@ -223,7 +223,9 @@ def build(options: BuildOptions, say=print) -> dict:
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             whole, ctx.latency_model = ctx.latency_model, new_model(ctx.structure, target, baseline.runtime)
             if depth and depth.dropped and not counted:  # the search starts from the model without them, measured
-                start = measure_plan(ctx, ctx.plan_at(0.0)[0], baseline.p50, 0, budget_ms)
+                full_width = ctx.plan_at(0.0)
+                start = (measured_already(ctx, full_width, probe, baseline.p50, 0) if probe  # by the depth choice
+                         else measure_plan(ctx, full_width[0], baseline.p50, 0, budget_ms))  # fmt: skip
             if not counted and not decomposed and not isinstance(device, EstimateDevice):
                 ctx.nodes_device = device  # the build's device (or pool) itself, not the executor's handle of it
                 if not ctx.latency_model.node_samples:

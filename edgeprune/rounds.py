@@ -110,6 +110,16 @@ def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, st
     return candidates
 
 
+def measured_already(ctx: SearchContext, plan: tuple[Plan, int, int], measured: tuple[Measurement, Artifact],
+                     baseline_p50: float, step: int) -> Candidate:  # fmt: skip
+    """The candidate of ``plan`` (with its MACs and params) from a measurement of ``ctx.model`` pruned by it that
+    was taken already: the depth choice's of the model without its blocks, which the search starts from."""
+    (plan, macs, params), (measurement, artifact) = plan, measured
+    held_out = ctx.evaluate(apply_plan(ctx.model, plan, ctx.example)) if ctx.evaluate else None
+    latency = measurement.comparable_p50(baseline_p50)
+    return Candidate(step, plan, macs, params, measurement, artifact, latency, held_out)
+
+
 def lower_quiet_level(ctx: SearchContext, measurement: Measurement) -> None:
     """Lower the quiet level to the reference's p50 alongside this candidate where it ran quicker: contention only
     adds time. A baseline timed in the slow state had set the level ~1.45x high, where no timing could be told slow

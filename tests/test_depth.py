@@ -221,11 +221,16 @@ def test_build_with_auto_judges_counts_of_blocks_on_the_task_and_ships_the_close
     _digits(tmp_path / "task.npz")
     done = _build(tmp_path, "a", "--train", str(tmp_path / "task.npz"), "--speedup", "1.5", "--method", "taylor")
     assert done.returncode == 0, done.stderr[-2000:]
-    depth = json.loads(done.stdout)["depth"]
+    report = json.loads(done.stdout)
+    depth = report["depth"]
     judged = {j["blocks"]: j["distance"] for j in depth["auto_judged"]}
     assert 0 in judged and len(judged) >= 2 and depth["auto_goal_ms"] > 0
     reached = {n: d for n, d in judged.items() if d is not None}
     assert len(depth["dropped"]) == min(reached, key=lambda n: (reached[n], n))
+    if depth["dropped"]:  # the search's round 0 is the depth choice's measurement of the model without them
+        probes = {m["blocks"]: m["p50_ms"] for m in depth["auto_measured"]}
+        start = [i["comparable_p50"] for i in report["iterations"] if i["step"] == 0]
+        assert start == [pytest.approx(probes[len(depth["dropped"])])]
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())
     assert plan["notes"].get("dropped_blocks", []) == depth["dropped"]
     assert "each count's plan to" in (tmp_path / "a" / "report.html").read_text()

@@ -193,12 +193,15 @@ def _without_blocks(ctx, count, batches: list, scoring: list, profiled: dict, go
     score = lambda m: score_groups(m, ctx.example, ctx.method, scoring[:4])  # noqa: E731  (as the build's counts)
     shallow = copy_of(ctx, steepness=None, _macs_cache={}, unprunable={})
     count = AUTO if count == AUTO else int(count)
-    depth = remove_blocks(shallow, count, batches[:8], profiled["baseline_p50"], goal_ms, score, profiled["runtime"],
-                          order)  # fmt: skip
+    depth, _ = remove_blocks(shallow, count, batches[:8], profiled["baseline_p50"], goal_ms, score,
+                             profiled["runtime"], order)  # fmt: skip
+    whole = shallow.latency_model  # the whole model's profile, as remove_blocks left it: priced as a build prices
     if depth.dropped:
         shallow.scored = score_groups(shallow.model, ctx.example, ctx.method, scoring)
         shallow.structure = read_structure(shallow.model, ctx.example, [g.module for g in shallow.scored])
         shallow.latency_model = new_model(shallow.structure, ctx.target, profiled["runtime"])
+        if whole is not None:
+            shallow.latency_model.borrow_nodes(whole)
         measured = dict(depth.probes).get(len(depth.dropped))
         if measured is None:
             measured = shallow.measure(shallow.model, "depth")[0].comparable_p50(profiled["baseline_p50"])
