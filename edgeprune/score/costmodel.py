@@ -56,6 +56,9 @@ class LatencyModel:
 
     @property
     def source(self) -> str:
+        if not self.samples and self.borrowed:
+            return (f"the whole model's per-node profile ({self.borrowed} plans) without the removed blocks' layers,"
+                    " to be scaled to this model's first measurement")  # fmt: skip
         if not self.samples:
             return "estimate (the target's roofline figures, no measurement)"
         how = "per-kind fit" if self.coefficients is not None else "roofline scaled to the measurements"
