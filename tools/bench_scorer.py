@@ -2,7 +2,8 @@
 
     python tools/bench_scorer.py [--models timm:resnet18@128 ...] [--samples 8] [--candidates 6] [--repeats 1]
                                  [--reprofiles 0]
-                                 [--epochs 3] [--weights-dir DIR] [--prediction-only] [--markdown]
+                                 [--epochs 3] [--weights-dir DIR] [--prediction-only] [--arms global uniform]
+                                 [--markdown]
 
 Every model is first trained on a real task here, scikit-learn's handwritten digits upsampled to its input
 (tools/digits_task.py; EfficientNet-Lite0 from its ImageNet weights, the timm models from scratch): 1,200 digits
@@ -233,6 +234,7 @@ def main() -> int:
         help="(a): take a profile that ran in the machine's slow state again, at most this often",
     )
     parser.add_argument("--prediction-only", action="store_true", help="run (a) only, not the builds of (b)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="(b)'s builds: both, or one")
     parser.add_argument("--budget-fraction", type=float, default=0.6, help="of the unpruned p50, for (b)")
     parser.add_argument("--epochs", type=int, default=4, help="of training on the digits before pruning")
     parser.add_argument("--weights-dir", help="keep trained weights here and reuse them")
@@ -296,7 +298,7 @@ def main() -> int:
                 continue
             budget = args.budget_fraction * baseline
             arms = {}
-            for allocation in ("global", "uniform"):
+            for allocation in args.arms:
                 err.print(f"{name}: building to {budget:.3f} ms with {allocation} allocation ...")
                 try:
                     out = Path(tmp) / f"out-{len(fidelity_rows)}"
