@@ -293,9 +293,9 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
     without them. ``score`` scores a model's groups as the build does, ``runtime`` keys its cost model; ``order``:
     every block in the order chosen, where known (it does not depend on the budget). Returns the choice and, where
     blocks were removed and measured, the measurement of the model without them (the search's round 0, not taken
-    twice). ``ctx.latency_model`` becomes
-    the whole model's cached cost model (None without per-node samples): the model without the blocks borrows them
-    (LatencyModel.borrow_nodes), here to price each count's plan and in the build to price its first round."""
+    twice). ``ctx.latency_model`` becomes the whole model's cached cost model (None without per-node samples): the
+    model without the blocks borrows them (LatencyModel.borrow_nodes), here to price each count's plan and in the
+    build to price its first round."""
     groups = [name for name, _ in prunable_groups(ctx.model, build_graph(ctx.model, ctx.example))]
     whole = new_model(read_structure(ctx.model, ctx.example, groups), ctx.target, runtime)  # as profiled
     ctx.latency_model = whole if whole.node_samples else None
