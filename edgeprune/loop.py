@@ -32,7 +32,7 @@ from edgeprune.rounds import Candidate, Say, confirm, lower_quiet_level, measure
 from edgeprune.score.allocate import allocate, rechoose_channels, uniform_plan
 from edgeprune.score.costmodel import LatencyModel, new_model
 from edgeprune.score.depth import DepthChoice, choose_depth, without_blocks
-from edgeprune.score.importance import ScoredGroup, build_graph, prunable_groups
+from edgeprune.score.importance import ScoredGroup
 from edgeprune.score.probe import find_unprunable
 from edgeprune.score.steepness import IMPORTANCE, SteepnessChoice, choose_steepness
 from edgeprune.score.structure import Structure, read_structure
@@ -296,8 +296,7 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
     twice). ``ctx.latency_model`` becomes the whole model's cached cost model (None without per-node samples): the
     model without the blocks borrows them (LatencyModel.borrow_nodes), here to price each count's plan and in the
     build to price its first round."""
-    groups = [name for name, _ in prunable_groups(ctx.model, build_graph(ctx.model, ctx.example))]
-    whole = new_model(read_structure(ctx.model, ctx.example, groups), ctx.target, runtime)  # as profiled
+    whole = new_model(read_structure(ctx.model, ctx.example), ctx.target, runtime)  # every group, as profiled
     ctx.latency_model = whole if whole.node_samples else None
 
     taken: dict[str, tuple[Measurement, Artifact]] = {}

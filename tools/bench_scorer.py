@@ -179,7 +179,7 @@ def _depth_note(depth: dict) -> str:
         return ""
     judged = ", ".join(f"{j['blocks']}: " + ("-" if j["distance"] is None else f"{j['distance']:.3f}")
                        for j in depth.get("auto_judged") or ())  # fmt: skip
-    removed = f"; {len(depth['dropped'])} of {len(depth['residual_blocks'])} blocks removed"
+    removed = f"{len(depth['dropped'])} of {len(depth['residual_blocks'])} blocks removed"
     return removed + (f" (judged {judged})" if judged else "")
 
 
@@ -313,7 +313,8 @@ def main() -> int:
                                       f"{r['latency']:.3f}", f"{r['macs']:.0%}", str(r["rounds"]),
                                       f"{r['top1']:.3f}", f"{r['cosine']:.4f}",
                                       f"{r['accuracy']:.3f} ({r['unpruned_accuracy']:.3f})",
-                                      _steepness_note(r["steepness"]) + _depth_note(r["depth"])])  # fmt: skip
+                                      "; ".join(filter(None, (_steepness_note(r["steepness"]),
+                                                              _depth_note(r["depth"]))))])  # fmt: skip
                 err.print("  " + " | ".join(fidelity_rows[-1]))
                 arms[allocation] = r
             verdict_rows.append([name, verdict(arms.get("global"), arms.get("uniform"))])

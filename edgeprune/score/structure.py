@@ -135,8 +135,9 @@ class Structure:
         return np.array([layer.kind == kind for layer in self.layers])
 
 
-def read_structure(model: nn.Module, example: torch.Tensor, group_names: list[str]) -> Structure:
-    """The structure of ``model`` for the prunable groups ``group_names`` (the scorer's groups, in its order)."""
+def read_structure(model: nn.Module, example: torch.Tensor, group_names: list[str] | None = None) -> Structure:
+    """The structure of ``model`` for the prunable groups ``group_names`` (the scorer's groups, in its order; None:
+    every prunable group, as ``edgeprune profile`` and an unrestricted build list them)."""
     shapes: dict[nn.Module, tuple[int, int]] = {}
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -154,6 +155,7 @@ def read_structure(model: nn.Module, example: torch.Tensor, group_names: list[st
 
     graph = build_graph(model, example)
     by_name = dict(prunable_groups(model, graph))
+    group_names = list(by_name) if group_names is None else group_names
     out_cut = np.zeros((len(layers), len(group_names)))
     in_cut = np.zeros((len(layers), len(group_names)))
     channels = np.zeros(len(group_names))
