@@ -316,8 +316,7 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
                       unprunable={}, _macs_cache={}, say=lambda message: None,
                       structure=read_structure(shallower, ctx.example, [g.module for g in scored]))  # fmt: skip
         sub.latency_model = new_model(sub.structure, ctx.target, runtime)
-        if ctx.latency_model is not None:
-            sub.latency_model.borrow_nodes(ctx.latency_model)
+        sub.latency_model.borrow_nodes(ctx.latency_model)
         sub.latency_model.add(sub.structure.full_widths(), measured_ms)  # scaled to its measurement
         try:
             plan = sub.plan_for(AIM * budget_ms, choose=False)[0]

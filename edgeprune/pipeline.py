@@ -35,7 +35,7 @@ from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decompos
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import count_macs_params
 from edgeprune.rewrite.recover import Judge, recover
-from edgeprune.rounds import measure_final, measure_plan, measured_already, timed, timed_beside_baseline
+from edgeprune.rounds import measure_final, measure_plan, round_zero, timed, timed_beside_baseline
 from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.depth import check_drop_blocks
@@ -223,14 +223,11 @@ def build(options: BuildOptions, say=print) -> dict:
             ctx.structure = read_structure(ctx.model, example, [g.module for g in ctx.scored])
             whole, ctx.latency_model = ctx.latency_model, new_model(ctx.structure, target, baseline.runtime)
             if depth and depth.dropped and not counted:  # the search starts from the model without them, measured
-                full_width = ctx.plan_at(0.0)
-                start = (measured_already(ctx, full_width, probe, baseline.p50, 0) if probe  # by the depth choice
-                         else measure_plan(ctx, full_width[0], baseline.p50, 0, budget_ms))  # fmt: skip
+                start = round_zero(ctx, ctx.plan_at(0.0), probe, baseline.p50, budget_ms)
             if not counted and not decomposed and not isinstance(device, EstimateDevice):
                 ctx.nodes_device = device  # the build's device (or pool) itself, not the executor's handle of it
                 if not ctx.latency_model.node_samples:
-                    if start and whole:  # the whole model's profile, without the removed blocks (remove_blocks)
-                        ctx.latency_model.borrow_nodes(whole)
+                    ctx.latency_model.borrow_nodes(whole)  # the whole model's profile where blocks were removed
                     full = start.artifact if start else baseline_artifact
                     learn_where_time_goes(ctx, full, ctx.structure.full_widths())
             if options.steepness is not None:

@@ -110,14 +110,16 @@ def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, st
     return candidates
 
 
-def measured_already(ctx: SearchContext, plan: tuple[Plan, int, int], measured: tuple[Measurement, Artifact],
-                     baseline_p50: float, step: int) -> Candidate:  # fmt: skip
-    """The candidate of ``plan`` (with its MACs and params) from a measurement of ``ctx.model`` pruned by it that
-    was taken already: the depth choice's of the model without its blocks, which the search starts from."""
+def round_zero(ctx: SearchContext, plan: tuple[Plan, int, int], measured: tuple[Measurement, Artifact] | None,
+               baseline_p50: float, budget_ms: float) -> Candidate:  # fmt: skip
+    """The search's round 0: ``ctx.model`` (residual blocks removed) at its full width, ``plan`` with its MACs and
+    params, from the depth choice's measurement of it where there is one (``measured``), else measured now."""
+    if measured is None:
+        return measure_plan(ctx, plan[0], baseline_p50, 0, budget_ms)
     (plan, macs, params), (measurement, artifact) = plan, measured
     held_out = ctx.evaluate(apply_plan(ctx.model, plan, ctx.example)) if ctx.evaluate else None
     latency = measurement.comparable_p50(baseline_p50)
-    return Candidate(step, plan, macs, params, measurement, artifact, latency, held_out)
+    return Candidate(0, plan, macs, params, measurement, artifact, latency, held_out)
 
 
 def lower_quiet_level(ctx: SearchContext, measurement: Measurement) -> None:

@@ -333,6 +333,7 @@ def test_the_model_without_blocks_is_priced_from_the_whole_models_per_node_profi
     borrowed, own = new_model(shallow, TARGET, "openvino 1.0"), new_model(shallow, TARGET, "openvino 1.0")
     assert borrowed.borrow_nodes(whole) == 8 and "the whole model's per-node profile (8 plans)" in borrowed.source
     assert new_model(structure_of(mbv3), TARGET, "openvino 1.0").borrow_nodes(whole) == 0  # another model's layers
+    assert new_model(shallow, TARGET, "openvino 1.0").borrow_nodes(None) == 0  # no profile of the whole model
     for model in (borrowed, own):  # then, as a build does, the start's own node times and its p50
         nodes, p50 = runtime(model, shallow.full_widths())
         model.add_nodes(shallow.full_widths(), nodes, None)

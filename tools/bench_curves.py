@@ -200,8 +200,7 @@ def _without_blocks(ctx, count, batches: list, scoring: list, profiled: dict, go
         shallow.scored = score_groups(shallow.model, ctx.example, ctx.method, scoring)
         shallow.structure = read_structure(shallow.model, ctx.example, [g.module for g in shallow.scored])
         shallow.latency_model = new_model(shallow.structure, ctx.target, profiled["runtime"])
-        if whole is not None:
-            shallow.latency_model.borrow_nodes(whole)
+        shallow.latency_model.borrow_nodes(whole)
         measured = dict(depth.probes).get(len(depth.dropped))
         if measured is None:
             measured = shallow.measure(shallow.model, "depth")[0].comparable_p50(profiled["baseline_p50"])

@@ -114,13 +114,15 @@ class LatencyModel:
         self.node_samples = (self.node_samples + [sample])[-MAX_SAMPLES:]
         self.fit()
 
-    def borrow_nodes(self, other: LatencyModel) -> int:
+    def borrow_nodes(self, other: LatencyModel | None) -> int:
         """Take ``other``'s per-node samples, mapped onto this structure, where this is ``other``'s model with
         residual blocks removed (--drop-blocks): a profile of the whole model says how each layer's time responds
         to its width, which one measurement of the model without the blocks cannot (its first round, priced by the
         roofline scaled to that measurement, missed by up to 30%). Each sample keeps the layers this model still
         has; its other nodes' time is scaled by the activations its layers write, as the fit of them assumes.
-        Returns how many were taken: none where the layers do not match by name."""
+        Returns how many were taken: none where the layers do not match by name, or ``other`` is None."""
+        if other is None:
+            return 0
         index = {layer.name: i for i, layer in enumerate(other.structure.layers)}
         kept = [index.get(layer.name) for layer in self.structure.layers]
         if None in kept or not other.node_samples:
