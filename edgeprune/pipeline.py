@@ -201,7 +201,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 with timed(say, f"choosing residual blocks to remove ({drop_blocks})"):
                     counts = lambda m: _score(m, example, importance, scoring[:4])  # noqa: E731 (64 samples a count)
                     depth, probe = remove_blocks(ctx, drop_blocks, list(score_set.batches(BATCH))[:STEEPNESS_BATCHES],
-                                          baseline.p50, budget_ms, counts, baseline.runtime)  # fmt: skip
+                                                 baseline.p50, budget_ms, counts, baseline.runtime)  # fmt: skip
                 say(depth.describe())
             if method in ("lowrank", "double"):
                 ctx.model, decomposed = decomposed_copy(ctx.model, example)
