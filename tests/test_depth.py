@@ -18,7 +18,7 @@ from test_search import _SkewedTarget
 
 from edgeprune.backends import get_backend
 from edgeprune.errors import BadInput
-from edgeprune.loop import BAND_LOW, GUARD, SearchContext, search
+from edgeprune.loop import BAND_LOW, CUT_TRIES, GUARD, SearchContext, closest_within, search
 from edgeprune.model import load_model
 from edgeprune.rewrite.depth import Bypass, residual_blocks, with_dropped
 from edgeprune.rewrite.plan import Plan
@@ -101,7 +101,7 @@ def test_auto_bounds_the_count_by_measured_latency_and_picks_the_closest_plan():
     convs = lambda m, name: float(sum(isinstance(x, torch.nn.Conv2d) for x in m.modules()))  # noqa: E731
     order = choose_blocks(model, EXAMPLE, batches, None)
     # 11 convs whole, 2 fewer per block: 2 blocks meet 8; channels cannot reach it without blocks here
-    auto = choose_depth(model, EXAMPLE, batches, AUTO, convs, 8.0, lambda m, ms: None if ms > 10 else m, 11.0)
+    auto = choose_depth(model, EXAMPLE, batches, AUTO, convs, 8.0, lambda m, ms, name: None if ms > 10 else m, 11.0)
     judged = dict(auto.judged)
     assert judged[0] is None and 0 < judged[1] < judged[2] and auto.dropped == order.dropped[:1]
     assert auto.goal_ms == 8.0 and auto.probes == ((1, 9.0), (2, 7.0))
@@ -123,6 +123,14 @@ def test_auto_bounds_the_count_by_measured_latency_and_picks_the_closest_plan():
     ):
         assert check_drop_blocks(None, plan, counted, synthetic, allocation) == 0
     assert check_drop_blocks(3, None, False, synthetic=False) == 3
+
+
+def test_the_cut_judged_is_the_least_cut_within_the_budget_else_the_fastest():
+    """Of a count's measured channel cuts, the depth choice judges the one that removed least while within the
+    budget; where none is, the one closest to it (the fastest)."""
+    a, b, c = torch.nn.Identity(), torch.nn.ReLU(), torch.nn.Tanh()
+    assert closest_within([(a, 1.3), (b, 0.95), (c, 0.8)], 1.0) == (b, 0.95)
+    assert closest_within([(a, 1.3), (b, 1.1)], 1.0) == (b, 1.1)
 
 
 def test_a_plan_that_removes_blocks_replays_on_the_original_model(tmp_path):
@@ -227,6 +235,11 @@ def test_build_with_auto_judges_counts_of_blocks_on_the_task_and_ships_the_close
     assert 0 in judged and len(judged) >= 2 and depth["auto_goal_ms"] > 0
     reached = {n: d for n, d in judged.items() if d is not None}
     assert len(depth["dropped"]) == min(reached, key=lambda n: (reached[n], n))
+    # Each count cut by channels was judged as measured, not as priced: re-aimed from where it landed, at most
+    # CUT_TRIES times, and the cut judged is the least cut within the budget where one is.
+    cuts = {c["blocks"]: c for c in depth["auto_cuts_measured"]}
+    assert 0 in cuts and set(cuts) <= set(reached)
+    assert all(1 <= c["measurements"] <= CUT_TRIES and c["p50_ms"] > 0 for c in cuts.values())
     if depth["dropped"]:  # the search's round 0 is the depth choice's measurement of the model without them
         probes = {m["blocks"]: m["p50_ms"] for m in depth["auto_measured"]}
         start = [i["comparable_p50"] for i in report["iterations"] if i["step"] == 0]

@@ -32,8 +32,9 @@ AUTO = "auto"
 @dataclass(frozen=True)
 class DepthChoice:
     """The blocks removed, in the order chosen, with the Judge's distance after each removal, and the residual
-    blocks the model has; for ``auto``, the budget, the (blocks removed, ms) measured, and the (blocks removed,
-    distance of the plan to the budget, None where channels could not reach it) judged."""
+    blocks the model has; for ``auto``, the budget, the (blocks removed, ms) measured, the (blocks removed,
+    distance of the plan to the budget, None where channels could not reach it) judged, and the (blocks removed,
+    ms, measurements) of each count's channel cut that was judged, as measured."""
 
     dropped: tuple[str, ...]
     distance: tuple[float, ...]
@@ -41,12 +42,14 @@ class DepthChoice:
     goal_ms: float | None = None
     probes: tuple[tuple[int, float], ...] = ()
     judged: tuple[tuple[int, float | None], ...] = ()
+    cuts: tuple[tuple[int, float, int], ...] = ()
 
     def first(self, count: int) -> DepthChoice:
         return replace(self, dropped=self.dropped[:count], distance=self.distance[:count])
 
     def describe(self) -> str:
-        tried = ", ".join(f"{n}: {'-' if d is None else f'{d:.4f}'}" for n, d in self.judged)
+        cut = {n: f" at {ms:.3f} ms" for n, ms, _ in self.cuts}
+        tried = ", ".join(f"{n}: {'-' if d is None else f'{d:.4f}'}{cut.get(n, '')}" for n, d in self.judged)
         aimed = f" (auto: each count's plan to {self.goal_ms:.3f} ms, its distance {tried})" if self.goal_ms else ""
         if not self.residual:
             return "no residual block to remove: channels only"
@@ -58,6 +61,7 @@ class DepthChoice:
             "auto_goal_ms": self.goal_ms,
             "auto_measured": [{"blocks": n, "p50_ms": ms} for n, ms in self.probes],
             "auto_judged": [{"blocks": n, "distance": d} for n, d in self.judged],
+            "auto_cuts_measured": [{"blocks": n, "p50_ms": ms, "measurements": k} for n, ms, k in self.cuts],
         }
         return {"dropped": list(self.dropped), "distance_after_each": [round(d, 6) for d in self.distance],
                 "residual_blocks": list(self.residual)} | (auto if self.goal_ms is not None else {})  # fmt: skip
@@ -85,10 +89,10 @@ def check_drop_blocks(count, plan: str | None, counted_budget: bool, synthetic: 
 
 def choose_depth(model: nn.Module, example: torch.Tensor, batches: list, count: int | str,
                  measure: Callable[[nn.Module, str], float] | None = None, budget_ms: float | None = None,
-                 cut_to_budget: Callable[[nn.Module, float], nn.Module | None] | None = None,
+                 cut_to_budget: Callable[[nn.Module, float, str], nn.Module | None] | None = None,
                  baseline_ms: float | None = None, order: DepthChoice | None = None) -> DepthChoice:  # fmt: skip
     """``count`` blocks (choose_blocks), or with ``auto`` the count choose_count finds: ``measure`` times a model
-    (the unpruned one ran in ``baseline_ms``), ``cut_to_budget(model, its ms)`` cuts its channels to ``budget_ms``
+    (the unpruned one ran in ``baseline_ms``), ``cut_to_budget(model, its ms, name)`` cuts its channels to ``budget_ms``
     (None where they cannot reach it); ``order``: choose_blocks's for all blocks, where known already."""
     if count != AUTO:
         return choose_blocks(model, example, batches, count)
@@ -105,7 +109,7 @@ def choose_depth(model: nn.Module, example: torch.Tensor, batches: list, count: 
 
     def distance(n: int) -> float | None:
         shallower = without_blocks(model, order.first(n))
-        candidate = shallower if ms(n) <= budget_ms else cut_to_budget(shallower, ms(n))
+        candidate = shallower if ms(n) <= budget_ms else cut_to_budget(shallower, ms(n), f"depth-{n}")
         return None if candidate is None else judge.distance(candidate)
 
     chosen, judged = choose_count(fewest_within(budget_ms, len(order.dropped), ms), distance)
