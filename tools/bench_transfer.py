@@ -123,7 +123,8 @@ def _chose(run: dict) -> str:
     chosen = run.get("steepness")
     channels = run.get("channels", "importance")  # the channels kept by weight magnitude: "l2" or "l1"
     by = "" if channels == "importance" else f" {channels}"
-    return "" if chosen is None else (", uniform" if chosen == "uniform" else f", s={chosen:g}") + by
+    blocks = f", {run['blocks']} blocks" if run.get("blocks") else ""
+    return ("" if chosen is None else (", uniform" if chosen == "uniform" else f", s={chosen:g}") + by) + blocks
 
 
 def main() -> int:
@@ -214,6 +215,7 @@ def main() -> int:
                                         rounds=len({i["step"] for i in report["iterations"] if i["step"]}),
                                         steepness=(report.get("steepness") or {}).get("chosen"),
                                         channels=(report.get("steepness") or {}).get("channels"),
+                                        blocks=len((report.get("depth") or {}).get("dropped", [])),
                                         slow=sum(len(i["latency_ms"].get("slow_tries_reference_p50", []))
                                                  + len(i.get("timed_again_slow_tries_reference_p50", []))
                                                  for i in [*report["iterations"], report["result"]]))  # fmt: skip
@@ -224,7 +226,7 @@ def main() -> int:
                                 done["raw"] = test_accuracy(out, 10, args.side, test_x, test_y, adapted)
                         results.setdefault((per_class, method, steps), []).append(done)
     head = ["samples/class", "method", "recovery steps", "test accuracy", "per seed",
-            "per seed: speedup (rounds, steepness)",
+            "per seed: speedup (rounds, steepness, residual blocks removed)",
             "pruned, no recovery", "p50 ms", "speedup", "params", "build s"]  # fmt: skip
     rows = []
     for (per_class, method, steps), runs in results.items():
