@@ -343,9 +343,10 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
             for attempt in range(CUT_TRIES):
                 plan = sub.plan_for(goal, choose=False)[0]
                 widths = sub.structure.widths_of(plan)
-                predicted = sub.latency_model.predict(widths)
-                if predicted > budget_ms and not landed:
+                if sub.latency_model.predict(widths) > budget_ms and not landed:
                     return None
+                if any(np.array_equal(widths, measured) for measured, _ in points):
+                    break  # aimed again at a plan measured already: the band falls between two neighbouring plans
                 pruned = apply_plan(shallower, plan, ctx.example)
                 landed.append((pruned, measure(pruned, f"{name}-cut-{attempt}")))
                 cuts.setdefault(name, []).append((sub.structure.key, widths, landed[-1][1]))
@@ -356,10 +357,13 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
                 # it was, so that unmeasured plans compared favoured channels by 40% more time.
                 sub.latency_model.add(widths, landed[-1][1])
                 points.append((widths, landed[-1][1]))
-                goal = aim(points, budget_ms, sub.latency_model, landed[-1][1] / predicted).to_model(AIM * budget_ms)
+                # What the refitted model still misses there (as the search corrects: not the error before the refit)
+                correction = landed[-1][1] / max(sub.latency_model.predict(widths), 1e-9)
+                goal = aim(points, budget_ms, sub.latency_model, correction).to_model(AIM * budget_ms)
         except EdgepruneError:  # no consistent cut at these widths: not a candidate, unless one was cut already
-            if not landed:
-                return None
+            pass
+        if not landed:
+            return None
         pruned, kept[name] = closest_within(landed, budget_ms)
         if ctx.compensating:  # the build's own repair: a deep cut in a few layers reads far better after it
             compensate(shallower, pruned, [x for x, _ in batches[::2]])
