@@ -316,8 +316,8 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
     ctx.latency_model = whole if whole.node_samples else None
 
     taken: dict[str, tuple[Measurement, Artifact]] = {}
-    cuts: dict[str, list[tuple[str, np.ndarray, float]]] = {}  # each count's measured channel cuts
-    kept: dict[str, float] = {}  # the measured ms of each count's cut that was judged
+    cuts: dict[int, list[tuple[str, np.ndarray, float]]] = {}  # each count's measured channel cuts
+    kept: dict[int, float] = {}  # the measured ms of each count's cut that was judged
 
     def measure(model: nn.Module, name: str) -> float:
         taken[name] = ctx.measure(model, name)
@@ -325,11 +325,11 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
         ctx.say(f"{name} (residual blocks removed): {latency:.3f} ms comparable p50")
         return latency
 
-    def cut_to_budget(shallower: nn.Module, measured_ms: float, name: str) -> nn.Module | None:
-        """The plan the first round would make for the model without the blocks (steepness 0, the scores' own
-        channels: every count alike), measured and aimed again until it lands in the acceptance band (CUT_TRIES
-        measurements at most), pruned, and its batch norm recalibrated or, in a compensating build, refitted on every
-        other batch; None where its prediction stays over the budget (the channels' floor)."""
+    def cut_to_budget(shallower: nn.Module, measured_ms: float, count: int) -> nn.Module | None:
+        """The plan the first round would make for the model without ``count`` blocks (steepness 0, the scores'
+        own channels: every count alike), measured and aimed again until it lands in the acceptance band (CUT_TRIES
+        measurements at most), pruned, and its batch norm recalibrated or, in a compensating build, refitted on
+        every other batch; None where its prediction stays over the budget (the channels' floor)."""
         scored = score(shallower)
         sub = replace(ctx, model=shallower, scored=scored, steepness=None, steepness_batches=None, channel_scores={},
                       unprunable={}, _macs_cache={}, say=lambda message: None,
@@ -348,8 +348,8 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
                 if any(np.array_equal(widths, measured) for measured, _ in points):
                     break  # aimed again at a plan measured already: the band falls between two neighbouring plans
                 pruned = apply_plan(shallower, plan, ctx.example)
-                landed.append((pruned, measure(pruned, f"{name}-cut-{attempt}")))
-                cuts.setdefault(name, []).append((sub.structure.key, widths, landed[-1][1]))
+                landed.append((pruned, measure(pruned, f"depth-{count}-cut-{attempt}")))
+                cuts.setdefault(count, []).append((sub.structure.key, widths, landed[-1][1]))
                 if BAND_LOW * budget_ms <= landed[-1][1] <= GUARD * budget_ms:
                     break
                 # Priced before any cut of it was measured, a plan misses: EfficientNet-Lite0 at 64×64 cut by
@@ -364,7 +364,7 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
             pass
         if not landed:
             return None
-        pruned, kept[name] = closest_within(landed, budget_ms)
+        pruned, kept[count] = closest_within(landed, budget_ms)
         if ctx.compensating:  # the build's own repair: a deep cut in a few layers reads far better after it
             compensate(shallower, pruned, [x for x, _ in batches[::2]])
         else:
@@ -372,9 +372,7 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
         return pruned
 
     depth = choose_depth(ctx.model, ctx.example, batches, count, measure, budget_ms, cut_to_budget, baseline_ms, order)
-    depth = replace(
-        depth, cuts=tuple(sorted((int(name.split("-")[1]), ms, len(cuts[name])) for name, ms in kept.items()))
-    )
+    depth = replace(depth, cuts=tuple(sorted((n, ms, len(cuts[n])) for n, ms in kept.items())))
     ctx.model = without_blocks(ctx.model, depth)
-    ctx.measured_cuts = cuts.get(f"depth-{len(depth.dropped)}", [])
+    ctx.measured_cuts = cuts.get(len(depth.dropped), [])
     return depth, (taken.get(f"depth-{len(depth.dropped)}") if depth.dropped else None)

@@ -101,7 +101,7 @@ def test_auto_bounds_the_count_by_measured_latency_and_picks_the_closest_plan():
     convs = lambda m, name: float(sum(isinstance(x, torch.nn.Conv2d) for x in m.modules()))  # noqa: E731
     order = choose_blocks(model, EXAMPLE, batches, None)
     # 11 convs whole, 2 fewer per block: 2 blocks meet 8; channels cannot reach it without blocks here
-    auto = choose_depth(model, EXAMPLE, batches, AUTO, convs, 8.0, lambda m, ms, name: None if ms > 10 else m, 11.0)
+    auto = choose_depth(model, EXAMPLE, batches, AUTO, convs, 8.0, lambda m, ms, n: None if ms > 10 else m, 11.0)
     judged = dict(auto.judged)
     assert judged[0] is None and 0 < judged[1] < judged[2] and auto.dropped == order.dropped[:1]
     assert auto.goal_ms == 8.0 and auto.probes == ((1, 9.0), (2, 7.0))

@@ -89,11 +89,12 @@ def check_drop_blocks(count, plan: str | None, counted_budget: bool, synthetic: 
 
 def choose_depth(model: nn.Module, example: torch.Tensor, batches: list, count: int | str,
                  measure: Callable[[nn.Module, str], float] | None = None, budget_ms: float | None = None,
-                 cut_to_budget: Callable[[nn.Module, float, str], nn.Module | None] | None = None,
+                 cut_to_budget: Callable[[nn.Module, float, int], nn.Module | None] | None = None,
                  baseline_ms: float | None = None, order: DepthChoice | None = None) -> DepthChoice:  # fmt: skip
     """``count`` blocks (choose_blocks), or with ``auto`` the count choose_count finds: ``measure`` times a model
-    (the unpruned one ran in ``baseline_ms``), ``cut_to_budget(model, its ms, name)`` cuts its channels to ``budget_ms``
-    (None where they cannot reach it); ``order``: choose_blocks's for all blocks, where known already."""
+    (the unpruned one ran in ``baseline_ms``), ``cut_to_budget(model, its ms, blocks removed)`` cuts its channels
+    to ``budget_ms`` (None where they cannot reach it); ``order``: choose_blocks's for all blocks, where known
+    already."""
     if count != AUTO:
         return choose_blocks(model, example, batches, count)
     order = order or choose_blocks(model, example, batches, None)
@@ -109,7 +110,7 @@ def choose_depth(model: nn.Module, example: torch.Tensor, batches: list, count: 
 
     def distance(n: int) -> float | None:
         shallower = without_blocks(model, order.first(n))
-        candidate = shallower if ms(n) <= budget_ms else cut_to_budget(shallower, ms(n), f"depth-{n}")
+        candidate = shallower if ms(n) <= budget_ms else cut_to_budget(shallower, ms(n), n)
         return None if candidate is None else judge.distance(candidate)
 
     chosen, judged = choose_count(fewest_within(budget_ms, len(order.dropped), ms), distance)
