@@ -318,6 +318,7 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
     taken: dict[str, tuple[Measurement, Artifact]] = {}
     cuts: dict[int, list[tuple[str, np.ndarray, float]]] = {}  # each count's measured channel cuts
     kept: dict[int, float] = {}  # the measured ms of each count's cut that was judged
+    whole_model = ctx.model  # ctx.model loses the chosen blocks below
 
     def measure(model: nn.Module, name: str) -> float:
         taken[name] = ctx.measure(model, name)
@@ -366,7 +367,11 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
             return None
         pruned, kept[count] = closest_within(landed, budget_ms)
         if ctx.compensating:  # the build's own repair: a deep cut in a few layers reads far better after it
-            compensate(shallower, pruned, [x for x, _ in batches[::2]])
+            # Aimed, as the build's refit is, at the model with every block: layers after a removed block are fitted
+            # to what the whole model computes there, which makes up for part of the block. Aimed at the model
+            # without the blocks (until the twenty-ninth session) the refit repaired the channel cut alone, so
+            # every block removed counted in full against its count.
+            compensate(whole_model, pruned, [x for x, _ in batches[::2]])
         else:
             recalibrate_batchnorm(pruned, batches)
         return pruned
