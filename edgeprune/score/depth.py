@@ -90,17 +90,19 @@ def check_drop_blocks(count, plan: str | None, counted_budget: bool, synthetic: 
 def choose_depth(model: nn.Module, example: torch.Tensor, batches: list, count: int | str,
                  measure: Callable[[nn.Module, str], float] | None = None, budget_ms: float | None = None,
                  cut_to_budget: Callable[[nn.Module, float, int], nn.Module | None] | None = None,
-                 baseline_ms: float | None = None, order: DepthChoice | None = None) -> DepthChoice:  # fmt: skip
+                 baseline_ms: float | None = None, order: DepthChoice | None = None,
+                 judged_on: list | None = None) -> DepthChoice:  # fmt: skip
     """``count`` blocks (choose_blocks), or with ``auto`` the count choose_count finds: ``measure`` times a model
     (the unpruned one ran in ``baseline_ms``), ``cut_to_budget(model, its ms, blocks removed)`` cuts its channels
     to ``budget_ms`` (None where they cannot reach it); ``order``: choose_blocks's for all blocks, where known
-    already."""
+    already; ``judged_on``: the batches each count's plan is judged on (default ``batches``; the ones its cut was
+    not refitted on, where it was)."""
     if count != AUTO:
         return choose_blocks(model, example, batches, count)
     order = order or choose_blocks(model, example, batches, None)
     if not order.dropped:  # no residual block: nothing to judge
         return replace(order, goal_ms=budget_ms)
-    judge = Judge(model, batches)
+    judge = Judge(model, judged_on or batches)
     measured: dict[int, float] = {} if baseline_ms is None else {0: baseline_ms}
 
     def ms(n: int) -> float:
