@@ -180,6 +180,47 @@ def test_the_search_starts_from_the_model_without_the_blocks(r18, example, tmp_p
             assert chosen is start and candidates == [start]
 
 
+def test_a_compensating_depth_choice_refits_against_the_whole_model_and_judges_on_the_other_batches(
+    tmp_path, monkeypatch
+):
+    """Each count's channel cut is refitted, as the build's final refit is, against the model with every block (the
+    layers after a removed block are fitted to what the whole model computes there), on every other batch, and the
+    counts are judged on the batches the refit was not fitted on."""
+    import edgeprune.loop as loop
+    import edgeprune.score.depth as depth
+
+    model, target, skewed = _tiny_resnet(), load_target("x86-openvino"), _SkewedTarget()
+    baseline = skewed.measure(model, EXAMPLE).p50  # the unpruned model's MACs: the simulated latency's full width
+    refitted_against, judged_on = [], []
+    real_compensate, real_judge = loop.compensate, depth.Judge
+
+    def compensate(original, pruned, batches):
+        refitted_against.append(original)
+        return real_compensate(original, pruned, batches)
+
+    class Judge(real_judge):
+        def __init__(self, reference, batches):
+            judged_on.append(list(batches))
+            super().__init__(reference, batches)
+
+    class Simulated(SearchContext):  # timed by the simulated target (deterministic), nothing exported
+        def measure(self, candidate, name):
+            return skewed.measure(candidate, self.example), None
+
+    monkeypatch.setattr(loop, "compensate", compensate)
+    monkeypatch.setattr(depth, "Judge", Judge)
+    score = lambda m: score_groups(m, EXAMPLE, "magnitude")  # noqa: E731
+    ctx = Simulated(model, EXAMPLE, score(model), f"{TINY}:resnet", "magnitude", target, get_backend("openvino"),
+                    None, tmp_path, say=lambda _: None, compensating=True)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 3, 32, 32, generator=generator), None) for _ in range(4)]
+    choice, _ = loop.remove_blocks(ctx, AUTO, batches, baseline, baseline / 1.3, score, "simulated")
+    assert len(choice.judged) >= 2 and any(d is not None for _, d in choice.judged)
+    assert refitted_against and all(original is model for original in refitted_against)
+    assert not any(isinstance(m, Bypass) for m in model.modules())  # the whole model, left whole
+    assert [x for x, _ in judged_on[-1]] == [x for x, _ in batches[1::2]]
+
+
 def _digits(path: Path) -> None:
     from sklearn.datasets import load_digits
 
