@@ -82,6 +82,9 @@ class SearchContext:
     # batches (score/steepness.py). Empty: none offered.
     channel_scores: dict[str, list[ScoredGroup]] = field(default_factory=dict)
     compensating: bool = False  # the build refits by least squares after pruning (steepness is judged after it too)
+    # The model with every block where the depth choice removed some (``model`` is then the model without them): the
+    # build's final refit aims at it and its quality is judged against it, so the steepness choice's are too.
+    unpruned: nn.Module | None = None
     calibration: torch.Tensor | None = None  # images a full-int8 export calibrates its ranges on
     executor: object = field(default_factory=LocalExecutor)  # where candidates are pruned, exported, measured
     nodes_device: Device | None = None  # where per-node times are taken (the build's device, not a pool); None: never
@@ -123,6 +126,7 @@ class SearchContext:
             predict = cost or self.latency_model.predict
             self.steepness = choose_steepness(self.model, self.example, self.steepness_batches, make,
                                               compensating=self.compensating, unlabelled=self.steepness_unlabelled,
+                                              reference=self.unpruned,
                                               cost=lambda plan: predict(self.structure.widths_of(plan)),
                                               goal=goal, channels=self.channel_choices())  # fmt: skip
             if first or self.steepness.settled:
@@ -385,6 +389,6 @@ def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_
     depth = choose_depth(ctx.model, ctx.example, batches, count, measure, budget_ms, cut_to_budget, baseline_ms, order,
                          held_out)  # fmt: skip
     depth = replace(depth, cuts=tuple(sorted((n, ms, len(cuts[n])) for n, ms in kept.items())))
-    ctx.model = without_blocks(ctx.model, depth)
+    ctx.model, ctx.unpruned = without_blocks(ctx.model, depth), (whole_model if depth.dropped else None)
     ctx.measured_cuts = cuts.get(len(depth.dropped), [])
     return depth, (taken.get(f"depth-{len(depth.dropped)}") if depth.dropped else None)

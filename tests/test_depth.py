@@ -219,6 +219,8 @@ def test_a_compensating_depth_choice_refits_against_the_whole_model_and_judges_o
     assert refitted_against and all(original is model for original in refitted_against)
     assert not any(isinstance(m, Bypass) for m in model.modules())  # the whole model, left whole
     assert [x for x, _ in judged_on[-1]] == [x for x, _ in batches[1::2]]
+    # Where blocks went, the search's steepness choice aims its refit at the whole model too (SearchContext.unpruned).
+    assert ctx.unpruned is (model if choice.dropped else None)
 
 
 def _digits(path: Path) -> None:

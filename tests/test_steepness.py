@@ -12,9 +12,13 @@ import torch.nn.functional as F
 from conftest import R18  # noqa: F401
 from torch import nn
 
+from edgeprune.rewrite.compensate import compensate
 from edgeprune.rewrite.plan import GroupPlan, Plan
+from edgeprune.rewrite.prune import apply_plan
 from edgeprune.score.allocate import UNIFORM_STEEPNESS, global_widths, plan_from_widths
 from edgeprune.score.costmodel import new_model
+from edgeprune.score.depth import choose_blocks, without_blocks
+from edgeprune.score.importance import score_groups
 from edgeprune.score.steepness import IMPORTANCE, choose_steepness, output_distance
 from edgeprune.score.structure import read_structure
 from edgeprune.target import load_target
@@ -159,6 +163,26 @@ def test_a_compensating_build_judges_its_steepness_after_a_refit_on_its_unlabell
     # Without compensating (batch-norm recalibration on the labelled batches only) the unlabelled ones are not used.
     assert choose_steepness(r18, example, labelled, lambda s, c: halved, (0.0,), unlabelled=unlabelled).samples == 8
     assert both.losses[0.0, IMPORTANCE] > 0
+
+
+def test_where_blocks_were_removed_the_refit_aims_at_the_whole_model_and_is_judged_against_it(r18, example):
+    """As the build's final refit and its held-out judge do (rewrite/recover.py): the plan prunes the model without
+    the removed blocks, the refit aims the layers after them at what the model with every block computes there, and
+    the distance is measured to that model. Aimed at the model without the blocks, the refit leaves the plan further
+    from the whole model."""
+    generator = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(8, *example.shape[1:], generator=generator), None) for _ in range(4)]
+    shallower = without_blocks(r18, choose_blocks(r18, example, batches[:1], 2))
+    halved = _halved_plan(shallower, score_groups(shallower, example, "magnitude"), example)
+    choice = choose_steepness(shallower, example, batches, lambda s, c: halved, (0.0,), compensating=True,
+                              reference=r18)  # fmt: skip
+    aimed_at = {}
+    for name, original in (("whole", r18), ("shallower", shallower)):
+        aimed_at[name] = apply_plan(shallower, halved, example)
+        compensate(original, aimed_at[name], [x for x, _ in batches[::2]])
+    to_whole = {name: output_distance(pruned, r18, batches[1::2]) for name, pruned in aimed_at.items()}
+    assert choice.losses[0.0, IMPORTANCE] == pytest.approx(to_whole["whole"], rel=1e-4)
+    assert to_whole["whole"] < to_whole["shallower"]
 
 
 def test_a_choice_between_identical_plans_is_not_settled_and_is_made_again_at_the_next_plan(r18, r18_scored, example,

@@ -128,6 +128,7 @@ def choose_steepness(
     model: nn.Module, example: torch.Tensor, batches: list, make_plan: Callable[[float, str], Plan],
     steepnesses: tuple[float, ...] = STEEPNESSES, compensating: bool = False, unlabelled: list | None = None,
     cost: Callable[[Plan], float] | None = None, goal: float = math.inf, channels: tuple[str, ...] = (IMPORTANCE,),
+    reference: nn.Module | None = None,
 ) -> SteepnessChoice:  # fmt: skip
     """The steepness and channel choice whose plan (``make_plan(steepness, channels)``, all for the same goal, for
     every steepness and each of ``channels``) keeps ``model``'s outputs closest on ``batches``, after the recovery
@@ -142,7 +143,11 @@ def choose_steepness(
     the cheapest are several (one set of widths, with each channel choice), those are compared among themselves:
     RegNetX-200MF's uniform floor kept 0.20 cosine with fisher's channels, 0.39 with L1's (bench_curves); the
     steepness is still chosen again at the next plan. A plan that fails to prune is skipped (the loop's own checks
-    deal with it if it is chosen anyway)."""
+    deal with it if it is chosen anyway).
+    ``reference`` (default: ``model``): the model the refit aims at and the distance is measured to, where that is not
+    the model pruned: the model with every block, where the build removed some (loop.remove_blocks), as its final
+    refit and its held-out judge do."""
+    reference = model if reference is None else reference
     fit, judge = batches, batches
     if compensating:  # labelled first, then unlabelled: every other batch of each to fit, the rest to judge
         both = batches + (unlabelled or [])
@@ -160,7 +165,7 @@ def choose_steepness(
     if (floor or len(candidates) > 1) and distinct < 2:  # nothing to compare
         chosen = min(within, key=lambda c: (costs[c], c[0])) if floor else within[0]
         return SteepnessChoice(chosen[0], dict.fromkeys(candidates), 0, 0 if floor else distinct, over, chosen[1])
-    unpruned = Judge(model, judge)  # its outputs on the judge's batches, computed once for every plan
+    unpruned = Judge(reference, judge)  # its outputs on the judge's batches, computed once for every plan
     losses: dict[Candidate, float | None] = dict.fromkeys(candidates)  # None where over the goal or failed
     seen: dict[tuple, float | None] = {}
     for candidate in within:
@@ -172,7 +177,7 @@ def choose_steepness(
                 seen[key] = None
             else:
                 if compensating:
-                    compensate(model, pruned, [x for x, _ in fit])
+                    compensate(reference, pruned, [x for x, _ in fit])
                 else:
                     recalibrate_batchnorm(pruned, fit)
                 seen[key] = unpruned.distance(pruned)
