@@ -304,18 +304,18 @@ def closest_within(landed: list[tuple[nn.Module, float]], budget_ms: float) -> t
     return max(within, key=lambda cut: cut[1]) if within else min(landed, key=lambda cut: cut[1])
 
 
-def remove_blocks(ctx: SearchContext, count: int | str, batches: list, baseline_ms: float, budget_ms: float,
-                  score: Callable[[nn.Module], list[ScoredGroup]] | None = None,
+def remove_blocks(ctx: SearchContext, count: int | str | list[str], batches: list, baseline_ms: float,
+                  budget_ms: float, score: Callable[[nn.Module], list[ScoredGroup]] | None = None,
                   runtime: str = "", order: DepthChoice | None = None,
                   ) -> tuple[DepthChoice, tuple[Measurement, Artifact] | None]:  # fmt: skip
     """--drop-blocks: choose ``count`` residual blocks (or, ``auto``, as many as keep the task's outputs closest once
-    channels are cut to the budget: score/depth.py) on the task's ``batches``; ``ctx.model`` becomes the model
-    without them. ``score`` scores a model's groups as the build does, ``runtime`` keys its cost model; ``order``:
-    every block in the order chosen, where known (it does not depend on the budget). Returns the choice and, where
-    blocks were removed and measured, the measurement of the model without them (the search's round 0, not taken
-    twice). ``ctx.latency_model`` becomes the whole model's cached cost model (None without per-node samples): the
-    model without the blocks borrows them (LatencyModel.borrow_nodes), here to price each count's plan and in the
-    build to price its first round."""
+    channels are cut to the budget: score/depth.py; a list: those blocks, as vote's bank voted) on the task's
+    ``batches``; ``ctx.model`` becomes the model without them. ``score`` scores a model's groups as the build does,
+    ``runtime`` keys its cost model; ``order``: every block in the order chosen, where known (it does not depend on
+    the budget). Returns the choice and, where blocks were removed and measured, the measurement of the model
+    without them (the search's round 0, not taken twice). ``ctx.latency_model`` becomes the whole model's cached
+    cost model (None without per-node samples): the model without the blocks borrows them
+    (LatencyModel.borrow_nodes), here to price each count's plan and in the build to price its first round."""
     whole = new_model(read_structure(ctx.model, ctx.example), ctx.target, runtime)  # every group, as profiled
     ctx.latency_model = whole if whole.node_samples else None
 

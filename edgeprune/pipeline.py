@@ -44,7 +44,7 @@ from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.probe import keep_unprunable_whole
 from edgeprune.score.steepness import SteepnessChoice, other_channel_scores
 from edgeprune.score.structure import read_structure
-from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_scores
+from edgeprune.score.vote import load_entries, nearest, save_entry, task_embedding, vote_blocks, vote_scores
 from edgeprune.target import Budget, load_target
 from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, file_hashes, input_hashes, write_manifest
 
@@ -159,6 +159,12 @@ def build(options: BuildOptions, say=print) -> dict:
     embedding = None
     if options.bank and not data.synthetic:
         embedding = task_embedding(model, example, (x for x, _ in data.batches(BATCH)))
+    entries, voted_blocks = [], None
+    if method == "vote":  # where the count is left open, the blocks the nearest earlier tasks removed (score/vote.py)
+        entries = load_entries(Path(options.bank), options.model, tuple(example.shape))
+        nearest(entries, embedding)  # an empty bank is bad input now, not after the baseline is measured
+        voted_blocks = vote_blocks(entries, embedding) if options.drop_blocks is None and drop_blocks else None
+        drop_blocks = drop_blocks if voted_blocks is None else voted_blocks
     adapted = adapt_to_task(model, example, data, options.adapt_steps, BATCH, say) if options.train else None
     data = labels_in_label_space(data, model, example, say)
     aux = labels_in_label_space(aux, model, example, say) if aux is not None else None
@@ -198,7 +204,8 @@ def build(options: BuildOptions, say=print) -> dict:
             importance = IMPORTANCE.get(method, method)
             scoring = list(score_set.batches(BATCH))[: SCORE_BATCHES.get(importance, 4)]
             if drop_blocks and (counted or baseline.p50 > budget_ms):  # else the model fits as it is
-                with timed(say, f"choosing residual blocks to remove ({drop_blocks})"):
+                how = "as the bank voted" if voted_blocks is not None else drop_blocks
+                with timed(say, f"choosing residual blocks to remove ({how})"):
                     counts = lambda m: _score(m, example, importance, scoring[:4])  # noqa: E731 (64 samples a count)
                     depth, probe = remove_blocks(ctx, drop_blocks, list(score_set.batches(BATCH))[:STEEPNESS_BATCHES],
                                                  baseline.p50, budget_ms, counts, baseline.runtime)  # fmt: skip
@@ -211,9 +218,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 if method == "lowrank":
                     ctx.scored = basis_only(ctx.scored, decomposed)
                 if method == "vote":
-                    ctx.scored, neighbours = vote_scores(
-                        ctx.scored, load_entries(Path(options.bank), options.model, tuple(example.shape)), embedding
-                    )
+                    ctx.scored, neighbours = vote_scores(ctx.scored, entries, embedding)
                     say(
                         f"votes from {len(neighbours)} earlier tasks, similarity "
                         + ", ".join(f"{n['similarity']:.3f}" for n in neighbours)
@@ -366,7 +371,7 @@ def build(options: BuildOptions, say=print) -> dict:
                 report,
             )
         if method == "vote":
-            report["vote"] = {"neighbours": neighbours}
+            report["vote"] = {"neighbours": neighbours, "blocks": voted_blocks}  # None: chosen on this task
         if options.bank and not data.synthetic:  # this task's kept channels, for later vote builds
             info = {"method": method, "target": target.name, "data": data.source, "quality": recovery.get("result")}
             report["bank_entry"] = str(save_entry(Path(options.bank), options.model, tuple(example.shape), embedding,

@@ -81,6 +81,22 @@ def test_the_block_that_changes_the_outputs_least_is_removed_first_and_too_many_
         choose_blocks(model, EXAMPLE, batches, 4)
 
 
+def test_named_blocks_are_removed_in_that_order_and_a_name_that_is_no_residual_block_is_bad_input():
+    """vote's blocks (given_blocks, through choose_depth with a list): removed as named, each distance measured."""
+    model = _tiny_resnet()
+    batches = [(torch.randn(8, 3, 32, 32), None) for _ in range(2)]
+    choice = choose_depth(model, EXAMPLE, batches, ["stage2.1", "stage1.0"])
+    assert choice.dropped == ("stage2.1", "stage1.0") and choice.residual == ("stage1.0", "stage1.1", "stage2.1")
+    alone = choose_blocks(model, EXAMPLE, batches, 3)
+    judged = {n: d for n, d in zip(alone.dropped, alone.distance, strict=True)}
+    if alone.dropped[0] == "stage2.1":  # the same removal, judged the same way, reads the same distance
+        assert choice.distance[0] == pytest.approx(judged["stage2.1"])
+    assert 0 < choice.distance[0] < choice.distance[1]
+    assert choose_depth(model, EXAMPLE, batches, []).dropped == ()
+    with pytest.raises(BadInput, match=r"not residual blocks of this model \(stage3.0\).*--drop-blocks auto"):
+        choose_depth(model, EXAMPLE, batches, ["stage1.0", "stage3.0"])
+
+
 def test_auto_bounds_the_count_by_measured_latency_and_picks_the_closest_plan():
     """``--drop-blocks auto``: the fewest blocks that alone meet the budget, found by bisection on measured
     latencies, bound the counts; of the counts tried, the one whose plan to the budget keeps the outputs closest
@@ -290,3 +306,24 @@ def test_build_with_auto_judges_counts_of_blocks_on_the_task_and_ships_the_close
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())
     assert plan["notes"].get("dropped_blocks", []) == depth["dropped"]
     assert "each count's plan to" in (tmp_path / "a" / "report.html").read_text()
+
+
+def test_a_vote_build_removes_the_blocks_its_bank_removed_instead_of_judging_counts(tmp_path):
+    """With the count left to edgeprune, ``--method vote`` removes the blocks that the nearest earlier tasks in the
+    bank removed (here one task: all of its blocks), instead of judging counts on its own few samples; the bank
+    entry records the blocks, the plan and the report name them."""
+    pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
+    _digits(tmp_path / "task.npz")
+    bank = str(tmp_path / "bank")
+    task = ["--train", str(tmp_path / "task.npz"), "--speedup", "1.5", "--bank", bank]
+    done = _build(tmp_path, "a", *task, "--method", "taylor", "--drop-blocks", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = json.loads(done.stdout)
+    assert json.loads(Path(first["bank_entry"]).read_text())["dropped"] == first["depth"]["dropped"]
+    done = _build(tmp_path, "b", *task, "--method", "vote")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert len(first["depth"]["dropped"]) == 2 and report["vote"]["blocks"] == sorted(first["depth"]["dropped"])
+    assert report["depth"]["dropped"] == report["vote"]["blocks"] and "auto_judged" not in report["depth"]
+    assert json.loads((tmp_path / "b" / "plan.json").read_text())["notes"]["dropped_blocks"] == report["vote"]["blocks"]
+    assert "as the bank voted" in done.stderr + done.stdout

@@ -10,7 +10,7 @@ from conftest import TinyDeeper
 
 from edgeprune.errors import BadInput
 from edgeprune.score.importance import ScoredGroup
-from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_scores
+from edgeprune.score.vote import load_entries, save_entry, task_embedding, vote_blocks, vote_scores
 
 SHAPE = (1, 3, 16, 16)
 
@@ -72,3 +72,30 @@ def test_votes_keep_the_worth_of_each_group_when_the_scores_are_comparable(tmp_p
     a, b = voted[0].scores, voted[1].scores
     assert voted[0].comparable and torch.allclose(a, b * 10)
     assert a[:2].min() > 20 * a[2:].max()  # voted in: the group's mean worth; voted out: the tie-break only
+
+
+def test_the_blocks_at_least_half_the_nearest_weight_removed_are_voted_and_old_entries_abstain(tmp_path):
+    """Entries record the blocks their plan removed; a vote removes those that the nearest tasks, weighted by
+    similarity, removed at least half the time, the most removed first. Entries without a record (written before
+    blocks were stored) abstain, and where none of the nearest records any, the vote is None (chosen on the task)."""
+
+    def plan(dropped: list[str]) -> dict:
+        return {"groups": [], "notes": {"dropped_blocks": dropped} if dropped else {}}
+
+    near, far = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    save_entry(tmp_path, "m", SHAPE, near, plan(["b2", "b1"]), {"task": "a"})
+    save_entry(tmp_path, "m", SHAPE, near * 0.9 + far * 0.1, plan(["b1", "b3"]), {"task": "b"})
+    save_entry(tmp_path, "m", SHAPE, near * 0.8 + far * 0.2, plan([]), {"task": "c"})  # removed none
+    save_entry(tmp_path, "m", SHAPE, far, plan(["b4", "b5"]), {"task": "d"})
+    entries = load_entries(tmp_path, "m", SHAPE)
+    assert {e["info"]["task"]: e["dropped"] for e in entries}["a"] == ["b2", "b1"]
+    assert vote_blocks(entries, near, k=3) == ["b1"]  # 2 of 3 removed b1; b2 and b3 one each
+    assert vote_blocks(entries, near, k=2) == ["b1", "b2"]  # b1 by both; b2 by a, the nearer: over half; not b3
+    assert vote_blocks(entries, far, k=1) == ["b4", "b5"]
+    for entry in entries:  # written before the thirty-first session: no record of blocks
+        del entry["dropped"]
+    assert vote_blocks(entries, near) is None
+    next(e for e in entries if e["info"]["task"] == "a")["dropped"] = ["b2"]
+    assert vote_blocks(entries, near, k=3) == ["b2"]  # only the entries that record blocks vote
+    with pytest.raises(BadInput, match="no earlier build"):
+        vote_blocks([], near)

@@ -87,16 +87,19 @@ def check_drop_blocks(count, plan: str | None, counted_budget: bool, synthetic: 
     return count
 
 
-def choose_depth(model: nn.Module, example: torch.Tensor, batches: list, count: int | str,
+def choose_depth(model: nn.Module, example: torch.Tensor, batches: list, count: int | str | list[str],
                  measure: Callable[[nn.Module, str], float] | None = None, budget_ms: float | None = None,
                  cut_to_budget: Callable[[nn.Module, float, int], nn.Module | None] | None = None,
                  baseline_ms: float | None = None, order: DepthChoice | None = None,
                  judged_on: list | None = None) -> DepthChoice:  # fmt: skip
-    """``count`` blocks (choose_blocks), or with ``auto`` the count choose_count finds: ``measure`` times a model
+    """``count`` blocks (choose_blocks), the blocks named (a list: given_blocks), or with ``auto`` the count
+    choose_count finds: ``measure`` times a model
     (the unpruned one ran in ``baseline_ms``), ``cut_to_budget(model, its ms, blocks removed)`` cuts its channels
     to ``budget_ms`` (None where they cannot reach it); ``order``: choose_blocks's for all blocks, where known
     already; ``judged_on``: the batches each count's plan is judged on (default ``batches``; the ones its cut was
     not refitted on, where it was)."""
+    if isinstance(count, list):
+        return given_blocks(model, example, batches, count)
     if count != AUTO:
         return choose_blocks(model, example, batches, count)
     order = order or choose_blocks(model, example, batches, None)
@@ -183,6 +186,20 @@ def choose_blocks(model: nn.Module, example: torch.Tensor, batches: list, count:
             dropped.append(best)
             distances.append(tried[best])
     return DepthChoice(tuple(dropped), tuple(distances), tuple(residual))
+
+
+def given_blocks(model: nn.Module, example: torch.Tensor, batches: list, names: list[str]) -> DepthChoice:
+    """The residual blocks ``names`` (vote's: those the nearest earlier tasks removed), in that order, with the
+    distance on ``batches`` after each removal; BadInput where the model has no such residual block."""
+    residual = residual_blocks(model, example)
+    unknown = [name for name in names if name not in residual]
+    if unknown:
+        raise BadInput(f"the bank's earlier tasks removed blocks that are not residual blocks of this model"
+                       f" ({', '.join(unknown)}): build the bank again, or pass --drop-blocks auto")  # fmt: skip
+    judge = Judge(model, batches)
+    with torch.no_grad():
+        distances = [judge.distance(drop_blocks(copy_model(model), names[: i + 1])) for i in range(len(names))]
+    return DepthChoice(tuple(names), tuple(distances), tuple(residual))
 
 
 def without_blocks(model: nn.Module, choice: DepthChoice) -> nn.Module:

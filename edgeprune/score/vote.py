@@ -8,6 +8,13 @@ those tasks that kept it (a small term of the task's own score breaks ties), tim
 scores on this task, so that groups stay comparable. Channels that similar tasks needed are kept, and channels they
 all cut go first; the search, allocation and budget are the usual ones.
 
+Entries also record the residual blocks their build removed whole (``dropped``). Where the build leaves the count to
+edgeprune (no ``--drop-blocks``), a vote build removes the blocks that at least half of the nearest tasks' weight
+removed (vote_blocks), instead of judging counts of blocks on its own few samples: the count each build chose was
+the noisiest part of its plan (2 to 9 blocks across builds of one task, README), and a vote of three tasks, each
+chosen on more data, is steadier. Its channels are then cut to the budget as usual. The neighbours' depth was
+chosen for their own budget: with a bank built for another speedup, pass ``--drop-blocks auto`` to judge on this task.
+
 Bank entries are plain JSON files named by their content hash; one that cannot be read is skipped, never fatal.
 """
 
@@ -62,7 +69,8 @@ def save_entry(bank: Path, spec: str, shape: tuple[int, ...], embedding: torch.T
     bank.mkdir(parents=True, exist_ok=True)
     entry = {"model": spec, "input_shape": list(shape), "embedding": [float(v) for v in embedding],
              "kept": {g["module"]: g["kept"] for g in plan_dict["groups"]},
-             "channels": {g["module"]: g["channels"] for g in plan_dict["groups"]}, "info": info}  # fmt: skip
+             "channels": {g["module"]: g["channels"] for g in plan_dict["groups"]},
+             "dropped": plan_dict.get("notes", {}).get("dropped_blocks", []), "info": info}  # fmt: skip
     text = json.dumps(entry, sort_keys=True)
     path = bank / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
     temporary = path.with_suffix(".tmp")
@@ -84,25 +92,51 @@ def load_entries(bank: Path, spec: str, shape: tuple[int, ...]) -> list[dict]:
     return entries
 
 
-def vote_scores(scored: list[ScoredGroup], entries: list[dict], embedding: torch.Tensor,
-                k: int = K_NEAREST) -> tuple[list[ScoredGroup], list[dict]]:  # fmt: skip
-    """Scores from the K nearest entries' kept channels, weighted by similarity; returns the new scores and the
-    neighbours used (similarity and info). Groups no neighbour covers keep their own scores."""
+def nearest(entries: list[dict], embedding: torch.Tensor, k: int = K_NEAREST) -> dict[int, float]:
+    """The indices of the ``k`` entries nearest to ``embedding``, with their cosine similarity to it; BadInput
+    where there is none."""
     if not entries:
         raise BadInput("--method vote found no earlier build of this model and input shape in the bank; build some"
                        " tasks with --bank DIR first (any method), or use another method")  # fmt: skip
     similarity = [float(torch.dot(embedding, torch.tensor(e["embedding"], dtype=embedding.dtype))) for e in entries]
-    nearest = sorted(range(len(entries)), key=lambda i: -similarity[i])[:k]
-    weights = {i: max(similarity[i], 0.0) + 1e-6 for i in nearest}
+    return {i: similarity[i] for i in sorted(range(len(entries)), key=lambda i: -similarity[i])[:k]}
+
+
+def weight(similarity: float) -> float:
+    """A neighbour's vote: its similarity, never negative, never quite zero."""
+    return max(similarity, 0.0) + 1e-6
+
+
+def vote_blocks(entries: list[dict], embedding: torch.Tensor, k: int = K_NEAREST) -> list[str] | None:
+    """The residual blocks removed by at least half the similarity weight of the ``k`` nearest entries that record
+    their blocks, most removed first (then by name); None where none of them does (entries written before the
+    thirty-first session stored channels only)."""
+    near = nearest(entries, embedding, k)
+    weights = {i: weight(near[i]) for i in near if isinstance(entries[i].get("dropped"), list)}
+    if not weights:
+        return None
+    total, share = sum(weights.values()), {}
+    for i, vote in weights.items():
+        for name in set(entries[i]["dropped"]):
+            share[name] = share.get(name, 0.0) + vote / total
+    return sorted((n for n, s in share.items() if s >= 0.5 - 1e-9), key=lambda n: (-share[n], n))
+
+
+def vote_scores(scored: list[ScoredGroup], entries: list[dict], embedding: torch.Tensor,
+                k: int = K_NEAREST) -> tuple[list[ScoredGroup], list[dict]]:  # fmt: skip
+    """Scores from the K nearest entries' kept channels, weighted by similarity; returns the new scores and the
+    neighbours used (similarity and info). Groups no neighbour covers keep their own scores."""
+    near = nearest(entries, embedding, k)
+    weights = {i: weight(similarity) for i, similarity in near.items()}
     voted = []
     for group in scored:
         votes = torch.zeros(group.channels)
         covered = 0.0
-        for i, weight in weights.items():
+        for i, vote in weights.items():
             kept = entries[i]["kept"].get(group.module)
             if kept is not None and entries[i]["channels"].get(group.module) == group.channels:
-                votes[kept] += weight
-                covered += weight
+                votes[kept] += vote
+                covered += vote
         if group.scores is None or not covered:
             voted.append(group)
             continue
@@ -115,5 +149,5 @@ def vote_scores(scored: list[ScoredGroup], entries: list[dict], embedding: torch
         # (vote lost 4 points to taylor with them: README, issue 4).
         scale = group.scores.abs().mean() if group.comparable else 1.0
         voted.append(replace(group, scores=shares * scale))
-    used = [{"similarity": similarity[i], **entries[i].get("info", {})} for i in nearest]
+    used = [{"similarity": similarity, **entries[i].get("info", {})} for i, similarity in near.items()]
     return voted, used
