@@ -93,11 +93,10 @@ def choose_depth(model: nn.Module, example: torch.Tensor, batches: list, count: 
                  baseline_ms: float | None = None, order: DepthChoice | None = None,
                  judged_on: list | None = None) -> DepthChoice:  # fmt: skip
     """``count`` blocks (choose_blocks), the blocks named (a list: given_blocks), or with ``auto`` the count
-    choose_count finds: ``measure`` times a model
-    (the unpruned one ran in ``baseline_ms``), ``cut_to_budget(model, its ms, blocks removed)`` cuts its channels
-    to ``budget_ms`` (None where they cannot reach it); ``order``: choose_blocks's for all blocks, where known
-    already; ``judged_on``: the batches each count's plan is judged on (default ``batches``; the ones its cut was
-    not refitted on, where it was)."""
+    choose_count finds: ``measure`` times a model (the unpruned one ran in ``baseline_ms``), ``cut_to_budget(model,
+    its ms, blocks removed)`` cuts its channels to ``budget_ms`` (None where they cannot reach it); ``order``:
+    choose_blocks's for all blocks, where known already; ``judged_on``: the batches each count's plan is judged on
+    (default ``batches``; the ones its cut was not refitted on, where it was)."""
     if isinstance(count, list):
         return given_blocks(model, example, batches, count)
     if count != AUTO:
