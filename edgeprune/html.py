@@ -79,6 +79,8 @@ def write_html(path: Path, report: dict, widths: dict[str, tuple[int, int]], fil
                        else f"outputs' distance {j['distance']:.4f}") for j in depth["auto_judged"]]  # fmt: skip
             parts += [f"<h3>How many: each count's plan to {depth['auto_goal_ms']:.3f} ms, judged on the task</h3>",
                       _table(judged)]  # fmt: skip
+        elif (report.get("vote") or {}).get("blocks") is not None:  # vote: the bank's, not judged here
+            parts += ["<h3>Which: those at least half of the nearest earlier tasks in the bank removed</h3>"]
     if report.get("unprunable"):
         parts += ["<h2>Layers kept whole</h2>", _table([(u["module"], u["reason"]) for u in report["unprunable"]])]
     listed = [(name, f"{entry['sha256']} ({entry['bytes']} bytes)") for name, entry in sorted(files.items())]

@@ -327,3 +327,4 @@ def test_a_vote_build_removes_the_blocks_its_bank_removed_instead_of_judging_cou
     assert report["depth"]["dropped"] == report["vote"]["blocks"] and "auto_judged" not in report["depth"]
     assert json.loads((tmp_path / "b" / "plan.json").read_text())["notes"]["dropped_blocks"] == report["vote"]["blocks"]
     assert "as the bank voted" in done.stderr + done.stdout
+    assert "nearest earlier tasks in the bank removed" in (tmp_path / "b" / "report.html").read_text()
