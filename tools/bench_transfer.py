@@ -23,16 +23,19 @@ A method named with `@dN` (`taylor+compensate@d6`) is built with `--drop-blocks 
 whole before the channels are cut to the budget (`@d0`: none); `@dauto` with `--drop-blocks auto`. Without, the
 build's default (auto, for global allocation with a speedup budget on the task's data).
 `vote` needs earlier tasks: a bank is first filled with four related tasks (digits 0-4, 5-9, even, odd; fisher),
-then the 10-class task is pruned by their votes. The earlier tasks have --per-class samples per class too, unless
---bank-per-class says otherwise (earlier tasks of a team often had more data than the new one; their samples are
-drawn from the same training pool, never from the test digits). `--vote-steps` lists the recovery steps at which
-vote and taylor are both built, to compare accuracy against fine-tuning steps.
+then the 10-class task is pruned by their votes, each vote build from a copy of those four (until the thirty-first
+session a vote build stored its plan in the bank, and the next build of the task voted with it). The earlier tasks
+have --per-class samples per class too, unless --bank-per-class says otherwise (earlier tasks of a team often had
+more data than the new one; their samples are drawn from the same training pool, never from the test digits).
+`--vote-steps` lists the recovery steps at which vote and taylor are both built, to compare accuracy against
+fine-tuning steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -211,7 +214,13 @@ def main() -> int:
                         out = root / f"out-{method}-{steps}"
                         print(f"[{per_class}/class seed {seed}] {method}, {steps} recovery steps", file=sys.stderr,
                               flush=True)  # fmt: skip
-                        done = build(task, out, method, args, steps, bank if base == "vote" else None, unlabelled)
+                        # A copy of the bank for each vote build: it stores its own plan there, and a later build of
+                        # the same task (vote at 40 steps after 10) would vote with it, its nearest neighbour.
+                        own_bank = None
+                        if base == "vote":
+                            own_bank = root / f"bank-copy-{method}-{steps}-{per_class}-{seed}"
+                            shutil.copytree(bank, own_bank)
+                        done = build(task, out, method, args, steps, own_bank, unlabelled)
                         if "error" not in done:
                             report = done["report"]
                             if args.reports:  # what the table leaves out (the depth choice's judged counts, ...)
