@@ -11,8 +11,9 @@ all cut go first; the search, allocation and budget are the usual ones.
 Entries also record the residual blocks their build removed whole (``dropped``). Where the build leaves the count to
 edgeprune (no ``--drop-blocks``), a vote build removes the blocks that at least half of the nearest tasks' weight
 removed (vote_blocks), instead of judging counts of blocks on its own few samples: the count each build chose was
-the noisiest part of its plan (2 to 9 blocks across builds of one task, README), and a vote of three tasks, each
-chosen on more data, is steadier. Its channels are then cut to the budget as usual. The neighbours' depth was
+the noisiest part of its plan (2 to 9 blocks across builds of one task). On EfficientNet-Lite0 and five seeds the
+voted plans removed 5-8 blocks, kept the same test accuracy in the mean and built in 40% of the time (README,
+"vote with the bank's blocks"). Its channels are then cut to the budget as usual. The neighbours' depth was
 chosen for their own budget: with a bank built for another speedup, pass ``--drop-blocks auto`` to judge on this task.
 
 Bank entries are plain JSON files named by their content hash; one that cannot be read is skipped, never fatal.
