@@ -84,6 +84,12 @@ def test_recovery_after_pruning_keeps_the_better_weights():
     assert info["metric"] == "fidelity" and info["distill_steps"] == 5 and info["baseline"] == 1.0
     assert info["early_stopping"].startswith("off")
     assert info["result"] == max(info["pruned"], info["recovered"])
+    # The mean of the iterates and the last weights were both judged; the better held out (a tie: the mean) is kept.
+    which, scores = info["weights"].split(": ", 1)
+    mean_score, last_score = (float(part.split()[0]) for part in scores.split(", "))
+    assert which == ("the mean" if mean_score >= last_score else "the last")
+    assert info["recovered"] == pytest.approx(max(mean_score, last_score), abs=1e-3)
+    assert ("their weights averaged" in info["recovery"]) == (which == "the mean")
     assert sum(p.numel() for p in shipped.parameters()) < sum(p.numel() for p in loaded.module.parameters())
     metric, shipped_quality = quality(shipped, loaded.module, data.batches(8))
     assert shipped_quality == info["result"]

@@ -15,7 +15,7 @@ from torch import nn
 from edgeprune.errors import BadInput
 from edgeprune.rewrite.plan import PLAN_VERSION, GroupPlan, Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
-from edgeprune.rewrite.recover import Judge, distill, quality, recalibrate_batchnorm
+from edgeprune.rewrite.recover import IterateAverage, Judge, distill, quality, recalibrate_batchnorm
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import build_graph, prunable_groups, score_groups
 
@@ -319,6 +319,29 @@ def test_distill_that_never_beats_its_start_gives_back_the_start():
     losses = distill(student, teacher, batches, steps=20, lr=1.0, held_out=held_out, patience=2)
     assert 0 < len(losses) < 20  # it stopped early
     _assert_same_state(teacher.state_dict(), student.state_dict())
+
+
+def test_iterate_average_is_the_mean_of_the_start_and_every_step():
+    teacher, student = _tiny(seed=0), _tiny(seed=1)
+    generator = torch.Generator().manual_seed(9)
+    batches = [(torch.randn(4, 3, 8, 8, generator=generator), None) for _ in range(2)]
+    seen = [_snapshot(student)]
+
+    class Recording(IterateAverage):
+        def add(self, model):
+            seen.append(_snapshot(model))
+            super().add(model)
+
+    average = Recording(student)
+    distill(student, teacher, batches, steps=5, lr=1e-2, average=average)
+    assert average.count == 6 and len(seen) == 6
+    averaged = average.applied_to(student)
+    for name, p in averaged.named_parameters():
+        expected = torch.stack([state[name] for state in seen]).mean(0)
+        torch.testing.assert_close(p.detach(), expected)
+        assert not torch.equal(p, dict(student.named_parameters())[name])  # the student keeps its last weights
+    for name, buffer in averaged.named_buffers():  # batch-norm statistics are copied, not averaged
+        assert torch.equal(buffer, dict(student.named_buffers())[name])
 
 
 def test_quality_accuracy_with_labels_fidelity_without():

@@ -7,6 +7,7 @@ the recovered weights only if they score better on held-out data than the pruned
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 
@@ -62,6 +63,35 @@ class EarlyStopping:
     def restore(self) -> None:
         if self.state is not None:
             self.model.load_state_dict(self.state)
+
+
+class IterateAverage:
+    """The running mean of a model's parameters over a recovery's steps, its starting weights counted as the first.
+
+    Why: a few steps of Adam from the least-squares refit wander off it before they find their way back. On
+    EfficientNet-Lite0 with 10 labelled digits a class, test accuracy along 40 steps from the refit of a 2.2x plan
+    fell from 0.869 to 0.786 by the 8th step and was 0.898 at the 40th (seed 0); ten steps ended below the refit
+    on 8 of 10 plans (five seeds). The mean of the iterates stays near the start for a short run and follows the
+    steps for a long one: ``recover`` keeps it where it scores at least as well held out as the last weights.
+    Buffers (batch-norm statistics) are not averaged: distillation keeps them fixed."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.count = 1
+        self.mean = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def add(self, model: nn.Module) -> None:
+        self.count += 1
+        for name, p in model.named_parameters():
+            self.mean[name].add_(p.detach() - self.mean[name], alpha=1 / self.count)
+
+    @torch.no_grad()
+    def applied_to(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` with the mean parameters."""
+        averaged = copy.deepcopy(model)
+        for name, p in averaged.named_parameters():
+            p.copy_(self.mean[name])
+        return averaged
 
 
 def _loss(output: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None, temperature: float,
@@ -126,6 +156,7 @@ def distill(
     lr: float | None = None, temperature: float = 2.0, aux: list | None = None, aux_weight: float = 0.5,
     held_out: list | Judge | None = None, patience: int = 3, task_weight: float = 0.5,
     hidden_states: bool | None = None, unlabelled: list[torch.Tensor] | None = None,
+    average: IterateAverage | None = None,
 ) -> list[float]:  # fmt: skip
     """Fine-tune ``student`` for at most ``steps`` steps to match ``teacher`` (and the labels, where a batch has
     them, with weight ``task_weight``); return the losses.
@@ -139,6 +170,7 @@ def distill(
     mode: with a few small batches, updating their statistics adds noise. ``hidden_states`` (default: for transformers)
     also matches every block's output to the teacher's, as TinyBERT-style distillation does: the pruned heads and
     neurons sit inside blocks whose outputs keep their width, so each block gets a target of its own.
+    ``average`` (an IterateAverage of ``student``) is given the weights after each step.
     """
     if steps <= 0 or not batches:
         return []
@@ -153,14 +185,14 @@ def distill(
     taps = (BlockOutputs(student), BlockOutputs(teacher)) if hidden_states else None
     try:
         return _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_weight, held_out, patience,
-                              task_weight, embedding, taps, unlabelled or [])  # fmt: skip
+                              task_weight, embedding, taps, unlabelled or [], average)  # fmt: skip
     finally:
         for tap in taps or ():
             tap.close()
 
 
 def _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_weight, held_out, patience,
-                   task_weight, embedding, taps, unlabelled) -> list[float]:  # fmt: skip
+                   task_weight, embedding, taps, unlabelled, average) -> list[float]:  # fmt: skip
     batches, aux = bucket_by_length(student, batches), aux and bucket_by_length(student, aux, seed=1)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     # The step size decays to zero over the planned steps (cosine): at a constant one, Adam's noise kept a pruned
@@ -206,6 +238,8 @@ def _distill_steps(student, teacher, batches, steps, lr, temperature, aux, aux_w
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
+        if average is not None:
+            average.add(student)
         if watch and ((step + 1) % every == 0 or step + 1 == steps):
             if watch.stop(judge()):
                 break
@@ -345,17 +379,30 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
     # loss tried instead), while 150 steps raised test accuracy by 3.0 and 1.8 points (two seeds, one 2.2x plan
     # each). Below JUDGE_SAMPLES the steps all run; the check below still catches a collapse.
     judged = len(eval_set) >= JUDGE_SAMPLES
+    average = IterateAverage(recovered)
     losses = distill(recovered, model, list(score_set.batches(batch)), steps, aux=aux_batches,
-                     held_out=held_out if judged else None,
+                     held_out=held_out if judged else None, average=average,
                      unlabelled=list(extra.split(batch)) if extra is not None else None)  # fmt: skip
     if aux_batches:
         info["aux"] = f"{aux.source}: {len(aux)} samples, distillation weight 0.5 decaying to 0"
     info["early_stopping"] = "on the held-out split" if judged else f"off: under {JUDGE_SAMPLES} held-out samples"
-    after = held_out(recovered)[1]
+    after, steps_done = held_out(recovered)[1], f"{len(losses)} distillation steps" if losses else ""
+    if losses:
+        # A tie goes to the mean: 25 held-out digits tie most of the time, and on test digits the mean of 10 steps
+        # scored 1.9 points above the last weights (EfficientNet-Lite0, 6 plans; see IterateAverage).
+        averaged = average.applied_to(recovered)
+        mean_score = held_out(averaged)[1]
+        which = "the mean" if mean_score >= after else "the last"
+        info["weights"] = (
+            f"{which}: {mean_score:.4g} held out for the mean of the start's and every step's weights, "
+            f"{after:.4g} for the last weights"
+        )
+        if mean_score >= after:
+            recovered, after, steps_done = averaged, mean_score, steps_done + ", their weights averaged"
     kept = after >= before
     info.update(
         result=max(before, after), recovered=after, distill_steps=len(losses),
-        recovery=" + ".join(part for part in (done, f"{len(losses)} distillation steps" if losses else "") if part)
+        recovery=" + ".join(part for part in (done, steps_done) if part)
         + ("none" if not done and not losses else "")
         + ("" if kept else " (not kept: it scored lower held out)"),
     )  # fmt: skip
