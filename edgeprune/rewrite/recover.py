@@ -1,8 +1,9 @@
 """Stage 3, after the structure is fixed: recover accuracy once, with the task's data, without changing the shape.
 
 Two steps, both cheap: recalibrate batch-norm statistics to the pruned network's activations (pruning shifts them,
-and a forward pass fixes that), then a few steps of distillation from the unpruned model's outputs. The loop keeps
-the recovered weights only if they score better on held-out data than the pruned weights did.
+and a forward pass fixes that), then a few steps of distillation from the unpruned model's outputs, ending on the
+mean of the steps' weights or the last ones, whichever scores better held out. The loop keeps the recovered weights
+only if they score better on held-out data than the pruned weights did.
 """
 
 from __future__ import annotations
@@ -341,8 +342,9 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
             held_out: Judge | None = None) -> tuple[nn.Module, dict]:  # fmt: skip
     """Prune ``model`` by ``plan`` and, with real data, recover: batch-norm recalibration (or, ``compensating``, the
     closed-form least-squares refit, which aims every layer at the unpruned model's outputs so the original
-    batch-norm statistics stay right), then ``steps`` of distillation. The recovered weights are kept only if they
-    score better on ``eval_set`` than the pruned weights; the returned dict says what was done and measured.
+    batch-norm statistics stay right), then ``steps`` of distillation, ending on the mean of its iterates or its
+    last weights (IterateAverage). The recovered weights are kept only if they score better on ``eval_set`` than
+    the pruned weights; the returned dict says what was done and measured.
 
     ``unlabelled`` (the task's --calib images, when it also has labelled --train data) joins the refit and the
     distillation: both need the unpruned model's outputs, not labels, and a few labelled samples per class leave the
