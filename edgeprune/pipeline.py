@@ -31,10 +31,11 @@ from edgeprune.loop import SearchContext, learn_where_time_goes, remove_blocks, 
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.report import check_output_dir, new_workdir, publish, unreachable_message, versions, write_json
 from edgeprune.rewrite.depth import with_dropped
+from edgeprune.rewrite.judge import Judge
 from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decomposition
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import count_macs_params
-from edgeprune.rewrite.recover import Judge, recover
+from edgeprune.rewrite.recover import recover
 from edgeprune.rounds import measure_final, measure_plan, round_zero, timed, timed_beside_baseline
 from edgeprune.score.allocate import ALLOCATIONS
 from edgeprune.score.costmodel import new_model, profile_path

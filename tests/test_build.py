@@ -16,7 +16,8 @@ from edgeprune import build
 from edgeprune.data import Dataset, labels_in_label_space, load_dataset
 from edgeprune.model import load_model
 from edgeprune.pipeline import BuildOptions
-from edgeprune.rewrite.recover import quality, recover
+from edgeprune.rewrite.judge import quality
+from edgeprune.rewrite.recover import recover
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import score_groups
 from edgeprune.target import Budget

@@ -61,7 +61,7 @@ def test_a_classifiers_distance_is_its_logits_cosine_distance_bounded_per_sample
     """The steepness choice judges a classifier by the mean cosine distance of its logits from the unpruned model's:
     a model whose logits point the opposite way on every sample is at 2, however confident (the KL divergence of
     the softmax, which the choice used before, grows without bound with that confidence)."""
-    from edgeprune.rewrite.recover import Judge
+    from edgeprune.rewrite.judge import Judge
 
     torch.manual_seed(0)
     reference = nn.Linear(8, 5).eval()

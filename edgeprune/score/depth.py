@@ -23,8 +23,8 @@ from torch import nn
 
 from edgeprune.errors import BadInput
 from edgeprune.rewrite.depth import drop_blocks, residual_blocks
+from edgeprune.rewrite.judge import Judge
 from edgeprune.rewrite.prune import copy_model
-from edgeprune.rewrite.recover import Judge
 
 AUTO = "auto"
 

@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from edgeprune.rewrite.compensate import compensate
+from edgeprune.rewrite.judge import Judge
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
-from edgeprune.rewrite.recover import Judge, recalibrate_batchnorm
+from edgeprune.rewrite.recover import recalibrate_batchnorm
 from edgeprune.score.allocate import UNIFORM_STEEPNESS
 from edgeprune.score.importance import score_groups
 
