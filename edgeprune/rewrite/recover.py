@@ -316,7 +316,7 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
     # loss tried instead), while 150 steps raised test accuracy by 3.0 and 1.8 points (two seeds, one 2.2x plan
     # each). Below JUDGE_SAMPLES the steps all run; the check below still catches a collapse.
     judged = len(eval_set) >= JUDGE_SAMPLES
-    average = IterateAverage(recovered)
+    average = IterateAverage(recovered) if steps > 0 else None
     losses = distill(recovered, model, list(score_set.batches(batch)), steps, aux=aux_batches,
                      held_out=held_out if judged else None, average=average,
                      unlabelled=list(extra.split(batch)) if extra is not None else None)  # fmt: skip
