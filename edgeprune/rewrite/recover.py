@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from edgeprune.rewrite.heads import head_of
 from edgeprune.rewrite.judge import Batches, Judge
+from edgeprune.rewrite.prune import copy_model
 from edgeprune.text import bucket_by_length, is_embedding, trim_padding
 
 
@@ -86,8 +87,6 @@ class IterateAverage:
     @torch.no_grad()
     def applied_to(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` with the mean parameters."""
-        from edgeprune.rewrite.prune import copy_model  # (prune imports the scorers, which import this module)
-
         averaged = copy_model(model)
         for name, p in averaged.named_parameters():
             p.copy_(self.mean[name])
