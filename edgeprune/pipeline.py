@@ -29,7 +29,8 @@ from edgeprune.farm.pool import pool_status
 from edgeprune.html import write_html
 from edgeprune.loop import SearchContext, learn_where_time_goes, remove_blocks, search
 from edgeprune.model import DEFAULT_MODEL, load_model
-from edgeprune.report import check_output_dir, new_workdir, publish, unreachable_message, versions, write_json
+from edgeprune.outdir import claim_output, input_paths, new_workdir, publish
+from edgeprune.report import unreachable_message, versions, write_json
 from edgeprune.rewrite.depth import with_dropped
 from edgeprune.rewrite.judge import Judge
 from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decomposition
@@ -97,6 +98,7 @@ class BuildOptions:
     trust_pickle: bool = False
     strict: bool = False  # a group that cannot be pruned safely is an error, not kept whole
     plan: str | None = None  # replay this plan.json instead of searching (reproducible builds)
+    config: str | None = None  # the project config the settings came from, if any
     allocation: str = "global"  # or "uniform": the same fraction of every group (for comparison)
     steepness: float | None = None  # global allocation's; None: chosen on the task's data (score/steepness.py)
     structures: str = "all"  # or "heads" / "neurons": only attention heads, or all but them (score/importance.py)
@@ -130,8 +132,7 @@ def build(options: BuildOptions, say=print) -> dict:
     backend = get_backend(target.backend)
     backend.require()
     device = measuring_device(open_device(options.device or target.device), backend, target, say)
-    out = Path(options.out)
-    check_output_dir(out, options.force)
+    out = claim_output(Path(options.out), options.force, input_paths(options, target.path))
     loaded = load_model(options.model, options.weights, options.input_shape, options.trust_pickle)
     shape, mean, std = loaded.input.shape, loaded.input.mean, loaded.input.std
     # --train: the task's labelled data; --calib: unlabelled images (int8 ranges, BN, compensation) where given.

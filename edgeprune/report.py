@@ -1,22 +1,13 @@
-"""The build's outputs: report.json (the contract CI scripts read, DESIGN.md) and an output folder that appears
-whole or not at all.
-
-A build writes into a temporary folder beside the output and renames it into place when everything is written, so
-an interrupted or failed build leaves no partial output, and an existing output is replaced only with --force.
-"""
+"""The build's report: report.json (the contract CI scripts read), the versions it records, and the terminal's
+closing lines. Where it is written and how it is published: edgeprune/outdir.py."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from edgeprune.errors import BadInput, raise_if_stopped
 
 if TYPE_CHECKING:
     from edgeprune.rounds import Candidate
@@ -33,50 +24,6 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return found
-
-
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse an output folder that exists and is not empty unless ``force``; done before any work starts."""
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out '{out}' exists and is not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise BadInput(f"--out '{out}' already holds files; pass --force to replace them, or choose another folder")
-
-
-def new_workdir(out: Path) -> Path:
-    """A fresh temporary folder beside ``out`` (same filesystem, so the final rename is atomic).
-
-    Its name carries this process's id. A build killed outright (SIGKILL, power loss) cannot clean up after itself,
-    so partial folders of processes that no longer run are removed here: running the build again is enough.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.removeprefix(f".{out.name}.partial-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def publish(workdir: Path, out: Path) -> None:
-    """Move the finished ``workdir`` to ``out``; an old ``out`` is set aside first and removed only afterwards."""
-    raise_if_stopped()  # a stop signal whose exception a library swallowed still leaves no output
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    workdir.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, data: dict) -> None:
