@@ -265,15 +265,21 @@ def validate(
     device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
     latency_ms: Annotated[float | None, typer.Option(help="Check against this budget, not the recorded one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    key_file: Annotated[
+        Path | None, typer.Option(help="Require manifest.json's signature (HMAC-SHA256) made with this key file.")
+    ] = None,
 ) -> None:
     """Check a built artifact: hashes against manifest.json, outputs against PyTorch's, latency against the budget.
+
+    The manifest detects corruption and accidental edits, not a forger who rewrites it too; with --key-file, a
+    signature made with that secret key is required as well, and a rewritten manifest fails it.
 
     Exit 0 when all hold, 1 when one does not (the verdict line says which), 2 for a folder that is not a build.
     """
     from edgeprune.validate import validate as run_validate
 
     try:
-        result = run_validate(out_dir, device, latency_ms)
+        result = run_validate(out_dir, device, latency_ms, key_file)
     except EdgepruneError as exc:
         _fail(exc)
     if as_json:
