@@ -64,7 +64,8 @@ def test_validate_and_benchmark_run_on_the_device_and_clean_up(server, artifacts
     measured = OpenVinoBackend().benchmark(artifact, SHAPE, target, device, reference=artifact)
     assert measured.measured_on == device.label and measured.runtime.startswith("openvino")
     assert measured.p50 > 0 and measured.reference_p50 and measured.iterations >= 10
-    assert _remote_folders() == before, "the device's temporary folder was left behind"
+    # Fewer is fine: each connect also removes folders that killed builds left on the board.
+    assert _remote_folders() <= before, "the device's temporary folder was left behind"
 
 
 def test_a_runner_failure_on_the_device_names_the_device_and_the_reason(server, artifacts, tmp_path):
