@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import glob
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from edgeprune.errors import BadInput, raise_if_stopped
 from edgeprune.score.costmodel import cache_dir
-from edgeprune.validate import MANIFEST, sha256
+from edgeprune.validate import check_files, read_folder
 
 
 @dataclass(frozen=True)
@@ -75,26 +74,14 @@ def _refuse_protected(out: Path, path: Path, inputs: Iterable[str | os.PathLike]
 
 
 def not_an_output(folder: Path) -> str | None:
-    """Why ``folder`` is not a build's output as a build left it, or None when it is one."""
+    """Why ``folder`` is not a build's output as the build left it (validate's check of the files against the
+    manifest), or None when it is one."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = manifest["files"]
-        listed = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return f"no readable {MANIFEST}"
-    present = {p.name for p in folder.iterdir()} - {MANIFEST}
-    if not listed or "report.json" not in listed:
-        return f"its {MANIFEST} lists no report.json"
-    extra = sorted(present - set(listed))
-    if extra:
-        return f"'{extra[0]}' is not in its {MANIFEST}"
-    for name, (size, digest) in sorted(listed.items()):
-        file = folder / name
-        if os.sep in name or name in (".", "..") or file.is_symlink() or not file.is_file():
-            return f"'{name}' is not a plain file there"
-        if file.stat().st_size != size or sha256(file) != digest:
-            return f"'{name}' differs from its {MANIFEST}"
-    return None
+        manifest, report = read_folder(folder)
+    except BadInput as exc:
+        return str(exc).split(": ", 1)[-1]
+    problems = check_files(folder, manifest, report)
+    return problems[0] if problems else None
 
 
 def _fingerprint(path: Path) -> tuple | None:
@@ -163,7 +150,8 @@ def publish(workdir: Path, folder: OutputFolder) -> None:
 def input_paths(options, profile: str | os.PathLike | None) -> list[str]:
     """The paths a build (pipeline.BuildOptions) reads or writes besides its output, for claim_output: its files and
     folders, the model's source, the target profile's file and the cost-model cache."""
-    given = (options.weights, options.calib, options.train, options.aux, options.plan, options.bank, options.config)
+    given = (options.weights, options.calib, options.train, options.aux, options.plan, options.bank, options.config,
+             options.key_file)  # fmt: skip
     paths = [str(p) for p in given if p]
     source, _, name = options.model.rpartition(":")
     if source.endswith(".py"):

@@ -48,7 +48,15 @@ from edgeprune.score.steepness import SteepnessChoice, other_channel_scores
 from edgeprune.score.structure import read_structure
 from edgeprune.score.vote import load_entries, nearest, save_entry, task_embedding, vote_blocks, vote_scores
 from edgeprune.target import Budget, load_target
-from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS, file_hashes, input_hashes, write_manifest
+from edgeprune.validate import (
+    MANIFEST,
+    REFERENCE_INPUTS,
+    REFERENCE_OUTPUTS,
+    file_hashes,
+    input_hashes,
+    read_key,
+    write_manifest,
+)
 
 # compensate: taylor selection (with magnitude, a 2x build stayed at chance: README), then the closed-form
 # least-squares refit; no gradient step. lowrank: prune SVD basis vectors; double: basis vectors and channels under
@@ -99,6 +107,7 @@ class BuildOptions:
     strict: bool = False  # a group that cannot be pruned safely is an error, not kept whole
     plan: str | None = None  # replay this plan.json instead of searching (reproducible builds)
     config: str | None = None  # the project config the settings came from, if any
+    key_file: str | None = None  # manifest.json is signed with this key (HMAC-SHA256; validate --key-file checks it)
     allocation: str = "global"  # or "uniform": the same fraction of every group (for comparison)
     steepness: float | None = None  # global allocation's; None: chosen on the task's data (score/steepness.py)
     structures: str = "all"  # or "heads" / "neurons": only attention heads, or all but them (score/importance.py)
@@ -133,6 +142,7 @@ def build(options: BuildOptions, say=print) -> dict:
     backend.require()
     device = measuring_device(open_device(options.device or target.device), backend, target, say)
     out = claim_output(Path(options.out), options.force, input_paths(options, target.path))
+    key = read_key(options.key_file) if options.key_file else None
     loaded = load_model(options.model, options.weights, options.input_shape, options.trust_pickle)
     shape, mean, std = loaded.input.shape, loaded.input.mean, loaded.input.std
     # --train: the task's labelled data; --calib: unlabelled images (int8 ranges, BN, compensation) where given.
@@ -382,7 +392,7 @@ def build(options: BuildOptions, say=print) -> dict:
         files = file_hashes(workdir)
         write_html(workdir / "report.html", report, chosen.plan.widths(), files)  # shows every file but itself
         files |= file_hashes(workdir, ["report.html"])
-        write_manifest(workdir, files, input_hashes(options, data), report["versions"])
+        write_manifest(workdir, files, input_hashes(options, data), report["versions"], key=key)
         publish(workdir, out)
         return report
     finally:

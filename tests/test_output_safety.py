@@ -134,8 +134,8 @@ def test_force_replaces_only_what_a_build_wrote(project, earlier_output):
     shutil.copytree(earlier_output, edited)
     (edited / "plan.json").write_text((edited / "plan.json").read_text() + " ")
     before = snapshot(project)
-    for folder, why in ((lookalike, "lists no report.json"), (added, "'measurements.csv' is not in"),
-                        (edited, "'plan.json' differs")):  # fmt: skip
+    for folder, why in ((lookalike, "names no model artifact"), (added, "measurements.csv: not listed"),
+                        (edited, "plan.json: ")):  # fmt: skip
         result = invoke("build", "--model", "net.py:net", *QUICK, "--out", folder.name, "--force")
         assert_one_line_error(result, 2, "not an earlier build's output", why)
     assert snapshot(project) == before
