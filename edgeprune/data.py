@@ -6,6 +6,8 @@ documented in calibration/README.md.
 
 from __future__ import annotations
 
+import math
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -186,8 +188,12 @@ def _read_image(file: Path, mode: str, height: int, width: int) -> np.ndarray:
 def _load_npz(
     p: Path, name: str, sample: tuple[int, ...], mean: Floats, std: Floats, limit: int | None, seed: int
 ) -> Dataset:
-    x, y = _load_npz_arrays(p, name)
-    n = _check_x(name, x, sample)
+    def check(key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        if key == "x":
+            _check_x_header(name, shape, dtype, sample)
+
+    x, y = _load_npz_arrays(p, name, check)
+    n = _check_x(name, x)
     labels = _check_y(name, y, n)
     keep = _subset(n, labels, limit, seed)
     if x.dtype == np.uint8:
@@ -204,47 +210,86 @@ def _load_npz(
     return Dataset(torch.from_numpy(np.ascontiguousarray(data)), y_t, name, False)
 
 
-def _load_npz_arrays(p: Path, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """The arrays x and (when present) y of an .npz file; any problem is a one-line DataError."""
+# An array is refused from its header, before anything is decompressed, when it would take more than this.
+MAX_ARRAY_BYTES = 4 << 30
+_SAVE_WITH = "save with np.savez(path, x=inputs, y=labels)"
+
+
+def _load_npz_arrays(p: Path, name: str, check=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The arrays x and (when present) y of an .npz file; any problem is a one-line DataError. Each array's header is
+    read first, and ``check(key, shape, dtype)`` may refuse it, before its data is decompressed."""
     try:
-        # allow_pickle=False: a pickled object array in a data file could run code when loaded.
-        npz = np.load(p, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise DataError(
-                f"{name}: is a .npy array, not an .npz archive; save with np.savez(path, x=inputs, y=labels)"
-            )
-        with npz:
-            keys = list(npz.keys())
-            if "x" not in keys:
-                found = ", ".join(keys) or "none"
-                raise DataError(f"{name}: no array 'x' (found: {found}); save with np.savez(path, x=inputs, y=labels)")
-            x, y = npz["x"], npz["y"] if "y" in keys else None
+        with p.open("rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                raise DataError(f"{name}: is a .npy array, not an .npz archive; {_SAVE_WITH}")
+        with zipfile.ZipFile(p) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            if "x" not in members:
+                found = ", ".join(map(repr, members)) or "none"  # repr: a member's name may hold a newline
+                raise DataError(f"{name}: no array 'x' (found: {found[:200]}); {_SAVE_WITH}")
+            keys = [key for key in ("x", "y") if key in members]
+            for key in keys:
+                shape, dtype = _npy_header(archive, members[key], name, key)
+                if check is not None:
+                    check(key, shape, dtype)
+            arrays = {}
+            for key in keys:
+                with archive.open(members[key]) as member:
+                    arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
     except DataError:
         raise
     except Exception as exc:  # zipfile, zlib and numpy raise many exception types on a corrupt archive
-        why = "it holds pickled object arrays, which are refused" if "pickle" in str(exc) else _one_line(exc)
-        raise DataError(f"{name}: cannot read the .npz file ({why}); write it again with np.savez") from None
-    return x, y
+        raise DataError(f"{name}: cannot read the .npz file ({_one_line(exc)}); write it again with np.savez") from None
+    return arrays["x"], arrays.get("y")
 
 
-def _check_x(name: str, x: np.ndarray, sample: tuple[int, ...]) -> int:
-    # Returns the number of samples; the layout of uint8 images is resolved again by the caller from the shape.
-    if x.dtype.kind != "f" and x.dtype != np.uint8:
-        raise DataError(f"{name}: 'x' has dtype {x.dtype}; use float32 (preprocessed) or uint8 (images 0-255)")
+def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, key: str) -> tuple[tuple, np.dtype]:
+    """The shape and dtype an archive member declares, read without decompressing its data; DataError for object
+    arrays (unpickling them could run code), arrays over MAX_ARRAY_BYTES, and members whose size disagrees."""
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(member)
+        header_bytes = member.tell()
+    if dtype.hasobject:
+        raise DataError(f"{name}: '{key}' holds pickled object arrays, which are refused (loading them could run"
+                        f" code); save numeric arrays: {_SAVE_WITH}")  # fmt: skip
+    if any(d < 0 for d in shape):
+        raise DataError(f"{name}: '{key}' declares the impossible shape {shape}; write the file again with np.savez")
+    size = math.prod(shape) * dtype.itemsize
+    if size > MAX_ARRAY_BYTES:
+        raise DataError(f"{name}: '{key}' declares an array of shape {shape} and dtype {dtype}, over the limit of"
+                        f" {MAX_ARRAY_BYTES / 2**30:g} GiB; save fewer samples (a few thousand calibrate"
+                        " well)")  # fmt: skip
+    if info.file_size != header_bytes + size:
+        raise DataError(f"{name}: '{key}' declares {size} bytes of data but its archive member holds"
+                        f" {info.file_size - header_bytes}; the file is corrupt: write it again with"
+                        " np.savez")  # fmt: skip
+    return shape, dtype
+
+
+def _check_x_header(name: str, shape: tuple[int, ...], dtype: np.dtype, sample: tuple[int, ...]) -> None:
+    # From the header alone: a wrong layout is refused before gigabytes are decompressed.
+    if dtype.kind != "f" and dtype != np.uint8:
+        raise DataError(f"{name}: 'x' has dtype {dtype}; use float32 (preprocessed) or uint8 (images 0-255)")
     layouts = [sample]
-    if x.dtype == np.uint8 and len(sample) == 3:
+    if dtype == np.uint8 and len(sample) == 3:
         # N×H×W×C is how images usually come; N×H×W is how single-channel images usually come.
         layouts += [(sample[1], sample[2], sample[0])] + ([sample[1:]] if sample[0] == 1 else [])
-    if x.shape[1:] not in layouts:
-        got = x.shape[1:]
-        if x.dtype == np.uint8 and len(got) == 3 and got[2] <= 4 < got[0]:
+    if tuple(shape[1:]) not in layouts:
+        got = tuple(shape[1:])
+        if dtype == np.uint8 and len(got) == 3 and got[2] <= 4 < got[0]:
             got = (got[2], got[0], got[1])
         hint = f"pass --input-shape 1,{','.join(map(str, got))}" if got and all(got) else "save x as N samples"
-        if x.dtype.kind == "f" and len(sample) == 3 and got == (sample[1], sample[2], sample[0]):
+        if dtype.kind == "f" and len(sample) == 3 and got == (sample[1], sample[2], sample[0]):
             hint = "float x must be N×C×H×W: save x.transpose(0, 3, 1, 2)"
-        raise DataError(f"{name}: 'x' has shape {x.shape} but the model takes {sample}; resize the data or {hint}")
-    if x.shape[0] == 0:
+        raise DataError(f"{name}: 'x' has shape {tuple(shape)} but the model takes {sample}; resize the data or {hint}")
+    if shape[0] == 0:
         raise DataError(f"{name}: 'x' has no samples; save at least one")
+
+
+def _check_x(name: str, x: np.ndarray) -> int:
+    # Returns the number of samples; the layout of uint8 images is resolved again by the caller from the shape.
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         bad = int(x.size - np.isfinite(x).sum())
         raise DataError(f"{name}: 'x' has {bad} NaN or infinite values; clean or drop those samples")

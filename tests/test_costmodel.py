@@ -8,13 +8,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import MBV3, R18  # noqa: F401
+from conftest import MBV3, R18, Tiny  # noqa: F401
 
 from edgeprune.backends import Measurement
 from edgeprune.profile import comparable_samples
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import GLOBAL_MIN_KEEP, allocate, global_widths, uniform_plan
 from edgeprune.score.costmodel import FULL_FIT_SAMPLES, new_model, profile_path
+from edgeprune.score.importance import score_groups
 from edgeprune.score.structure import read_structure
 from edgeprune.target import load_target
 
@@ -107,6 +108,36 @@ def test_measurements_are_cached_per_target_runtime_and_structure(r18, r18_score
     assert kept.samples and not kept.node_samples
     path.write_text("{not json")  # a damaged cache is ignored, not a crash
     assert not new_model(structure, TARGET, "openvino 1.0").samples
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda good: "[1, 2, 3]",  # not an object
+        lambda good: good.replace("12.0", "NaN"),  # a p50 that is not a number
+        lambda good: good.replace("12.0", "-12.0"),
+        lambda good: good.replace("12.0", "1" * 400),  # beyond a float
+        lambda good: good.replace("[[[", "[[[1.0, ", 1),  # widths of another length
+        lambda good: good.replace('"samples": [', '"samples": [' + "[" * 100_000 + "]" * 100_000 + ", ", 1),
+        lambda good: good + " " * (64 << 20),  # larger than any cache: not read
+    ],
+)
+def test_a_damaged_cache_is_ignored_and_the_model_starts_from_the_estimate(damage):
+    """The cost-model cache is read as if anyone could have written it: whatever it holds, a build starts from the
+    roofline instead of crashing (a list, a deep nesting) or predicting NaN."""
+    x = torch.zeros(1, 3, 16, 16)
+    tiny = Tiny().eval()
+    structure = read_structure(tiny, x, [g.module for g in score_groups(tiny, x, "magnitude")])
+    model = new_model(structure, TARGET, "openvino 1.0")
+    model.add(structure.full_widths(), 12.0)
+    path = profile_path(TARGET, "openvino 1.0", structure)
+    model.save(path, "openvino 1.0")
+    good = path.read_text()
+    assert '"samples": [[[' in good and new_model(structure, TARGET, "openvino 1.0").samples
+    path.write_text(damage(good))
+    fresh = new_model(structure, TARGET, "openvino 1.0")
+    assert not fresh.samples and np.isfinite(fresh.predict(structure.full_widths()))
+    assert fresh.source.startswith("estimate")
 
 
 def test_global_allocation_meets_the_goal_and_spares_cheap_layers(mbv3, mbv3_scored, example):

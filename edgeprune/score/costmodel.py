@@ -19,7 +19,10 @@ model starts from everything the first one measured.
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from edgeprune.target import Target
 FULL_FIT_SAMPLES = 8  # below this, the 5-coefficient fit is under-determined: scale the roofline instead
 MAX_SAMPLES = 64  # the newest are kept: a cache grows with every build of the same model
 MIN_VARIABLE = 0.3  # the share of the unpruned model's predicted latency that must depend on the widths
+MAX_CACHE_BYTES = 64 << 20  # 64 samples of a large model take a few MB: a larger file is not read
 CACHE_VERSION = 2  # 2: node samples split each layer's own nodes from those after it; older ones are not read
 
 
@@ -223,28 +227,58 @@ class LatencyModel:
         data = {"version": CACHE_VERSION, "target": self.target.name, "runtime": runtime,
                 "structure": self.structure.key, "groups": self.structure.groups, "samples": self.samples,
                 "node_samples": self.node_samples}  # fmt: skip
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(data))
-        partial.replace(path)  # never a half-written cache that a later build would trip over
+        write_whole(path, json.dumps(data))  # builds sharing the cache: the last one's samples are kept, whole
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file of this writer's own beside it, renamed into place:
+    readers see the old file or the new one, never a part, and concurrent writers never share a temporary file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    try:
+        with temporary.open("x") as f:  # "x": never opens another writer's file
+            f.write(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # only where the rename did not happen
 
 
 def new_model(structure: Structure, target: Target, runtime: str) -> LatencyModel:
     """The model for ``structure`` on ``target``, starting from the cached measurements when there are some."""
     model = LatencyModel(structure, target, precision=target.precision)
-    path = profile_path(target, runtime, structure)
     try:
-        data = json.loads(path.read_text())
-        if (data.get("structure"), data.get("groups")) == (structure.key, structure.groups):
-            model.samples = [(list(w), float(ms)) for w, ms in data["samples"]][-MAX_SAMPLES:]
-        if model.samples and data.get("version") == CACHE_VERSION:  # older node samples lack what follows each layer
-            model.node_samples = [
-                (list(w), list(map(float, own)), list(map(float, after)), float(rest), ref and float(ref))
-                for w, own, after, rest, ref in data.get("node_samples", [])
-            ][-MAX_SAMPLES:]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no cache, or one from another version: start from the estimate
+        model.samples, model.node_samples = _read_cache(profile_path(target, runtime, structure), structure)
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        pass  # no cache, or one from another version, or damaged: start from the estimate
     model.fit()
     return model
+
+
+def _read_cache(path: Path, structure: Structure) -> tuple[list, list]:
+    """The cached samples of ``structure`` at ``path``; ValueError where they are not finite or do not fit it."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CACHE_BYTES:  # a FIFO would block, a huge file fill memory
+        raise ValueError(f"{path} is not a regular file of at most {MAX_CACHE_BYTES} bytes")
+    data = json.loads(path.read_bytes())
+    if not isinstance(data, dict) or (data.get("structure"), data.get("groups")) != (structure.key, structure.groups):
+        return [], []
+    groups, layers = len(structure.full_widths()), len(structure.layers)
+    samples = [(_floats(w, groups), _floats([ms])[0]) for w, ms in data["samples"]][-MAX_SAMPLES:]
+    if not all(ms > 0 for _, ms in samples):
+        raise ValueError("a cached p50 is not positive")
+    if not samples or data.get("version") != CACHE_VERSION:  # older node samples lack what follows each layer
+        return samples, []
+    nodes = []
+    for w, own, after, rest, ref in data.get("node_samples", [])[-MAX_SAMPLES:]:
+        reference = None if ref is None else _floats([ref])[0]
+        nodes.append((_floats(w, groups), _floats(own, layers), _floats(after, layers), _floats([rest])[0], reference))
+    return samples, nodes
+
+
+def _floats(values: list, length: int | None = None) -> list[float]:
+    floats = [float(v) for v in values]
+    if (length is not None and len(floats) != length) or not all(math.isfinite(v) and v >= 0 for v in floats):
+        raise ValueError("a cached sample is not finite, negative or of another length")
+    return floats
 
 
 def cache_dir() -> Path:

@@ -16,15 +16,18 @@ voted plans removed 5-8 blocks, kept the same test accuracy in the mean and buil
 "vote with the bank's blocks"). Its channels are then cut to the budget as usual. The neighbours' depth was
 chosen for their own budget: with a bank built for another speedup, pass ``--drop-blocks auto`` to judge on this task.
 
-Bank entries are plain JSON files named by their content hash; one that cannot be read is skipped, never fatal.
+Bank entries are plain JSON files named by their content hash; one that cannot be read or is malformed is skipped
+with a warning, never fatal. Builds may share a bank: each entry is written under a temporary name of its own and
+renamed into place, so that a reader sees it whole or not at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Iterable
+import math
+import stat
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,10 +35,13 @@ import torch
 from torch import nn
 
 from edgeprune.errors import BadInput
+from edgeprune.rewrite.plan import MAX_COUNT, _int, _list, _show, _text
+from edgeprune.score.costmodel import write_whole
 from edgeprune.score.importance import ScoredGroup, build_graph, output_layers
 
 K_NEAREST = 3
 TIE_BREAK = 1e-3  # weight of the normalised magnitude score against the votes
+MAX_ENTRY_BYTES = 16 << 20  # an entry takes a few kB to a few hundred kB: a larger file is skipped unread
 
 
 def task_embedding(model: nn.Module, example: torch.Tensor, batches: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -74,33 +80,90 @@ def save_entry(bank: Path, spec: str, shape: tuple[int, ...], embedding: torch.T
              "dropped": plan_dict.get("notes", {}).get("dropped_blocks", []), "info": info}  # fmt: skip
     text = json.dumps(entry, sort_keys=True)
     path = bank / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    write_whole(path, text)  # the same name is the same content: a concurrent build writes the same bytes
     return path
 
 
-def load_entries(bank: Path, spec: str, shape: tuple[int, ...]) -> list[dict]:
-    """The bank's entries for this model and input shape; unreadable files are skipped."""
+def load_entries(bank: Path, spec: str, shape: tuple[int, ...], warn: Callable[[str], None] | None = None,
+                 embedding_size: int | None = None, blocks: Collection[str] | None = None) -> list[dict]:  # fmt: skip
+    """The bank's entries for this model and input shape. A file that cannot be read, is larger than
+    MAX_ENTRY_BYTES, is a link that leaves the bank, or is not a well-formed entry is skipped, with one line to
+    ``warn`` that names it; so is an entry whose embedding is not ``embedding_size`` long, or that removes blocks
+    other than ``blocks`` (the model's residual blocks), where these are given."""
     entries = []
-    for path in sorted(Path(bank).glob("*.json")) if Path(bank).is_dir() else []:
+    root = Path(bank)
+    for path in sorted(root.glob("*.json")) if root.is_dir() else []:
         try:
-            entry = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if entry.get("model") == spec and tuple(entry.get("input_shape", ())) == tuple(shape):
-            entries.append(entry)
+            entry = _read_entry(root, path)
+            if entry.get("model") == spec and entry.get("input_shape") == list(shape):
+                entries.append(_checked_entry(entry, embedding_size, blocks))
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not an entry
+            if warn is not None:
+                warn(f"bank entry {_show(path.name)} skipped: {' '.join(str(exc).split())[:200]}")
     return entries
+
+
+def _read_entry(root: Path, path: Path) -> dict:
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise ValueError("it is a link to a file outside the bank")
+    info = real.stat()
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_ENTRY_BYTES:
+        raise ValueError(f"not a regular file of at most {MAX_ENTRY_BYTES >> 20} MiB")
+    entry = json.loads(real.read_bytes(), parse_constant=_not_finite, parse_float=_finite)
+    if not isinstance(entry, dict):
+        raise ValueError(f"not a JSON object but {_show(entry)}")
+    if not isinstance(entry.get("model"), str) or not isinstance(entry.get("input_shape"), list):
+        raise ValueError("it names no model and input shape")
+    return entry
+
+
+def _checked_entry(entry: dict, embedding_size: int | None, blocks: Collection[str] | None) -> dict:
+    """``entry`` where every value vote reads has the type and range it needs; ValueError otherwise."""
+    embedding = _list(entry.get("embedding"), "embedding", MAX_COUNT)
+    if not embedding or any(isinstance(v, bool) or not isinstance(v, int | float) or abs(v) > 1e6 for v in embedding):
+        raise ValueError("embedding is not a list of numbers")  # an L2-normalised mean: each within [-1, 1]
+    if embedding_size is not None and len(embedding) != embedding_size:
+        raise ValueError(f"embedding has {len(embedding)} values, this model's has {embedding_size}")
+    kept, channels = entry.get("kept"), entry.get("channels")
+    if not isinstance(kept, dict) or not isinstance(channels, dict) or set(kept) != set(channels):
+        raise ValueError("kept and channels are not objects with the same groups")
+    for module, indices in kept.items():
+        width = _int(channels[module], f"channels of {_show(module)}", 1, MAX_COUNT)
+        for index in _list(indices, f"kept of {_show(module)}", width):
+            _int(index, f"kept index of {_show(module)}", 0, width - 1)
+    dropped = entry.get("dropped")
+    if dropped is not None:
+        names = [_text(name, "dropped") for name in _list(dropped, "dropped", MAX_COUNT)]
+        unknown = [name for name in names if blocks is not None and name not in blocks]
+        if unknown:
+            raise ValueError(f"it removes {_show(unknown[0])}, which is not a residual block of this model")
+    if not isinstance(entry.get("info", {}), dict):
+        raise ValueError("info is not an object")
+    return entry
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return value
+
+
+def _not_finite(text: str) -> float:
+    raise ValueError(f"{text} is not a number")
 
 
 def nearest(entries: list[dict], embedding: torch.Tensor, k: int = K_NEAREST) -> dict[int, float]:
     """The indices of the ``k`` entries nearest to ``embedding``, with their cosine similarity to it; BadInput
-    where there is none."""
-    if not entries:
+    where there is none (entries whose embedding has another length are another model's: not counted)."""
+    usable = [i for i, e in enumerate(entries) if len(e["embedding"]) == len(embedding)]
+    if not usable:
         raise BadInput("--method vote found no earlier build of this model and input shape in the bank; build some"
                        " tasks with --bank DIR first (any method), or use another method")  # fmt: skip
-    similarity = [float(torch.dot(embedding, torch.tensor(e["embedding"], dtype=embedding.dtype))) for e in entries]
-    return {i: similarity[i] for i in sorted(range(len(entries)), key=lambda i: -similarity[i])[:k]}
+    similarity = {i: float(torch.dot(embedding, torch.tensor(entries[i]["embedding"], dtype=embedding.dtype)))
+                  for i in usable}  # fmt: skip
+    return {i: similarity[i] for i in sorted(usable, key=lambda i: -similarity[i])[:k]}
 
 
 def weight(similarity: float) -> float:
