@@ -31,7 +31,7 @@ from edgeprune.loop import SearchContext, learn_where_time_goes, remove_blocks, 
 from edgeprune.model import DEFAULT_MODEL, load_model
 from edgeprune.outdir import claim_output, input_paths, new_workdir, publish
 from edgeprune.report import unreachable_message, versions, write_json
-from edgeprune.rewrite.depth import with_dropped
+from edgeprune.rewrite.depth import residual_blocks, with_dropped
 from edgeprune.rewrite.judge import Judge
 from edgeprune.rewrite.lowrank import basis_only, decomposed_copy, with_decomposition
 from edgeprune.rewrite.plan import Plan
@@ -167,13 +167,18 @@ def build(options: BuildOptions, say=print) -> dict:
             " little about accuracy on real images; pass --calib DATA (see calibration/README.md)"
         )
     model, example = loaded.module, loaded.input.example()
+    pinned = None
+    if options.plan:  # checked whole against the model before anything slow
+        pinned = Plan.load_pinned(options.plan, tuple(example.shape))
+        pinned.check_against(model, example)
     # The task's embedding for the mask bank: the *pretrained* model's features, comparable across tasks.
     embedding = None
     if options.bank and not data.synthetic:
         embedding = task_embedding(model, example, (x for x, _ in data.batches(BATCH)))
     entries, voted_blocks = [], None
     if method == "vote":  # where the count is left open, the blocks the nearest earlier tasks removed (score/vote.py)
-        entries = load_entries(Path(options.bank), options.model, tuple(example.shape))
+        entries = load_entries(Path(options.bank), options.model, tuple(example.shape), warn=say,
+                               embedding_size=len(embedding), blocks=residual_blocks(model, example))  # fmt: skip
         nearest(entries, embedding)  # an empty bank is bad input now, not after the baseline is measured
         voted_blocks = vote_blocks(entries, embedding) if options.drop_blocks is None and drop_blocks else None
         drop_blocks = drop_blocks if voted_blocks is None else voted_blocks
@@ -210,7 +215,7 @@ def build(options: BuildOptions, say=print) -> dict:
         decomposed, neighbours, depth, start, probe = [], [], None, None, None
         if options.plan:  # a pinned plan: no scoring, no search; the same plan gives the same artifact bytes
             say(f"replaying {options.plan} instead of searching")
-            chosen = measure_plan(ctx, Plan.load_pinned(options.plan, tuple(example.shape)), baseline.p50, 1, budget_ms)
+            chosen = measure_plan(ctx, pinned, baseline.p50, 1, budget_ms)
             candidates = [chosen]
         else:
             importance = IMPORTANCE.get(method, method)
