@@ -147,17 +147,19 @@ def build(
     With a project config (edgeprune.toml, or [tool.edgeprune] in pyproject.toml), build every target it lists,
     each into OUT/<target>; flags override the file. The exit code is 0 only when every target met its budget.
     """
-    from edgeprune.jobs import plan_jobs, run_jobs
+    from rich.markup import escape
+
+    from edgeprune.jobs import plan_jobs, run_jobs, unpickling_granted_by
 
     say = _progress()
     flags = {
         "target": target, "model": model, "weights": weights, "input_shape": input_shape, "calib": calib,
         "method": method, "allocation": allocation, "structures": structures,
-        "device": ",".join(device) if device else None, "out": out_dir, "executor": executor,
+        "device": ",".join(device) if device else None, "out": str(out_dir) if out_dir else None, "executor": executor,
         "in_flight": in_flight, "max_rounds": max_rounds, "recover_steps": recover_steps, "calib_limit": calib_limit,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
         "compensate": compensate or None, "bank": bank, "train": train, "aux": aux, "adapt_steps": adapt_steps,
-        "drop_blocks": int(drop_blocks) if drop_blocks and drop_blocks.lstrip("-").isdigit() else drop_blocks,
+        "drop_blocks": _count_or_word(drop_blocks),
     }  # fmt: skip
     budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb, "macs_ratio": macs_ratio,
               "params_ratio": params_ratio}  # fmt: skip
@@ -165,8 +167,11 @@ def build(
         jobs, project = plan_jobs(flags, budget, config)
     except EdgepruneError as exc:
         _fail(exc)
+    granted_by = unpickling_granted_by(flags, project)
+    if granted_by:  # a config found in the working folder can turn it on: never silently
+        say(f"[bold]unpickling of weights files is ON[/bold], turned on by {escape(granted_by)}: a pickle can run code")
     try:
-        results = run_jobs(jobs, say, announce=project)
+        results = run_jobs(jobs, say, announce=project is not None)
         say.stop()
     except KeyboardInterrupt as stop:  # the build's own cleanup has run: nothing partial is left
         say.stop()
@@ -186,6 +191,14 @@ def build(
     elif results[0][2] is not None and results[0][1] == 0:
         _print_summary(results[0][2], results[0][0].out)
     raise typer.Exit(max(code for _, code, _, _ in results))
+
+
+def _count_or_word(text: str | None) -> int | str | None:
+    """--drop-blocks as the config spells it: a count as an integer, any other word as given (then checked)."""
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return text
 
 
 class _progress:

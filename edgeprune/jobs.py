@@ -9,19 +9,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeprune.config import TargetJob, find_config, load_config
+from edgeprune.config import SCHEMA, ProjectConfig, TargetJob, check_setting, find_config, load_config
 from edgeprune.errors import BadInput, BudgetNotMet, EdgepruneError
 from edgeprune.farm.executor import LocalExecutor, make_executor
-from edgeprune.model import parse_input_shape
+from edgeprune.model import exit_call, parse_input_shape
 from edgeprune.pipeline import BuildOptions
 from edgeprune.pipeline import build as run_build
-from edgeprune.target import Budget
+from edgeprune.target import Budget, budget_value
 
 PATH_SETTINGS = ("weights", "calib", "plan", "out")
 
 
-def plan_jobs(flags: dict, budget_flags: dict, config: Path | None) -> tuple[list[BuildOptions], bool]:
-    """The BuildOptions of every job, and whether a project config was used. Bad flags or config: BadInput."""
+def plan_jobs(flags: dict, budget_flags: dict, config: Path | None) -> tuple[list[BuildOptions], ProjectConfig | None]:
+    """The BuildOptions of every job, and the project config used (None without one). Bad flags or config: BadInput.
+    Flags are checked against the config's SCHEMA, so both obey the same types and bounds."""
     budget = _budget(budget_flags)
     path = config or find_config()
     if config is not None and not Path(config).is_file():
@@ -33,11 +34,7 @@ def plan_jobs(flags: dict, budget_flags: dict, config: Path | None) -> tuple[lis
         for key in PATH_SETTINGS:
             if isinstance(settings.get(key), str) and not Path(settings[key]).is_absolute():
                 settings[key] = str(base / settings[key])
-    settings.update({k: v for k, v in flags.items() if v is not None and k != "target"})
-    if isinstance(settings.get("input_shape"), str):
-        settings["input_shape"] = parse_input_shape(settings["input_shape"])
-    elif settings.get("input_shape") is not None:
-        settings["input_shape"] = tuple(settings["input_shape"])
+    settings.update(_checked_flags(flags))
     out = Path(settings.pop("out", "out"))
     if flags.get("target"):  # one target; a target the config lists keeps its budget unless a flag gives one
         listed = {job.target: job.budget for job in project.targets} if project else {}
@@ -53,7 +50,25 @@ def plan_jobs(flags: dict, budget_flags: dict, config: Path | None) -> tuple[lis
             jobs.append(BuildOptions(target=job.target, budget=job.budget, out=folder, **settings))
         except TypeError as exc:
             raise BadInput(f"{project.path if project else 'options'}: {exc}") from None
-    return jobs, project is not None
+    return jobs, project
+
+
+def unpickling_granted_by(flags: dict, project: ProjectConfig | None) -> str | None:
+    """What turned on unpickling of weights files: "--trust-pickle", the config file's path, or None (it is off)."""
+    if flags.get("trust_pickle"):
+        return "--trust-pickle"
+    if project is not None and project.settings.get("trust_pickle") is True:
+        return project.path
+    return None
+
+
+def _checked_flags(flags: dict) -> dict:
+    """The flags given (not None), each checked as its config setting is; the target is not a setting."""
+    given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in flags.items() if v is not None}
+    given.pop("target", None)
+    if isinstance(given.get("input_shape"), str):
+        given["input_shape"] = parse_input_shape(given["input_shape"])
+    return {k: check_setting(k, v, "--" + k.replace("_", "-")) if k in SCHEMA else v for k, v in given.items()}
 
 
 def run_job(options: BuildOptions, say) -> tuple[int, dict | None, str | None]:
@@ -64,6 +79,8 @@ def run_job(options: BuildOptions, say) -> tuple[int, dict | None, str | None]:
         return exc.exit_code, exc.report, str(exc)
     except EdgepruneError as exc:
         return exc.exit_code, None, str(exc)
+    except SystemExit as exc:  # the model's code, or a library, quit the build: a failure, never a silent success
+        return 2, None, f"the model's code or a library called {exit_call(exc)} during the build; nothing was written"
     except Exception as exc:  # a bug of ours or of a library: still one line, and a distinct exit code
         if os.environ.get("EDGEPRUNE_DEBUG"):
             raise
@@ -111,10 +128,6 @@ def _budget(flags: dict) -> Budget | None:
     given = {k: v for k, v in flags.items() if v is not None}
     if len(given) > 1:
         raise BadInput(f"give one budget, not {' and '.join('--' + k.replace('_', '-') for k in given)}")
-    for kind, value in given.items():
-        if not value > 0 or (kind == "speedup" and value < 1) or (kind.endswith("_ratio") and value > 1):
-            need = {"speedup": "at least 1", "macs_ratio": "in (0, 1]", "params_ratio": "in (0, 1]"}.get(
-                kind, "positive"
-            )
-            raise BadInput(f"--{kind.replace('_', '-')} must be {need}, got {value}")
+    for kind, value in given.items():  # the ranges of a profile's [budget], named by the flag
+        budget_value(kind, value, "--" + kind.replace("_", "-"))
     return Budget(**given) if given else None

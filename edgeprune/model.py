@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import pickle
+import pickletools
 import sys
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from edgeprune.errors import BadInput
+from edgeprune.target import show_value
 
 DEFAULT_MODEL = "edgeprune.zoo:efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,8 +116,10 @@ def _build(spec: str) -> tuple[nn.Module, dict]:
     factory = _load_factory(spec, source, name)
     try:
         module = factory()
-    except Exception as exc:  # user code: any failure is reported, never a traceback
-        raise BadInput(f"model factory '{spec}' failed: {type(exc).__name__}: {_one_line(exc)}") from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the build stops as it would anywhere else
+        raise
+    except BaseException as exc:  # user code: any failure, sys.exit included, is a failed build, never a traceback
+        raise BadInput(f"model factory '{spec}' {_failure(exc)}") from None
     if not isinstance(module, nn.Module):
         raise BadInput(f"model factory '{spec}' returned {type(module).__name__}, not a torch.nn.Module")
     return module, dict(getattr(module, "edgeprune_input", {}) or {})
@@ -156,12 +163,18 @@ def _load_factory(spec: str, source: str, name: str):
         sys.modules[module_name] = py_module
         try:
             loader_spec.loader.exec_module(py_module)
-        except Exception as exc:
-            raise BadInput(f"model file '{source}' failed to import: {type(exc).__name__}: {_one_line(exc)}") from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            raise BadInput(f"model file '{source}' {_failure(exc, 'failed to import')}") from None
     else:
         try:
             py_module = importlib.import_module(source)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as exc:
+            raise BadInput(f"model spec '{spec}': importing '{source}' {_failure(exc)}") from None
+        except BaseException as exc:
             raise BadInput(f"model spec '{spec}': cannot import '{source}': {_one_line(exc)}") from None
     factory = getattr(py_module, name, None)
     if not callable(factory):
@@ -179,23 +192,22 @@ def load_weights(module: nn.Module, path: str, trust_pickle: bool = False) -> No
     if not file.is_file():
         raise BadInput(f"weights file '{path}' does not exist")
     try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            state = torch.load(str(file), map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on a file (its pickle protocol, ...) would break one line
+            state = _read_state(file, trust_pickle)
     except pickle.UnpicklingError as exc:
-        # torch reports both refused pickled classes and bytes that are no pickle at all as UnpicklingError;
+        # torch reports both refused pickled objects and bytes that are no pickle at all as UnpicklingError;
         # only the first is worth the --trust-pickle advice.
-        if "Unsupported global" not in str(exc):
+        if "unsupported global" not in str(exc).lower() and not _names_objects(file):
             raise BadInput(f"weights file '{path}' is not a PyTorch (.pt/.pth) or .safetensors file") from None
         raise BadInput(
             f"weights file '{path}' holds pickled objects that weights_only loading refuses, since unpickling can run"
             " code; save a plain state dict, or pass --trust-pickle if you trust the file"
         ) from None
-    except Exception as exc:
-        raise BadInput(f"weights file '{path}' cannot be read: {_one_line(exc)}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a trusted pickle runs code, which may even call sys.exit
+        raise BadInput(f"weights file '{path}' {_failure(exc, 'cannot be read')}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # the common checkpoint layout {"state_dict": ..., "epoch": ...}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -206,12 +218,50 @@ def load_weights(module: nn.Module, path: str, trust_pickle: bool = False) -> No
         raise BadInput(f"weights file '{path}' does not fit the model: {_one_line(exc)[:300]}") from None
 
 
+def _read_state(file: Path, trust_pickle: bool) -> object:
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    return torch.load(str(file), map_location="cpu", weights_only=not trust_pickle)
+
+
+# Opcodes that name a Python object to import and build: what weights_only loading refuses outside its allow-list.
+_OBJECT_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST"})
+_SCANNED_BYTES = 16 << 20  # the pickle of a state dict is small: its tensors' data lie outside it
+
+
+def _names_objects(file: Path) -> bool:
+    """Whether the file's pickle (a bare pickle, or data.pkl in torch's zip) names Python objects to build, read
+    opcode by opcode without running any; bytes that are no pickle name none."""
+    try:
+        if zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file) as archive:
+                pickles = [name for name in archive.namelist() if name.endswith(".pkl")]
+                with archive.open(pickles[0]) as stream:
+                    data = stream.read(_SCANNED_BYTES)
+        else:
+            with open(file, "rb") as stream:
+                data = stream.read(_SCANNED_BYTES)
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):  # torch's older format is several pickles, one after another
+            if any(opcode.name in _OBJECT_OPCODES for opcode, _, _ in pickletools.genops(stream)):
+                return True
+    except Exception:  # not a pickle, a truncated one, or an archive without one: nothing to build
+        return False
+    return False
+
+
 def _check_runs(module: nn.Module, spec: str, spec_input: InputSpec) -> None:
     shape = spec_input.shape
     try:
         with torch.no_grad():
             module(spec_input.example())
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except SystemExit as exc:
+        raise BadInput(f"model '{spec}' {_failure(exc)} when run on input shape {','.join(map(str, shape))}") from None
+    except BaseException as exc:
         raise BadInput(
             f"model '{spec}' does not run on input shape {','.join(map(str, shape))}: {_one_line(exc)[:200]};"
             " pass the right --input-shape"
@@ -220,3 +270,16 @@ def _check_runs(module: nn.Module, spec: str, spec_input: InputSpec) -> None:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def exit_call(exc: SystemExit) -> str:
+    """How code called sys.exit, for a message: sys.exit(), sys.exit(3), sys.exit('why')."""
+    return "sys.exit()" if exc.code is None else f"sys.exit({show_value(exc.code)})"
+
+
+def _failure(exc: BaseException, failed: str = "failed") -> str:
+    """What user code did instead of returning, for a message: "called sys.exit(3)", or "failed: Error: why"."""
+    if isinstance(exc, SystemExit):
+        return f"called {exit_call(exc)}"
+    detail = _one_line(exc)
+    return f"{failed}: {type(exc).__name__}" + (f": {detail}" if detail else "")

@@ -8,7 +8,6 @@ TargetError (a BadInput, exit code 2) whose message is one line naming the file,
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -21,6 +20,22 @@ from edgeprune.errors import BadInput
 BACKENDS = ("onnx", "openvino", "tflite", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
 BUDGET_KINDS = ("latency_ms", "speedup", "memory_mb", "macs_ratio", "params_ratio")
+# Each budget's range, as (lowest, whether the lowest itself is allowed, highest, how a message says it): profiles,
+# configs and flags all check a budget against this table.
+BUDGET_RANGES = {
+    "latency_ms": (0.0, False, 3_600_000.0, "must be positive and at most 3600000 (an hour)"),
+    "speedup": (1.0, True, 1000.0, "must be at least 1 and at most 1000"),
+    "memory_mb": (0.0, False, 1_000_000.0, "must be positive and at most 1000000 (a terabyte)"),
+    "macs_ratio": (0.0, False, 1.0, "is a fraction of the unpruned model's MACs: give one in (0, 1]"),
+    "params_ratio": (0.0, False, 1.0, "is a fraction of the unpruned model's parameters: give one in (0, 1]"),
+}
+# The most a profile's numbers may be: past these a figure is a typo, and would overflow or never finish.
+MAX_THREADS = 1024
+MAX_CHANNEL_MULTIPLE = 1024
+MAX_RUNS = 100_000  # benchmark warm-up runs and timed runs per window
+MAX_WINDOWS = 100
+MAX_GFLOPS = 10_000_000.0  # 10 PFLOP/s
+MAX_GBPS = 1_000_000.0  # 1 PB/s
 
 _REQUIRED = ("name", "description", "backend", "precision", "channel_multiple", "threads", "budget")
 _OPTIONAL = ("estimate", "benchmark", "device")
@@ -49,7 +64,7 @@ class TargetError(BadInput):
         super().__init__(" ".join(str(message).splitlines()))
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A short, one-line rendering of a user's value for a message, in TOML's spelling where it differs."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -63,36 +78,41 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _number(where: str, value: Any) -> float:
-    """Check a positive finite number (int or float, never a TOML boolean) and return it as a float."""
+def _number(where: str, value: Any, maximum: float) -> float:
+    """Check a positive number up to ``maximum`` (int or float, never a TOML boolean) and return it as a float."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TargetError(f"{where} must be a positive number, got {_show(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # a TOML integer has no size limit, a float has
-        number = math.inf
-    if not (math.isfinite(number) and number > 0):
-        raise TargetError(f"{where} must be a positive finite number, got {_show(value)}")
-    return number
+        raise TargetError(f"{where} must be a positive number, got {show_value(value)}")
+    if not 0 < value <= maximum:  # NaN fails too; an int of any size compares exactly, with no float overflow
+        raise TargetError(f"{where} must be a positive number at most {maximum:g}, got {show_value(value)}")
+    return float(value)
 
 
 def _seconds(where: str, value: Any) -> float:
     """Check a finite number of seconds >= 0 (int or float, never a TOML boolean) and return it as a float."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0 <= value < 3600):
-        raise TargetError(f"{where} must be a number of seconds from 0 to 3600, got {_show(value)}")
+        raise TargetError(f"{where} must be a number of seconds from 0 to 3600, got {show_value(value)}")
     return float(value)
 
 
-def _integer(where: str, value: Any, minimum: int) -> int:
-    """Check an integer >= minimum; a boolean is refused, because TOML's true is not 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TargetError(f"{where} must be an integer >= {minimum}, got {_show(value)}")
+def _integer(where: str, value: Any, minimum: int, maximum: int) -> int:
+    """Check an integer from minimum to maximum; a boolean is refused, because TOML's true is not 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise TargetError(f"{where} must be an integer from {minimum} to {maximum}, got {show_value(value)}")
     return value
+
+
+def budget_value(kind: str, value: Any, where: str) -> float:
+    """Check a budget figure against BUDGET_RANGES (a number, never a TOML boolean) and return it as a float."""
+    low, low_allowed, high, need = BUDGET_RANGES[kind]
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    if not number or not (low < value <= high or (low_allowed and value == low)):
+        raise TargetError(f"{where} {need}, got {show_value(value)}")
+    return float(value)
 
 
 def _string(where: str, value: Any, *, empty_ok: bool = True) -> str:
     if not isinstance(value, str) or (not empty_ok and not value):
-        raise TargetError(f"{where} must be a{'' if empty_ok else ' non-empty'} string, got {_show(value)}")
+        raise TargetError(f"{where} must be a{'' if empty_ok else ' non-empty'} string, got {show_value(value)}")
     return value
 
 
@@ -102,7 +122,7 @@ def _check_keys(where: str, keys: Any, known: tuple[str, ...]) -> None:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise TargetError(f"unknown key {_show(key)}{where} ({hint}known: {', '.join(known)})")
+            raise TargetError(f"unknown key {show_value(key)}{where} ({hint}known: {', '.join(known)})")
 
 
 @dataclass(frozen=True)
@@ -122,9 +142,8 @@ class Budget:
             got = " and ".join(given) if given else "none"
             raise TargetError(f"[budget] needs exactly one of {', '.join(BUDGET_KINDS)}, got {got}; keep one")
         # Normalise to float so Budget(latency_ms=2) == Budget(latency_ms=2.0), as TOML 2 and 2.0 should be.
-        object.__setattr__(self, given[0], _number(f"[budget] {given[0]}", getattr(self, given[0])))
-        if given[0].endswith("_ratio") and not 0 < getattr(self, given[0]) <= 1:
-            raise TargetError(f"[budget] {given[0]} is a fraction of the unpruned model: give one in (0, 1]")
+        kind = given[0]
+        object.__setattr__(self, kind, budget_value(kind, getattr(self, kind), f"[budget] {kind}"))
 
     @property
     def kind(self) -> str:
@@ -145,8 +164,8 @@ class Estimate:
     memory_gbps: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "peak_gflops", _number("[estimate] peak_gflops", self.peak_gflops))
-        object.__setattr__(self, "memory_gbps", _number("[estimate] memory_gbps", self.memory_gbps))
+        object.__setattr__(self, "peak_gflops", _number("[estimate] peak_gflops", self.peak_gflops, MAX_GFLOPS))
+        object.__setattr__(self, "memory_gbps", _number("[estimate] memory_gbps", self.memory_gbps, MAX_GBPS))
 
 
 @dataclass(frozen=True)
@@ -162,9 +181,9 @@ class BenchmarkSettings:
     min_warmup_s: float = 0.3
 
     def __post_init__(self) -> None:
-        _integer("[benchmark] warmup", self.warmup, 0)
-        _integer("[benchmark] iterations", self.iterations, 1)
-        _integer("[benchmark] windows", self.windows, 1)
+        _integer("[benchmark] warmup", self.warmup, 0, MAX_RUNS)
+        _integer("[benchmark] iterations", self.iterations, 1, MAX_RUNS)
+        _integer("[benchmark] windows", self.windows, 1, MAX_WINDOWS)
         object.__setattr__(self, "min_timed_s", _seconds("[benchmark] min_timed_s", self.min_timed_s))
         object.__setattr__(self, "min_warmup_s", _seconds("[benchmark] min_warmup_s", self.min_warmup_s))
 
@@ -191,14 +210,14 @@ class Target:
         _string("description", self.description)
         for key, allowed in (("backend", BACKENDS), ("precision", PRECISIONS)):
             if getattr(self, key) not in allowed:
-                raise TargetError(f"{key} must be one of {', '.join(allowed)}, got {_show(getattr(self, key))}")
-        _integer("channel_multiple", self.channel_multiple, 1)
-        _integer("threads", self.threads, 1)
+                raise TargetError(f"{key} must be one of {', '.join(allowed)}, got {show_value(getattr(self, key))}")
+        _integer("channel_multiple", self.channel_multiple, 1, MAX_CHANNEL_MULTIPLE)
+        _integer("threads", self.threads, 1, MAX_THREADS)
         for key, kind in (("budget", Budget), ("benchmark", BenchmarkSettings)):
             if not isinstance(getattr(self, key), kind):
-                raise TargetError(f"{key} must be a {kind.__name__}, got {_show(getattr(self, key))}")
+                raise TargetError(f"{key} must be a {kind.__name__}, got {show_value(getattr(self, key))}")
         if self.estimate is not None and not isinstance(self.estimate, Estimate):
-            raise TargetError(f"estimate must be an Estimate or None, got {_show(self.estimate)}")
+            raise TargetError(f"estimate must be an Estimate or None, got {show_value(self.estimate)}")
         if self.device is not None:
             _string("device (e.g. 'ssh://user@host:22')", self.device, empty_ok=False)
         _string("path", self.path)
@@ -228,7 +247,7 @@ class Target:
         unknown or missing keys, wrong types and bad values raise a one-line TargetError naming the key (without the
         file name, which `load_target` adds)."""
         if not isinstance(data, Mapping):
-            raise TargetError(f"a profile must be a table of keys, got {_show(data)}")
+            raise TargetError(f"a profile must be a table of keys, got {show_value(data)}")
         _check_keys("", data.keys(), _REQUIRED + _OPTIONAL)
         for key in _REQUIRED:
             if key not in data:
@@ -240,7 +259,7 @@ class Target:
             table = data[section]
             if not isinstance(table, Mapping):
                 raise TargetError(
-                    f"'{section}' must be a table ([{section}] with keys {', '.join(known)}), got {_show(table)}"
+                    f"'{section}' must be a table ([{section}] with keys {', '.join(known)}), got {show_value(table)}"
                 )
             _check_keys(f" in [{section}]", table.keys(), known)
             sections[section] = dict(table)
@@ -323,7 +342,7 @@ def _load_file(path: Path, shown: str) -> Target:
     # The file name is how a profile is asked for; a mismatched name would make 'targets show' and reports lie.
     if target.name != path.stem:
         raise TargetError(
-            f"{shown}: name {_show(target.name)} does not match the file name; "
+            f"{shown}: name {show_value(target.name)} does not match the file name; "
             f'set name = "{path.stem}" or rename the file'
         )
     return target
@@ -336,7 +355,7 @@ def load_target(name_or_path: str | os.PathLike[str]) -> Target:
     one-line message."""
     text = os.fspath(name_or_path) if isinstance(name_or_path, str | os.PathLike) else name_or_path
     if not isinstance(text, str):
-        raise TargetError(f"a target is a name or a .toml path, got {_show(text)}")
+        raise TargetError(f"a target is a name or a .toml path, got {show_value(text)}")
     separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
     if isinstance(name_or_path, os.PathLike) or text.endswith(".toml") or any(sep in text for sep in separators):
         path = Path(text)
@@ -345,7 +364,7 @@ def load_target(name_or_path: str | os.PathLike[str]) -> Target:
     # Checked against the list, not the file system, so odd names (NUL, '..') can only ever mean "unknown".
     if text not in known:
         listing = ", ".join(known) if known else f"none (no profiles in {targets_dir()})"
-        raise TargetError(f"unknown target {_show(text)}: known targets are {listing}; see 'edgeprune targets'")
+        raise TargetError(f"unknown target {show_value(text)}: known targets are {listing}; see 'edgeprune targets'")
     return _load_file(known[text], _display(known[text]))
 
 

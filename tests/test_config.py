@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from edgeprune.cli import app
-from edgeprune.config import find_config, load_config
+from edgeprune.config import SCHEMA, SETTINGS, find_config, load_config
 from edgeprune.errors import BadInput
+from edgeprune.jobs import plan_jobs
 from edgeprune.target import load_target
 
 MODEL = """
@@ -105,3 +106,55 @@ def test_pyproject_tool_table_is_found(tmp_path):
     (tmp_path / "pyproject.toml").write_text(table)
     config = load_config(find_config(tmp_path))
     assert config.settings == {"model": "m:f"} and [t.target for t in config.targets] == ["a"]
+
+
+EVERY_SETTING = """
+model = "net.py:net"
+weights = "w.pt"
+input_shape = [1, 3, 32, 32]
+calib = "calib"
+method = "taylor"
+allocation = "uniform"
+out = "build"
+seed = 4294967295
+max_rounds = 100
+recover_steps = 0
+device = ["ssh://a", "ssh://b"]
+plan = "plan.json"
+strict = false
+trust_pickle = false
+compensate = true
+bank = "bank"
+train = "train"
+aux = "aux"
+adapt_steps = 100000
+structures = "all"
+executor = "local"
+in_flight = 64
+calib_limit = 1
+drop_blocks = "auto"
+[[targets]]
+name = "a"
+"""
+
+
+def test_every_setting_at_its_bounds_loads(tmp_path):
+    (tmp_path / "edgeprune.toml").write_text(EVERY_SETTING)
+    settings = load_config(tmp_path / "edgeprune.toml").settings
+    assert set(settings) == set(SETTINGS)
+    assert settings["device"] == "ssh://a,ssh://b" and settings["input_shape"] == (1, 3, 32, 32)
+    assert (settings["seed"], settings["trust_pickle"], settings["drop_blocks"]) == (2**32 - 1, False, "auto")
+
+
+@pytest.mark.parametrize("key", [key for key, rule in SCHEMA.items() if rule.kind == "integer"])
+def test_a_flag_and_a_config_obey_the_same_bounds(tmp_path, monkeypatch, key):
+    monkeypatch.chdir(tmp_path)
+    high = SCHEMA[key].high
+    with pytest.raises(BadInput, match=f"^--{key.replace('_', '-')} must be at least .* and at most {high}, got"):
+        plan_jobs({key: high + 1}, {}, None)
+    (tmp_path / "edgeprune.toml").write_text(f"{key} = {high + 1}\n[[targets]]\nname = 'a'\n")
+    with pytest.raises(BadInput, match=f"edgeprune.toml: {key} must be at least .* and at most {high}, got"):
+        plan_jobs({}, {}, None)
+    (tmp_path / "edgeprune.toml").write_text(f"{key} = {high}\n[[targets]]\nname = 'a'\n")
+    assert getattr(plan_jobs({}, {}, None)[0][0], key) == high  # the bound itself is allowed
+    assert getattr(plan_jobs({key: high}, {}, None)[0][0], key) == high

@@ -179,6 +179,19 @@ MALFORMED = [
     ("bool for seconds", lambda t: t.replace("warmup = 5", "warmup = 5\nmin_warmup_s = true"), "min_warmup_s"),
     ("nan seconds", lambda t: t.replace("iterations = 10", "iterations = 10\nmin_timed_s = nan"), "min_timed_s"),
     ("multi-line value", lambda t: t.replace("threads = 2", 'threads = """two\nthree"""'), "threads"),
+    # Upper bounds: past them a figure is a typo, and would overflow or never finish.
+    ("huge threads", lambda t: t.replace("threads = 2", "threads = " + str(10**38)), "from 1 to 1024"),
+    ("too many threads", lambda t: t.replace("threads = 2", "threads = 1025"), "threads"),
+    ("huge multiple", lambda t: t.replace("channel_multiple = 8", "channel_multiple = 4096"), "channel_multiple"),
+    ("huge iterations", lambda t: t.replace("iterations = 10", f"iterations = {2**63 - 1}"), "from 1 to 100000"),
+    ("huge warmup", lambda t: t.replace("warmup = 5", "warmup = 100001"), "from 0 to 100000"),
+    ("huge windows", lambda t: t.replace("iterations = 10", "iterations = 10\nwindows = 1000"), "from 1 to 100"),
+    ("huge peak", lambda t: t.replace("peak_gflops = 100.0", "peak_gflops = 1e300"), "at most 1e+07"),
+    ("huge bandwidth", lambda t: t.replace("memory_gbps = 20.0", "memory_gbps = 1e300"), "at most 1e+06"),
+    ("huge latency", lambda t: t.replace("latency_ms = 5.0", "latency_ms = 1e300"), "at most 3600000"),
+    ("huge speedup", lambda t: t.replace("latency_ms = 5.0", "speedup = 1e9"), "at most 1000"),
+    ("slowdown", lambda t: t.replace("latency_ms = 5.0", "speedup = 0.5"), "at least 1"),
+    ("huge memory", lambda t: t.replace("latency_ms = 5.0", "memory_mb = 1e300"), "at most 1000000"),
 ]
 
 
@@ -215,6 +228,10 @@ def test_target_validates_when_built_in_code() -> None:
         dataclasses.replace(target, threads=0)
     with pytest.raises(TargetError, match="backend"):
         dataclasses.replace(target, backend="tvm")
+    with pytest.raises(TargetError, match="threads must be an integer from 1 to 1024"):
+        dataclasses.replace(target, threads=10**38)
+    with pytest.raises(TargetError, match="iterations must be an integer from 1 to 100000"):
+        dataclasses.replace(target.benchmark, iterations=2**63 - 1)
 
 
 # --- property test: whatever is in the file, the only failure is a TargetError ---
