@@ -140,6 +140,10 @@ def build(
     strict: Annotated[bool, typer.Option(help="Fail on layers that cannot be pruned, not keep them.")] = False,
     plan: Annotated[str | None, typer.Option(help="Replay this plan.json instead of searching.")] = None,
     config: Annotated[Path | None, typer.Option(help="Project config [default: ./edgeprune.toml if present].")] = None,
+    key_file: Annotated[
+        str | None,
+        typer.Option(help="Sign manifest.json with this key file (HMAC-SHA256); validate --key-file checks it."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json on stdout.")] = False,
 ) -> None:
     """Prune, export and measure until the budget holds; write the artifact, plan.json and report.json.
@@ -159,7 +163,7 @@ def build(
         "in_flight": in_flight, "max_rounds": max_rounds, "recover_steps": recover_steps, "calib_limit": calib_limit,
         "plan": plan, "force": force or None, "strict": strict or None, "trust_pickle": trust_pickle or None,
         "compensate": compensate or None, "bank": bank, "train": train, "aux": aux, "adapt_steps": adapt_steps,
-        "drop_blocks": _count_or_word(drop_blocks),
+        "drop_blocks": _count_or_word(drop_blocks), "key_file": key_file,
     }  # fmt: skip
     budget = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb, "macs_ratio": macs_ratio,
               "params_ratio": params_ratio}  # fmt: skip

@@ -52,7 +52,7 @@ SCHEMA = {
     "bank": Setting("string"), "train": Setting("string"), "aux": Setting("string"),
     "adapt_steps": Setting("integer", 0, 100_000), "structures": Setting("string"), "executor": Setting("string"),
     "in_flight": Setting("integer", 1, 64), "calib_limit": Setting("integer", 1, 1_000_000),
-    "drop_blocks": Setting("count", 0, 1000),
+    "drop_blocks": Setting("count", 0, 1000), "key_file": Setting("string"),
 }  # fmt: skip
 SETTINGS = tuple(SCHEMA)
 TARGET_KEYS = ("name", "latency_ms", "speedup", "memory_mb", "macs_ratio", "params_ratio")

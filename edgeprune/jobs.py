@@ -17,7 +17,7 @@ from edgeprune.pipeline import BuildOptions
 from edgeprune.pipeline import build as run_build
 from edgeprune.target import Budget, budget_value
 
-PATH_SETTINGS = ("weights", "calib", "plan", "out")
+PATH_SETTINGS = ("weights", "calib", "train", "aux", "bank", "plan", "key_file", "out")
 
 
 def plan_jobs(flags: dict, budget_flags: dict, config: Path | None) -> tuple[list[BuildOptions], ProjectConfig | None]:
@@ -35,6 +35,8 @@ def plan_jobs(flags: dict, budget_flags: dict, config: Path | None) -> tuple[lis
             if isinstance(settings.get(key), str) and not Path(settings[key]).is_absolute():
                 settings[key] = str(base / settings[key])
     settings.update(_checked_flags(flags))
+    settings["trust_pickle_from"] = unpickling_granted_by(flags, project)
+    settings["config"] = project.path if project else None
     out = Path(settings.pop("out", "out"))
     if flags.get("target"):  # one target; a target the config lists keeps its budget unless a flag gives one
         listed = {job.target: job.budget for job in project.targets} if project else {}

@@ -104,6 +104,7 @@ class BuildOptions:
     calib_limit: int | None = None  # most samples read per data set; None: (TRAIN_)IMAGE_SAMPLES, or every sentence
     seed: int = 0
     trust_pickle: bool = False
+    trust_pickle_from: str | None = None  # what turned unpickling on: "--trust-pickle" or a config file's path
     strict: bool = False  # a group that cannot be pruned safely is an error, not kept whole
     plan: str | None = None  # replay this plan.json instead of searching (reproducible builds)
     config: str | None = None  # the project config the settings came from, if any
@@ -356,7 +357,8 @@ def build(options: BuildOptions, say=print) -> dict:
             "steepness": ctx.steepness.to_dict() if ctx.steepness else None,
             "depth": depth.to_dict() if depth else None,
             "unprunable": [{"module": name, "reason": reason} for name, reason in sorted(ctx.unprunable.items())],
-            "model": {"spec": options.model, "weights": options.weights, "input_shape": list(example.shape)},
+            "model": {"spec": options.model, "weights": options.weights, "input_shape": list(example.shape),
+                      "unpickling_granted_by": (options.trust_pickle_from or "trust_pickle") if options.trust_pickle else None},
             "data": {"calib": data.source, "synthetic": data.synthetic, "samples": len(data)},
             "runtime": result.runtime, "threads": result.threads,
             "artifacts": {role: path.name for role, path in artifact.files.items()}

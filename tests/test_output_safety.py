@@ -110,6 +110,40 @@ def test_force_never_replaces_a_folder_that_holds_an_input(project, flag, inside
     assert snapshot(project) == before
 
 
+def test_a_config_never_lies_in_the_folder_a_target_builds_into(project):
+    """With a project config every target builds into OUT/<target>: that folder may not be the config's own."""
+    folder = project / "build" / "x86-openvino"
+    folder.mkdir(parents=True)
+    (folder / "edgeprune.toml").write_text('model = "net.py:net"\nrecover_steps = 0\nout = ".."\n'
+                                           '[[targets]]\nname = "x86-openvino"\nmacs_ratio = 0.8\n')
+    shutil.copy(project / "net.py", folder / "net.py")
+    before = snapshot(project)
+    result = invoke("build", "--config", "build/x86-openvino/edgeprune.toml", "--force")
+    assert result.exit_code == 2, result.output
+    assert "which the build reads" in result.stderr and "edgeprune.toml" in result.stderr
+    assert snapshot(project) == before
+
+
+def test_a_key_file_is_never_in_the_output_folder(project):
+    Path("keys").mkdir()
+    Path("keys/ci.key").write_bytes(b"secret")
+    result = invoke("build", "--model", "net.py:net", *QUICK, "--key-file", "keys/ci.key", "--out", "keys")
+    assert_one_line_error(result, 2, "--out 'keys'", "keys/ci.key")
+    assert Path("keys/ci.key").read_bytes() == b"secret"
+
+
+def test_a_build_signed_with_a_key_file_validates_with_that_key_only(project):
+    Path("keys").mkdir()
+    Path("keys/ci.key").write_bytes(b"secret")
+    Path("keys/other.key").write_bytes(b"another secret")
+    built = invoke("build", "--model", "net.py:net", *QUICK, "--key-file", "keys/ci.key", "--out", "out")
+    assert built.exit_code == 0, built.stderr
+    assert json.loads(Path("out/manifest.json").read_text())["signature"]
+    checked = invoke("validate", "out", "--key-file", "keys/ci.key")
+    assert checked.exit_code == 0 and "signature verified" in checked.stdout, checked.output
+    assert invoke("validate", "out", "--key-file", "keys/other.key").exit_code == 1
+
+
 def test_an_empty_output_must_not_hold_a_bank_the_build_would_create(project):
     """An empty --out with --bank inside it: the bank entry would be written into the folder the build replaces."""
     Path("fresh").mkdir()
