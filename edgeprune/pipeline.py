@@ -124,6 +124,7 @@ def build(options: BuildOptions, say=print) -> dict:
     artifact's outputs do not match PyTorch; in both cases nothing is left in the output folder.
     """
     started = time.perf_counter()
+    unpickling = (options.trust_pickle_from or "trust_pickle") if options.trust_pickle else None
     torch.manual_seed(options.seed)
     target = load_target(options.target)
     budget = options.budget or target.budget
@@ -358,7 +359,7 @@ def build(options: BuildOptions, say=print) -> dict:
             "depth": depth.to_dict() if depth else None,
             "unprunable": [{"module": name, "reason": reason} for name, reason in sorted(ctx.unprunable.items())],
             "model": {"spec": options.model, "weights": options.weights, "input_shape": list(example.shape),
-                      "unpickling_granted_by": (options.trust_pickle_from or "trust_pickle") if options.trust_pickle else None},
+                      "unpickling_granted_by": unpickling},
             "data": {"calib": data.source, "synthetic": data.synthetic, "samples": len(data)},
             "runtime": result.runtime, "threads": result.threads,
             "artifacts": {role: path.name for role, path in artifact.files.items()}
