@@ -118,8 +118,9 @@ def test_a_plan_cannot_bypass_a_layer_that_is_not_a_residual_block(resnet_and_pl
 def test_a_build_refuses_a_bypassing_plan_before_it_measures_anything(resnet_and_plan, tmp_path):
     model, _ = resnet_and_plan
     _plan(model, ["stage1.0", "plain"]).save(tmp_path / "plan.json")
+    plan, out = tmp_path / "plan.json", tmp_path / "out"
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", f"{TESTS}/data/tiny_models.py:resnet",
-               "--input-shape", "1,3,32,32", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out")]
+               "--input-shape", "1,3,32,32", "--plan", str(plan), "--out", str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("edgeprune: error:")]

@@ -115,7 +115,7 @@ def test_a_config_never_lies_in_the_folder_a_target_builds_into(project):
     folder = project / "build" / "x86-openvino"
     folder.mkdir(parents=True)
     (folder / "edgeprune.toml").write_text('model = "net.py:net"\nrecover_steps = 0\nout = ".."\n'
-                                           '[[targets]]\nname = "x86-openvino"\nmacs_ratio = 0.8\n')
+                                           '[[targets]]\nname = "x86-openvino"\nmacs_ratio = 0.8\n')  # fmt: skip
     shutil.copy(project / "net.py", folder / "net.py")
     before = snapshot(project)
     result = invoke("build", "--config", "build/x86-openvino/edgeprune.toml", "--force")
