@@ -133,6 +133,7 @@ executor = "local"
 in_flight = 64
 calib_limit = 1
 drop_blocks = "auto"
+key_file = "ci.key"
 [[targets]]
 name = "a"
 """
