@@ -1,4 +1,4 @@
-"""The command line (DESIGN.md): ``edgeprune targets``, ``build``, ``validate``, ``profile``.
+"""The command line: ``edgeprune targets``, ``build``, ``bench``, ``validate``, ``profile`` (docs/cli.md).
 
 Exit codes: 0 success, 1 budget or validation not met, 2 bad input, 3 internal error (a bug to report). Errors
 are one line on stderr, never a traceback (EDGEPRUNE_DEBUG=1 shows it for an internal error). Progress goes to
@@ -8,17 +8,37 @@ stderr, so ``--json`` leaves stdout to the report alone.
 from __future__ import annotations
 
 import json
-import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
+from typer.core import TyperCommand
 
-from edgeprune.errors import EdgepruneError, Terminated, install_stop_handlers, raise_if_stopped
+from edgeprune.errors import EdgepruneError, Terminated, install_stop_handlers
 from edgeprune.farm.executor import EXECUTORS_HELP
+from edgeprune.progress import Progress, err
 
+
+class PanelledCommand(TyperCommand):
+    """Plain help (rich markup would eat the "[default: …]" in help texts) with the options under titled panels."""
+
+    def format_options(self, ctx, formatter) -> None:
+        panels: dict[str, list[tuple[str, str]]] = {title: [] for title in PANELS}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        for title, records in panels.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+PANELS = ("Budget", "Model and data", "Method", "Search", "Devices and execution", "Output")
+_budget, _inputs, _method, _search, _devices, _output = (partial(typer.Option, rich_help_panel=p) for p in PANELS)
 DEVICE_HELP = (
     "Where to measure: 'local' (default) or ssh://[user@]host[:port][?identity=KEY&known_hosts=FILE&python=PATH&timeout=S]"
     " (the board needs Python 3, numpy and the runtime). Give it more than once for a pool of boards that share"
@@ -32,7 +52,6 @@ app = typer.Typer(
 )  # help texts say "[default: 1]": literal, not rich markup
 targets_app = typer.Typer(help="List the target profiles, or show one.", invoke_without_command=True)
 app.add_typer(targets_app, name="targets")
-err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
 
@@ -77,74 +96,70 @@ def targets_show(name: str, as_json: Annotated[bool, typer.Option("--json", help
         out.print(f"  {key}: {value}", markup=False)
 
 
-@app.command()
+@app.command(cls=PanelledCommand)
 def build(
-    target: Annotated[str | None, typer.Option(help="Target name or .toml path [default: x86-openvino].")] = None,
-    model: Annotated[str | None, typer.Option(help="timm:NAME, package.module:factory or file.py:factory.")] = None,
-    weights: Annotated[str | None, typer.Option(help="State dict (.pt/.pth/.safetensors) to load.")] = None,
-    latency_ms: Annotated[float | None, typer.Option(help="Budget: p50 latency in ms on the target.")] = None,
-    speedup: Annotated[float | None, typer.Option(help="Budget: p50 speedup over the unpruned model.")] = None,
+    target: Annotated[str | None, _devices(help="Target name or .toml path [default: x86-openvino].")] = None,
+    model: Annotated[str | None, _inputs(help="timm:NAME, package.module:factory or file.py:factory.")] = None,
+    weights: Annotated[str | None, _inputs(help="State dict (.pt/.pth/.safetensors) to load.")] = None,
+    latency_ms: Annotated[float | None, _budget(help="p50 latency in ms on the target.")] = None,
+    speedup: Annotated[float | None, _budget(help="p50 speedup over the unpruned model.")] = None,
     memory_mb: Annotated[
-        float | None, typer.Option(help="Budget: MB of weights (target precision) + peak live activations.")
+        float | None, _budget(help="MB of weights (target precision) + peak live activations.")
     ] = None,
-    macs_ratio: Annotated[float | None, typer.Option(help="Budget: fraction of the unpruned MACs, in (0, 1].")] = None,
-    params_ratio: Annotated[float | None, typer.Option(help="Budget: fraction of the unpruned params.")] = None,
-    input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
-    calib: Annotated[str | None, typer.Option(help="Calibration data: ImageFolder dir or .npz.")] = None,
-    train: Annotated[
-        str | None, typer.Option(help="The task's labelled data (a new head if its classes differ).")
-    ] = None,
-    aux: Annotated[str | None, typer.Option(help="Auxiliary data for recovery, labelled or not.")] = None,
-    adapt_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps of a new head [default: 100].")] = None,
+    macs_ratio: Annotated[float | None, _budget(help="Fraction of the unpruned MACs, in (0, 1].")] = None,
+    params_ratio: Annotated[float | None, _budget(help="Fraction of the unpruned params.")] = None,
+    input_shape: Annotated[str | None, _inputs(help="Input shape, e.g. 1,3,224,224.")] = None,
+    calib: Annotated[str | None, _inputs(help="Calibration data: ImageFolder dir or .npz.")] = None,
+    train: Annotated[str | None, _inputs(help="The task's labelled data (a new head if its classes differ).")] = None,
+    aux: Annotated[str | None, _inputs(help="Auxiliary data for recovery, labelled or not.")] = None,
+    adapt_steps: Annotated[int | None, _method(help="Fine-tuning steps of a new head [default: 100].")] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="auto, magnitude, taylor, fisher, compensate, lowrank, double or vote (see the README)."),
+        _method(help="auto, magnitude, taylor, fisher, compensate, lowrank, double or vote (docs/methods.md)."),
     ] = None,
-    compensate: Annotated[
-        bool, typer.Option(help="Refit layers by least squares after pruning (needs --calib).")
-    ] = False,
+    compensate: Annotated[bool, _method(help="Refit layers by least squares after pruning (needs --calib).")] = False,
     bank: Annotated[
-        str | None, typer.Option(help="Mask bank folder: store this task's kept channels (vote reads it).")
+        str | None, _method(help="Mask bank folder: store this task's kept channels (vote reads it).")
     ] = None,
     allocation: Annotated[
-        str | None, typer.Option(help="Widths: global (by cost on the target) or uniform [default: global].")
+        str | None, _method(help="Widths: global (by cost on the target) or uniform [default: global].")
     ] = None,
     structures: Annotated[
-        str | None, typer.Option(help="What may be cut: all, heads or neurons (transformers) [default: all].")
+        str | None, _method(help="What may be cut: all, heads or neurons (transformers) [default: all].")
     ] = None,
     drop_blocks: Annotated[
         str | None,
-        typer.Option(
+        _method(
             help="Residual blocks to remove whole, those the task's data misses least, before channels are cut: a"
             " count, or auto (the count whose plan to the budget keeps the task's outputs closest) [default: auto"
             " with task data and a latency or speedup budget under global allocation, else 0]."
         ),
     ] = None,
-    device: Annotated[list[str] | None, typer.Option(help=DEVICE_HELP)] = None,
-    executor: Annotated[str | None, typer.Option(help=f"Where candidates run: {EXECUTORS_HELP}.")] = None,
+    device: Annotated[list[str] | None, _devices(help=DEVICE_HELP)] = None,
+    executor: Annotated[str | None, _devices(help=f"Where candidates run: {EXECUTORS_HELP}.")] = None,
     in_flight: Annotated[
-        int | None, typer.Option(help="Candidates pruned, exported and measured at once per round [default: 1].")
+        int | None, _devices(help="Candidates pruned, exported and measured at once per round [default: 1].")
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: out].")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an output folder that already holds files.")] = False,
-    max_rounds: Annotated[int | None, typer.Option(help="Most measured rounds of the search [default: 4].")] = None,
-    recover_steps: Annotated[int | None, typer.Option(help="Distillation steps (needs --calib) [default: 20].")] = None,
+    out_dir: Annotated[Path | None, _output("--out", help="Output folder [default: out].")] = None,
+    force: Annotated[bool, _output(help="Replace an output folder that already holds files.")] = False,
+    max_rounds: Annotated[int | None, _search(help="Most measured rounds of the search [default: 4].")] = None,
+    recover_steps: Annotated[int | None, _method(help="Distillation steps (needs --calib) [default: 20].")] = None,
     calib_limit: Annotated[
         int | None,
-        typer.Option(
+        _inputs(
             help="Most samples read from each of --train, --calib, --aux [default: 1024 --train images, 256 others;"
             " all text]."
         ),
     ] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow weights files that need unpickling.")] = False,
-    strict: Annotated[bool, typer.Option(help="Fail on layers that cannot be pruned, not keep them.")] = False,
-    plan: Annotated[str | None, typer.Option(help="Replay this plan.json instead of searching.")] = None,
+    trust_pickle: Annotated[bool, _inputs(help="Allow weights files that need unpickling.")] = False,
+    strict: Annotated[bool, _method(help="Fail on layers that cannot be pruned, not keep them.")] = False,
+    plan: Annotated[str | None, _search(help="Replay this plan.json instead of searching.")] = None,
     config: Annotated[Path | None, typer.Option(help="Project config [default: ./edgeprune.toml if present].")] = None,
     key_file: Annotated[
         str | None,
-        typer.Option(help="Sign manifest.json with this key file (HMAC-SHA256); validate --key-file checks it."),
+        _output(help="Sign manifest.json with this key file (HMAC-SHA256); validate --key-file checks it."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print report.json on stdout.")] = False,
+    as_json: Annotated[bool, _output("--json", help="Print report.json on stdout.")] = False,
 ) -> None:
     """Prune, export and measure until the budget holds; write the artifact, plan.json and report.json.
 
@@ -155,7 +170,7 @@ def build(
 
     from edgeprune.jobs import plan_jobs, run_jobs, unpickling_granted_by
 
-    say = _progress()
+    say = Progress()
     flags = {
         "target": target, "model": model, "weights": weights, "input_shape": input_shape, "calib": calib,
         "method": method, "allocation": allocation, "structures": structures,
@@ -203,34 +218,6 @@ def _count_or_word(text: str | None) -> int | str | None:
         return None if text is None else int(text)
     except ValueError:
         return text
-
-
-class _progress:
-    """Progress on stderr: a timestamped line per event and, on a terminal, a live status line with a spinner and
-    the elapsed time while a long step (a message ending in '...') runs. Logs and CI get the plain lines."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.status = err.status("") if err.is_terminal else None
-        self.live = False
-
-    def __call__(self, message: str) -> None:
-        raise_if_stopped()  # each step of a build starts here: a stop signal lost in a library stops it now
-        err.print(f"[dim]{time.perf_counter() - self.start:6.1f}s[/dim] {message}", soft_wrap=True)
-        if self.status is None:
-            return
-        if message.endswith("..."):
-            self.status.update(message)
-            if not self.live:
-                self.status.start()
-                self.live = True
-        else:  # the step ended (or said something): the status line waits for the next long step
-            self.stop()
-
-    def stop(self) -> None:
-        if self.status is not None and self.live:
-            self.status.stop()
-            self.live = False
 
 
 def _print_targets(results: list) -> None:
@@ -347,7 +334,7 @@ def profile(
     from edgeprune.model import DEFAULT_MODEL, parse_input_shape
     from edgeprune.profile import run_profile
 
-    say = _progress()
+    say = Progress()
     try:
         shape = parse_input_shape(input_shape) if input_shape else None
         result = run_profile(target, model or DEFAULT_MODEL, weights, shape, device, samples, trust_pickle, say)

@@ -1,4 +1,4 @@
-"""The errors edgeprune reports to a user: each carries the exit code of the CLI contract (DESIGN.md).
+"""The errors edgeprune reports to a user: each carries the exit code the CLI ends with (docs/cli.md, "Exit codes").
 
 A message is one line that says what is wrong and what to do about it; the CLI prints it on stderr, without a
 traceback, and exits with the code.

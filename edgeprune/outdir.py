@@ -1,6 +1,6 @@
 """The build's output folder: claimed before any work, written beside it, published whole, replaced only when safe.
 
-The rules (docs and README's reliability section say the same):
+The rules (docs/reliability.md says the same):
 - ``--out`` is never the file system's root, the home folder or a folder above it, the working folder or a folder
   above it, nor a folder that holds an input of the build (model file, weights, data, plan, bank, config, profile,
   cost-model cache): replacing it would delete what the build reads.

@@ -56,26 +56,8 @@ def run_profile(
     target = load_target(target_name)
     loaded = load_model(model_spec, weights, input_shape, trust_pickle)
     model, example = loaded.module, loaded.input.example()
-    scored = score_groups(model, example, "magnitude")  # latency depends on widths, not on which channels
-    whole = {g.module for g in scored if g.reason} | set(
-        find_unprunable(model, example, scored, target.channel_multiple)
-    )
-    scored = [replace(g, scores=None) if g.module in whole else g for g in scored]
-    structure = read_structure(model, example, [g.module for g in scored])
+    scored, whole, structure, plans = _profile_plans(model, example, target, model_spec, samples)
     full = structure.full_widths()
-    shape = tuple(example.shape)
-    plans = [("unpruned", uniform_plan(scored, 0.0, target.channel_multiple, model_spec, shape, "profile"))]
-    plans += [(f"uniform {r:.0%}", uniform_plan(scored, r, target.channel_multiple, model_spec, shape, "profile"))
-              for r in UNIFORM_RATIOS]  # fmt: skip
-    rng = np.random.default_rng(0)
-    for i in range(samples - len(plans)):  # per-group random cuts: the kinds of layers vary independently
-        multiple = target.channel_multiple
-        cut = np.maximum(
-            multiple, np.round(structure.channels * rng.uniform(0.3, 1.0, len(full)) / multiple) * multiple
-        )
-        cut = np.where([g.scores is None for g in scored], structure.channels, np.minimum(cut, structure.channels))
-        plans.append((f"random {i + 1}", plan_from_widths(scored, cut, model_spec, shape, "profile")))
-
     try:
         backend = get_backend(target.backend)
         backend.require()
@@ -91,44 +73,7 @@ def run_profile(
 
     with tempfile.TemporaryDirectory(prefix="edgeprune-profile-") as tmp:
         ctx = SearchContext(model, example, scored, model_spec, "profile", target, backend, device, Path(tmp), say)
-
-        def take(folder: str, name: str, plan) -> tuple:
-            pruned_plan, _, _ = ctx.checked_plan(lambda plan=plan: plan)
-            measurement, artifact = ctx.measure(apply_plan(model, pruned_plan, example), folder)
-            # Where the time goes, node by node, when the runtime can say: what the per-layer fit learns from.
-            nodes = backend.node_times(artifact, shape, target, device, ctx.reference)
-            return (name, structure.widths_of(pruned_plan), measurement, nodes), artifact
-
-        measured = []
-        for i, (name, plan) in enumerate(plans, 1):
-            say(f"[{i}/{len(plans)}] {name}: exporting and measuring ...")
-            sample, artifact = take(f"sample-{i}", name, plan)
-            measured.append(sample)
-            if i == 1 and timed_beside_baseline("latency_ms", device, math.inf, 0.0):
-                # On this (shared) machine every sample is timed beside the unpruned model, as a build's rounds
-                # are, and fitted as the ratio of the two: absolute p50s of one artifact spread by 30-80% here
-                # from one benchmark to the next, the ratio far less (tools/bench_repeatability.py). A sample whose
-                # reference ran in the machine's slow state is taken again, as a round is (backends/base.py).
-                ctx.reference, ctx.quiet_reference_ms = artifact, min(sample[2].p50, quiet_ms or math.inf)
-        # A sample is judged slow against the quickest the reference ran in the whole profile, not only before it:
-        # a profile that began in the slow state (it lasts minutes) had nothing quicker to judge its first samples
-        # by, and there a pruned model slows more than its reference, so the ratio misprices every cut (README,
-        # "Measurement noise"). So are its per-node times, in a run of their own: RegNetX-200MF's unpruned model,
-        # counted beside one sample, summed 1.295 ms against 0.81-0.91 beside the seven others. Those samples are
-        # taken again now; the retake's own tries keep the quickest.
-        levels = [_node_level(nodes, i == 0) for i, (*_, nodes) in enumerate(measured)]
-        # The quickest counted beside a sample: the unpruned model's own count, taken alone, runs quicker than any
-        # taken beside another model, and would call ordinary samples slow.
-        quickest = min((level for level in levels[1:] if level), default=levels[0])
-        retaken = [
-            i for i, (_, _, m, _) in enumerate(measured)
-            if _slow(m, i == 0, ctx.quiet_reference_ms) or (levels[i] and levels[i] > SLOW_STATE * quickest)
-        ]  # fmt: skip
-        for i in retaken:
-            say(f"{plans[i][0]}: timed or counted in the machine's slow state (the unpruned model over {SLOW_STATE}x"
-                " the quickest the profile saw it run); measuring again ...")  # fmt: skip
-            # Its own folder: the unpruned model's first one holds the reference every timing runs beside.
-            measured[i] = take(f"sample-{i + 1}-again", *plans[i])[0]
+        measured, retaken = _measure_samples(ctx, structure, plans, quiet_ms)
         runtime = measured[0][2].runtime
     baseline_p50, p50s = comparable_samples([m for _, _, m, _ in measured])
     measured = [(name, widths, p50, nodes) for (name, widths, _, nodes), p50 in zip(measured, p50s, strict=True)]
@@ -140,18 +85,95 @@ def run_profile(
     path = profile_path(target, runtime, structure)
     raise_if_stopped()  # Ctrl-C that a library swallowed: the cache is left as it was, as the CLI then says
     latency.save(path, runtime)
+    return {"target": target.name, "model": model_spec, "source": latency.source, "not_measured": None,
+            "rows": _held_out_rows(latency, structure, target, measured), "cache": str(path),
+            "kept_whole": sorted(whole), "runtime": runtime, "baseline_p50": baseline_p50,
+            "timed_beside": ctx.reference is not None, "retaken": [plans[i][0] for i in retaken],
+            "quiet_ms": ctx.quiet_reference_ms}  # fmt: skip
+
+
+def _profile_plans(model, example, target, model_spec: str, samples: int) -> tuple[list, set, object, list]:
+    """The scored groups, the groups kept whole, the structure, and ``samples`` named plans to measure: the unpruned
+    model, the uniform cuts, then random per-group cuts so that the kinds of layers vary independently."""
+    scored = score_groups(model, example, "magnitude")  # latency depends on widths, not on which channels
+    whole = {g.module for g in scored if g.reason} | set(
+        find_unprunable(model, example, scored, target.channel_multiple)
+    )
+    scored = [replace(g, scores=None) if g.module in whole else g for g in scored]
+    structure = read_structure(model, example, [g.module for g in scored])
+    full = structure.full_widths()
+    shape = tuple(example.shape)
+    plans = [("unpruned", uniform_plan(scored, 0.0, target.channel_multiple, model_spec, shape, "profile"))]
+    plans += [(f"uniform {r:.0%}", uniform_plan(scored, r, target.channel_multiple, model_spec, shape, "profile"))
+              for r in UNIFORM_RATIOS]  # fmt: skip
+    rng = np.random.default_rng(0)
+    for i in range(samples - len(plans)):
+        multiple = target.channel_multiple
+        cut = np.maximum(
+            multiple, np.round(structure.channels * rng.uniform(0.3, 1.0, len(full)) / multiple) * multiple
+        )
+        cut = np.where([g.scores is None for g in scored], structure.channels, np.minimum(cut, structure.channels))
+        plans.append((f"random {i + 1}", plan_from_widths(scored, cut, model_spec, shape, "profile")))
+    return scored, whole, structure, plans
+
+
+def _measure_samples(ctx: SearchContext, structure, plans: list, quiet_ms: float | None) -> tuple[list, list[int]]:
+    """Each plan exported and measured as (name, widths, measurement, node times), those taken in the machine's slow
+    state taken again; and the indices of the plans taken again."""
+    shape = tuple(ctx.example.shape)
+
+    def take(folder: str, name: str, plan) -> tuple:
+        pruned_plan, _, _ = ctx.checked_plan(lambda plan=plan: plan)
+        measurement, artifact = ctx.measure(apply_plan(ctx.model, pruned_plan, ctx.example), folder)
+        # Where the time goes, node by node, when the runtime can say: what the per-layer fit learns from.
+        nodes = ctx.backend.node_times(artifact, shape, ctx.target, ctx.device, ctx.reference)
+        return (name, structure.widths_of(pruned_plan), measurement, nodes), artifact
+
+    measured = []
+    for i, (name, plan) in enumerate(plans, 1):
+        ctx.say(f"[{i}/{len(plans)}] {name}: exporting and measuring ...")
+        sample, artifact = take(f"sample-{i}", name, plan)
+        measured.append(sample)
+        if i == 1 and timed_beside_baseline("latency_ms", ctx.device, math.inf, 0.0):
+            # On this (shared) machine every sample is timed beside the unpruned model, as a build's rounds
+            # are, and fitted as the ratio of the two: absolute p50s of one artifact spread by 30-80% here
+            # from one benchmark to the next, the ratio far less (tools/bench_repeatability.py). A sample whose
+            # reference ran in the machine's slow state is taken again, as a round is (backends/base.py).
+            ctx.reference, ctx.quiet_reference_ms = artifact, min(sample[2].p50, quiet_ms or math.inf)
+    # A sample is judged slow against the quickest the reference ran in the whole profile, not only before it:
+    # a profile that began in the slow state (it lasts minutes) had nothing quicker to judge its first samples
+    # by, and there a pruned model slows more than its reference, so the ratio misprices every cut
+    # (docs/measurement.md). So are its per-node times, in a run of their own: RegNetX-200MF's unpruned model,
+    # counted beside one sample, summed 1.295 ms against 0.81-0.91 beside the seven others. Those samples are
+    # taken again now; the retake's own tries keep the quickest.
+    levels = [_node_level(nodes, i == 0) for i, (*_, nodes) in enumerate(measured)]
+    # The quickest counted beside a sample: the unpruned model's own count, taken alone, runs quicker than any
+    # taken beside another model, and would call ordinary samples slow.
+    quickest = min((level for level in levels[1:] if level), default=levels[0])
+    retaken = [
+        i for i, (_, _, m, _) in enumerate(measured)
+        if _slow(m, i == 0, ctx.quiet_reference_ms) or (levels[i] and levels[i] > SLOW_STATE * quickest)
+    ]  # fmt: skip
+    for i in retaken:
+        ctx.say(f"{plans[i][0]}: timed or counted in the machine's slow state (the unpruned model over {SLOW_STATE}x"
+                " the quickest the profile saw it run); measuring again ...")  # fmt: skip
+        # Its own folder: the unpruned model's first one holds the reference every timing runs beside.
+        measured[i] = take(f"sample-{i + 1}-again", *plans[i])[0]
+    return measured, retaken
+
+
+def _held_out_rows(latency: LatencyModel, structure, target, measured: list) -> list[ProfileRow]:
+    """One row per sample, its latency predicted by a fit on all the other samples."""
     rows, earlier = [], len(latency.samples) - len(measured)  # samples cached by earlier builds come first
-    for i, (name, widths, p50, _) in enumerate(measured):  # each sample predicted by a fit on all the others
+    full_macs = structure.macs(structure.full_widths())
+    for i, (name, widths, p50, _) in enumerate(measured):
         held_out = [s for j, s in enumerate(latency.samples) if j != earlier + i]
         nodes_held_out = [s for s in latency.node_samples if not np.array_equal(s[0], widths)]
         others = LatencyModel(structure, target, samples=held_out, node_samples=nodes_held_out,
                               precision=target.precision)  # fmt: skip
         others.fit()
-        rows.append(ProfileRow(name, structure.macs(widths) / structure.macs(full), others.predict(widths), p50))
-    return {"target": target.name, "model": model_spec, "source": latency.source, "not_measured": None,
-            "rows": rows, "cache": str(path), "kept_whole": sorted(whole), "runtime": runtime,
-            "baseline_p50": baseline_p50, "timed_beside": ctx.reference is not None,
-            "retaken": [plans[i][0] for i in retaken], "quiet_ms": ctx.quiet_reference_ms}  # fmt: skip
+        rows.append(ProfileRow(name, structure.macs(widths) / full_macs, others.predict(widths), p50))
+    return rows
 
 
 def _slow(measurement, unpruned: bool, quiet_ms: float | None) -> bool:
