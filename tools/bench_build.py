@@ -1,9 +1,10 @@
-"""Benchmark: `edgeprune build --speedup S` on several models, one table. The README's figures come from here.
+"""Benchmark: `edgeprune build --speedup S` on several models, one table.
+docs/benchmarks/build.md holds its latest table.
 
     python tools/bench_build.py [--speedup 2] [--models edgeprune.zoo:efficientnet_lite0 timm:resnet18 ...] [--markdown]
 
 Each build measures its own unpruned baseline in the same run, so the speedup column is a ratio of two p50s taken
-minutes apart on the same machine; on a shared machine expect a few percent of noise (see the README).
+minutes apart on the same machine; on a shared machine expect a few percent of noise (see docs/measurement.md).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> int:
     parser.add_argument("--speedup", type=float, default=2.0)
     parser.add_argument("--target", default="x86-openvino")
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for docs/benchmarks/)")
     args = parser.parse_args()
 
     table = Table(title=f"edgeprune build --target {args.target} --speedup {args.speedup:g}")

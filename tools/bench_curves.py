@@ -1,4 +1,4 @@
-"""Fidelity against *measured* latency, global allocation against Torch-Pruning's uniform L1 (issue 3, goal 3).
+"""Fidelity against *measured* latency, global allocation against Torch-Pruning's uniform L1.
 
     python tools/bench_curves.py --weights-dir DIR [--models timm:resnet18@128 ...] [--fractions 0.4 0.5 0.6 0.7]
                                  [--repeats 3] [--drop-blocks auto|N] [--markdown]

@@ -7,7 +7,7 @@ again and again as a build does, alone and with the unpruned model timed alongsi
 Prints, per repeat, the pruned model's p50 alone, its ratio to the unpruned model timed alongside (what a
 speedup budget compares), and the unpruned model's p50 timed alongside over its p50 alone (what tells the
 machine's slow state, backends/base.py SLOW_STATE), then the spread of each: (max − min) / median. A build can
-only be as sure of a budget as this spread allows; the README quotes it.
+only be as sure of a budget as this spread allows; docs/benchmarks/repeatability.md holds its latest table.
 """
 
 from __future__ import annotations

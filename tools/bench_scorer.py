@@ -1,4 +1,5 @@
-"""Benchmark of stage 2's cost model and global allocation on x86-openvino. The README's figures come from here.
+"""Benchmark of stage 2's cost model and global allocation on x86-openvino.
+docs/benchmarks/scorer.md holds its latest table.
 
     python tools/bench_scorer.py [--models timm:resnet18@128 ...] [--samples 8] [--candidates 6] [--repeats 1]
                                  [--reprofiles 0]

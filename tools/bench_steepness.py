@@ -1,5 +1,6 @@
 """Global allocation's steepness at one predicted latency, offline: does the distance a build chooses by rank plans
-as their held-out fidelity does, and where does each land against uniform allocation? The README quotes it.
+as their held-out fidelity does, and where does each land against uniform allocation?
+docs/benchmarks/steepness.md holds its latest table.
 
     python tools/bench_steepness.py --weights-dir DIR [--models timm:convnext_atto@128 ...] [--fractions 0.55 ...]
 

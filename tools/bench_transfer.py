@@ -1,4 +1,4 @@
-"""Benchmark of the methods for limited task data (issue 4). The README's figures come from here.
+"""Benchmark of the methods for limited task data. docs/benchmarks/transfer.md holds its latest table.
 
     python tools/bench_transfer.py [--per-class 10 50] [--seeds 0 1 2] [--side 64] [--speedup 2]
                                    [--methods magnitude taylor compensate taylor+compensate lowrank double vote
@@ -29,7 +29,8 @@ have --per-class samples per class too, unless --bank-per-class says otherwise (
 more data than the new one; their samples are drawn from the same training pool, never from the test digits).
 `--vote-steps` lists the recovery steps at which vote and taylor are both built, to compare accuracy against
 fine-tuning steps. Each of those builds searches its own plan, so their rows differ by plan as well as by steps
-(vote at 40 steps once scored 3.7 points below vote at 10 on the same seed, with fewer blocks removed: README).
+(vote at 40 steps once scored 3.7 points below vote at 10 on the same seed, with fewer blocks
+removed: docs/benchmarks/transfer.md).
 With --same-plan, vote and taylor are built once, at the first of --vote-steps, and that build's plan is replayed
 (`edgeprune build --plan`) at the others: the same adapted model, plan and refit, recovered for each number of
 steps (0: the refit alone).

@@ -1,5 +1,5 @@
-"""Benchmark of transformer pruning (issue 6) on the bundled all-MiniLM-L6-v2 sentence encoder. The README's
-figures come from here.
+"""Benchmark of transformer pruning on the bundled all-MiniLM-L6-v2 sentence encoder.
+docs/benchmarks/transformer.md holds its latest table.
 
     python tools/bench_transformer.py [--speedup 2] [--seq-len 128] [--structures heads neurons all]
                                       [--recover-steps 300] [--corpus 30000] [--compensate] [--in-flight 2]

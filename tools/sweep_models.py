@@ -228,7 +228,7 @@ def main() -> int:
     parser.add_argument("--speedup", type=float, default=1.5)
     parser.add_argument("--target", default="x86-openvino")
     parser.add_argument("--json", type=Path, help="write the rows (with each build's stderr tail) to this file")
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for docs/benchmarks/)")
     parser.add_argument("--jobs", type=int, default=1, help="builds at once (more is faster and makes latency noisier)")
     parser.add_argument("--debug", action="store_true", help="EDGEPRUNE_DEBUG=1: internal errors give their frame")
     args = parser.parse_args()

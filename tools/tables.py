@@ -1,4 +1,4 @@
-"""Printing a benchmark's table: markdown for the README (--markdown), or plain columns for a terminal."""
+"""Printing a benchmark's table: markdown for docs/benchmarks/ (--markdown), or plain columns for a terminal."""
 
 from __future__ import annotations
 
