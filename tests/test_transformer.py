@@ -135,7 +135,7 @@ def test_structures_select_heads_or_neurons():
 
 
 def test_text_data_is_tokenised_and_checked(tmp_path):
-    from edgeprune.text import read_text
+    from edgeprune.tokens import read_text
 
     spec = InputSpec(shape=(1, LENGTH), dtype="int64", vocab_size=VOCAB)
     synthetic = load_dataset(None, spec.shape, (), (), 8, spec=spec)
