@@ -9,9 +9,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from edgeprune.cli import app
-from edgeprune.score import probe
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import score_groups
+from edgeprune.search import probe
 from edgeprune.search.probe import find_unprunable
 
 X = torch.zeros(1, 3, 16, 16)
