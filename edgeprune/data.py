@@ -6,48 +6,28 @@ documented in calibration/README.md.
 
 from __future__ import annotations
 
-import math
-import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from edgeprune.errors import BadInput
+from edgeprune.dataset import (
+    SYNTHETIC_SAMPLES,
+    DataError,
+    Dataset,
+    check_labels,
+    load_npz_arrays,
+    one_line,
+    subset,
+)
+from edgeprune.text import is_embedding
+from edgeprune.tokens import load_token_dataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-SYNTHETIC_SAMPLES = 64
 Floats = tuple[float, ...]
 _FORMATS = "pass an ImageFolder directory (root/<class>/<image>) or an .npz file with arrays x and optional y"
-
-
-class DataError(BadInput):
-    """The calibration or task data is unusable; the message names the file, what is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Samples ready for the model: x float32 N×C×H×W already normalised, y int64 labels (N,) or None."""
-
-    x: torch.Tensor
-    y: torch.Tensor | None
-    source: str
-    synthetic: bool
-    class_names: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        """The number of samples."""
-        return int(self.x.shape[0])
-
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Yield (x, y) batches of at most ``batch_size`` samples, in order; y is None when there are no labels."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        for start in range(0, len(self), batch_size):
-            yield self.x[start : start + batch_size], None if self.y is None else self.y[start : start + batch_size]
 
 
 def load_dataset(
@@ -64,14 +44,12 @@ def load_dataset(
     sorted class name), an .npz file (float x used as is, uint8 x scaled and normalised, optional integer y), or None
     for ``limit`` (default 64) seeded standard-normal samples. At most ``limit`` samples are kept (None keeps all),
     chosen with ``seed`` and balanced over classes when there are labels. For a token-id model (``spec``, an
-    InputSpec that takes ids): text files or ids instead (edgeprune/text.py). Raises DataError for any bad data."""
+    InputSpec that takes ids): text files or ids instead (edgeprune/tokens.py). Raises DataError for any bad data."""
     if len(input_shape) < 2 or any(int(d) < 1 for d in input_shape):
         raise DataError(f"input shape {tuple(input_shape)} is not a batch shape; pass --input-shape like 1,3,224,224")
     if limit is not None and limit < 1:
         raise DataError(f"the sample limit must be at least 1, got {limit}")
-    if spec is not None and spec.takes_ids:  # a text model: sentences or token ids (edgeprune/text.py)
-        from edgeprune.text import load_token_dataset
-
+    if spec is not None and spec.takes_ids:  # a text model: sentences or token ids (edgeprune/tokens.py)
         return load_token_dataset(path, tuple(input_shape), spec.vocab_size, spec.tokenizer, limit, seed)
     sample = tuple(int(d) for d in input_shape[1:])
     if path is None:
@@ -100,28 +78,6 @@ def _norm_arrays(name: str, channels: int, mean: Floats, std: Floats) -> tuple[n
     return np.broadcast_to(m, (channels,)).reshape(shape), np.broadcast_to(s, (channels,)).reshape(shape)
 
 
-def _subset(n: int, labels: np.ndarray | None, limit: int | None, seed: int) -> np.ndarray:
-    # Indices of the samples kept, ascending so the set keeps the file's (or the sorted folder's) order.
-    if limit is None or limit >= n:
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    if labels is None:
-        return np.sort(rng.choice(n, size=limit, replace=False))
-    # Round-robin over classes: each class is shuffled, then the r-th pick of every class comes before any
-    # (r+1)-th pick, so a small limit still covers every class. Class order within a round is shuffled too, so the
-    # leftover picks do not always favour the lowest labels.
-    classes = np.unique(labels)
-    class_rank = dict(zip(classes.tolist(), rng.permutation(len(classes)).tolist(), strict=True))
-    idx, rank, cls = [], [], []
-    for c in classes.tolist():
-        members = rng.permutation(np.flatnonzero(labels == c))
-        idx.append(members)
-        rank.append(np.arange(members.size))
-        cls.append(np.full(members.size, class_rank[c]))
-    order = np.lexsort((np.concatenate(cls), np.concatenate(rank)))[:limit]
-    return np.sort(np.concatenate(idx)[order])
-
-
 def _image_mode(name: str, sample: tuple[int, ...]) -> str:
     if len(sample) != 3 or sample[0] not in (1, 3):
         shape = ",".join(map(str, sample))
@@ -137,8 +93,8 @@ def _load_image_folder(
     try:
         dirs, files, labels = _scan_folder(root, name)
     except OSError as exc:  # an unreadable folder or a broken link is the user's data too
-        raise DataError(f"{name}: cannot list the folder ({_one_line(exc)}); check its permissions") from None
-    keep = _subset(len(files), np.asarray(labels), limit, seed)
+        raise DataError(f"{name}: cannot list the folder ({one_line(exc)}); check its permissions") from None
+    keep = subset(len(files), np.asarray(labels), limit, seed)
     height, width = sample[1], sample[2]
     x = np.empty((len(keep), *sample), dtype=np.float32)
     for row, i in enumerate(keep.tolist()):
@@ -181,7 +137,7 @@ def _read_image(file: Path, mode: str, height: int, width: int) -> np.ndarray:
             left, top = (nw - width) // 2, (nh - height) // 2
             arr = np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) on bad files
-        raise DataError(f"{file}: cannot read the image ({_one_line(exc)}); replace or remove the file") from None
+        raise DataError(f"{file}: cannot read the image ({one_line(exc)}); replace or remove the file") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -192,10 +148,10 @@ def _load_npz(
         if key == "x":
             _check_x_header(name, shape, dtype, sample)
 
-    x, y = _load_npz_arrays(p, name, check)
+    x, y = load_npz_arrays(p, name, check)
     n = _check_x(name, x)
-    labels = _check_y(name, y, n)
-    keep = _subset(n, labels, limit, seed)
+    labels = check_labels(name, y, n)
+    keep = subset(n, labels, limit, seed)
     if x.dtype == np.uint8:
         m, s = _norm_arrays(name, sample[0], mean, std)
         xs = x[keep]
@@ -208,64 +164,6 @@ def _load_npz(
             raise DataError(f"{name}: 'x' has values beyond the float32 range; rescale the data")
     y_t = None if labels is None else torch.from_numpy(labels[keep].copy())
     return Dataset(torch.from_numpy(np.ascontiguousarray(data)), y_t, name, False)
-
-
-# An array is refused from its header, before anything is decompressed, when it would take more than this.
-MAX_ARRAY_BYTES = 4 << 30
-_SAVE_WITH = "save with np.savez(path, x=inputs, y=labels)"
-
-
-def _load_npz_arrays(p: Path, name: str, check=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The arrays x and (when present) y of an .npz file; any problem is a one-line DataError. Each array's header is
-    read first, and ``check(key, shape, dtype)`` may refuse it, before its data is decompressed."""
-    try:
-        with p.open("rb") as f:
-            if f.read(6) == b"\x93NUMPY":
-                raise DataError(f"{name}: is a .npy array, not an .npz archive; {_SAVE_WITH}")
-        with zipfile.ZipFile(p) as archive:
-            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-            if "x" not in members:
-                found = ", ".join(map(repr, members)) or "none"  # repr: a member's name may hold a newline
-                raise DataError(f"{name}: no array 'x' (found: {found[:200]}); {_SAVE_WITH}")
-            keys = [key for key in ("x", "y") if key in members]
-            for key in keys:
-                shape, dtype = _npy_header(archive, members[key], name, key)
-                if check is not None:
-                    check(key, shape, dtype)
-            arrays = {}
-            for key in keys:
-                with archive.open(members[key]) as member:
-                    arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
-    except DataError:
-        raise
-    except Exception as exc:  # zipfile, zlib and numpy raise many exception types on a corrupt archive
-        raise DataError(f"{name}: cannot read the .npz file ({_one_line(exc)}); write it again with np.savez") from None
-    return arrays["x"], arrays.get("y")
-
-
-def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, key: str) -> tuple[tuple, np.dtype]:
-    """The shape and dtype an archive member declares, read without decompressing its data; DataError for object
-    arrays (unpickling them could run code), arrays over MAX_ARRAY_BYTES, and members whose size disagrees."""
-    with archive.open(info) as member:
-        version = np.lib.format.read_magic(member)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(member)
-        header_bytes = member.tell()
-    if dtype.hasobject:
-        raise DataError(f"{name}: '{key}' holds pickled object arrays, which are refused (loading them could run"
-                        f" code); save numeric arrays: {_SAVE_WITH}")  # fmt: skip
-    if any(d < 0 for d in shape):
-        raise DataError(f"{name}: '{key}' declares the impossible shape {shape}; write the file again with np.savez")
-    size = math.prod(shape) * dtype.itemsize
-    if size > MAX_ARRAY_BYTES:
-        raise DataError(f"{name}: '{key}' declares an array of shape {shape} and dtype {dtype}, over the limit of"
-                        f" {MAX_ARRAY_BYTES / 2**30:g} GiB; save fewer samples (a few thousand calibrate"
-                        " well)")  # fmt: skip
-    if info.file_size != header_bytes + size:
-        raise DataError(f"{name}: '{key}' declares {size} bytes of data but its archive member holds"
-                        f" {info.file_size - header_bytes}; the file is corrupt: write it again with"
-                        " np.savez")  # fmt: skip
-    return shape, dtype
 
 
 def _check_x_header(name: str, shape: tuple[int, ...], dtype: np.dtype, sample: tuple[int, ...]) -> None:
@@ -296,25 +194,6 @@ def _check_x(name: str, x: np.ndarray) -> int:
     return int(x.shape[0])
 
 
-def _check_y(name: str, y: np.ndarray | None, n: int) -> np.ndarray | None:
-    if y is None:
-        return None
-    if y.dtype.kind not in "iu":
-        raise DataError(f"{name}: 'y' has dtype {y.dtype}; labels must be integers: save y.astype(np.int64)")
-    if y.shape != (n,):
-        raise DataError(f"{name}: 'y' has shape {y.shape} but 'x' has {n} samples; save one label per sample")
-    if n and int(y.min()) < 0:
-        raise DataError(f"{name}: 'y' has negative labels (min {int(y.min())}); labels are class indices 0, 1, ...")
-    if n and int(y.max()) > np.iinfo(np.int64).max:
-        raise DataError(f"{name}: 'y' has labels too large for int64 (max {int(y.max())}); use class indices 0, 1, ...")
-    return y.astype(np.int64)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> Dataset:
     """Drop labels that cannot be the model's classes, saying so: they would make Taylor's loss and accuracy noise.
 
@@ -323,8 +202,6 @@ def labels_in_label_space(data: Dataset, model, example: torch.Tensor, say) -> D
     """
     if data.y is None:
         return data
-    from edgeprune.text import is_embedding  # text.py imports this module: imported here, not at the top
-
     if is_embedding(model):
         say("the model outputs embeddings, not classes, so the data's labels are not used (--train adds a classifier):"
             " quality is the embeddings' cosine similarity to the unpruned model's")  # fmt: skip

@@ -1,7 +1,7 @@
 """Model input: resolve a model spec to an nn.Module, load weights safely, and work out the input the model takes.
 
-Specs (DESIGN.md): ``timm:NAME``, ``hf:LOCAL_DIR`` (a Hugging Face BERT-family encoder saved on disk, run as a
-sentence encoder), ``package.module:factory``, ``path/to/file.py:factory``. A factory is called with
+Specs (docs/cli.md, ``--model``): ``timm:NAME``, ``hf:LOCAL_DIR`` (a Hugging Face BERT-family encoder saved on
+disk, run as a sentence encoder), ``package.module:factory``, ``path/to/file.py:factory``. A factory is called with
 no arguments. Weights are a state dict (``.pt``/``.pth`` loaded with ``weights_only=True``, or ``.safetensors``).
 """
 

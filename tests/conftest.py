@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgeprune.graph.plan import Plan
 from edgeprune.model import load_model
-from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import score_groups

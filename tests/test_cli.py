@@ -15,8 +15,8 @@ from conftest import without_quick_profiles
 from typer.testing import CliRunner
 
 from edgeprune.cli import app
+from edgeprune.graph.plan import Plan
 from edgeprune.model import load_model
-from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
 
 runner = CliRunner()

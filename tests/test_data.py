@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from edgeprune.data import MAX_ARRAY_BYTES, DataError, Dataset, load_dataset
+from edgeprune.data import DataError, Dataset, load_dataset
+from edgeprune.dataset import MAX_ARRAY_BYTES
 from edgeprune.errors import BadInput
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,15 +18,17 @@ from test_search import _SkewedTarget
 
 from edgeprune.backends import get_backend
 from edgeprune.errors import BadInput
+from edgeprune.graph.plan import Plan
 from edgeprune.loop import BAND_LOW, CUT_TRIES, GUARD, SearchContext, closest_within, search
 from edgeprune.model import load_model
 from edgeprune.rewrite.depth import Bypass, residual_blocks, with_dropped
-from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.rounds import measure_plan
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.costmodel import new_model
-from edgeprune.score.depth import (
+from edgeprune.score.importance import score_groups
+from edgeprune.score.structure import read_structure
+from edgeprune.search.depth import (
     AUTO,
     check_drop_blocks,
     choose_blocks,
@@ -35,8 +37,6 @@ from edgeprune.score.depth import (
     fewest_within,
     without_blocks,
 )
-from edgeprune.score.importance import score_groups
-from edgeprune.score.structure import read_structure
 from edgeprune.target import load_target
 
 TINY = Path(__file__).parent / "data" / "tiny_models.py"
@@ -203,7 +203,7 @@ def test_a_compensating_depth_choice_refits_against_the_whole_model_and_judges_o
     layers after a removed block are fitted to what the whole model computes there), on every other batch, and the
     counts are judged on the batches the refit was not fitted on."""
     import edgeprune.loop as loop
-    import edgeprune.score.depth as depth
+    import edgeprune.search.depth as depth
 
     model, target, skewed = _tiny_resnet(), load_target("x86-openvino"), _SkewedTarget()
     baseline = skewed.measure(model, EXAMPLE).p50  # the unpruned model's MACs: the simulated latency's full width

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgeprune.graph.groups import build_graph, prunable_groups
 from edgeprune.score.energy import _column_energy, energy_scores
-from edgeprune.score.importance import build_graph, prunable_groups, score_groups
+from edgeprune.score.importance import score_groups
 
 
 def _batches(shape, count=2, seed=0):
@@ -189,7 +190,7 @@ class BatchOfOne(ConvNet):
 
 
 def test_a_model_whose_code_fails_on_the_task_data_builds_without_energys_choice():
-    from edgeprune.score.steepness import other_channel_scores
+    from edgeprune.search.steepness import other_channel_scores
 
     said = []
     choices = other_channel_scores(BatchOfOne().eval(), torch.zeros(1, 3, 16, 16), _batches((3, 16, 16)), said.append)

@@ -1,5 +1,5 @@
 """Graph patterns torch-pruning follows wrongly or not at all, and the workarounds that make them prune right
-(edgeprune/score/tp_compat.py, rewrite/prune.sync_split_widths): channel splits, tied channels, grouped convs.
+(edgeprune/graph/tp_compat.py, rewrite/prune.sync_split_widths): channel splits, tied channels, grouped convs.
 
 Where it can, each test zeroes the removed channels in the original model and requires the pruned model to compute
 the same: a rewrite that feeds a layer the wrong channels runs and exports fine, and only this sees it."""
@@ -12,7 +12,7 @@ import torch
 from conftest import _randomise_norms
 from torch import nn
 
-from edgeprune.rewrite.plan import GroupPlan, Plan
+from edgeprune.graph.plan import GroupPlan, Plan
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import score_groups
@@ -73,7 +73,7 @@ def test_channel_splits_route_the_kept_channels():
     channels are zeroed in the original first, so a pruned model that routes every kept channel to the right conv
     computes exactly what the zeroed original does. torch-pruning 1.6 gave each slice the other slice's offsets
     (consumers listed in reverse) and kept a split's unpruned offsets after a first cut; both sent channels to the
-    wrong conv, which ran, silently wrong, whenever the slices were equal (edgeprune/score/tp_compat.py)."""
+    wrong conv, which ran, silently wrong, whenever the slices were equal (edgeprune/graph/tp_compat.py)."""
     from edgeprune._torchvision_shim import ensure_torchvision_importable
 
     ensure_torchvision_importable()

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from edgeprune.errors import BadInput
+from edgeprune.graph.modules import copy_model
+from edgeprune.graph.plan import Plan
 from edgeprune.rewrite.depth import drop_blocks, residual_blocks, with_dropped
 from edgeprune.rewrite.lowrank import decomposed_copy, with_decomposition
-from edgeprune.rewrite.plan import Plan
-from edgeprune.rewrite.prune import copy_model
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import ScoredGroup, score_groups
 from edgeprune.score.vote import load_entries, nearest, save_entry, vote_blocks, vote_scores

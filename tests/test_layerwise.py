@@ -298,8 +298,8 @@ def test_the_model_without_blocks_is_priced_from_the_whole_models_per_node_profi
     """--drop-blocks: the whole model's per-node profile (8 plans), mapped onto the model without two of its blocks,
     prices that model's plans within 2% after one measurement of it, where its own per-node times of that one
     measurement (each layer's time scaled by its roofline) miss the layers' fixed costs by more than 5%."""
+    from edgeprune.graph.modules import copy_model
     from edgeprune.rewrite.depth import drop_blocks
-    from edgeprune.rewrite.prune import copy_model
 
     structure_of = lambda model: read_structure(model, example)  # noqa: E731  (every group)
     whole = new_model(structure_of(r18), TARGET, "openvino 1.0")

@@ -9,10 +9,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from edgeprune.cli import app
-from edgeprune.score import probe
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import score_groups
-from edgeprune.score.probe import find_unprunable
+from edgeprune.search import probe
+from edgeprune.search.probe import find_unprunable
 
 X = torch.zeros(1, 3, 16, 16)
 
@@ -187,7 +187,7 @@ def test_a_rewrite_that_feeds_the_wrong_channels_is_told_apart():
     with its cut channels silenced. A correct cut passes to float precision; the same widths with the next layer
     reading the wrong inputs (what torch-pruning did to SKNet's path attention and to swapped split slices) run
     and export, and fail it. On skresnet18 the probe keeps its 8 path-attention groups whole for this reason."""
-    from edgeprune.rewrite.plan import GroupPlan, Plan
+    from edgeprune.graph.plan import GroupPlan, Plan
     from edgeprune.rewrite.verify import check_routing
 
     torch.manual_seed(0)

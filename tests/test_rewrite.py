@@ -13,11 +13,12 @@ from conftest import MBV3, R18, SHAPE, Tiny, TinyDeeper, _assert_same_state, _lo
 from torch import nn
 
 from edgeprune.errors import BadInput
-from edgeprune.rewrite.plan import PLAN_VERSION, GroupPlan, Plan
+from edgeprune.graph.groups import build_graph, prunable_groups
+from edgeprune.graph.plan import PLAN_VERSION, GroupPlan, Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.rewrite.recover import IterateAverage, distill, recalibrate_batchnorm
 from edgeprune.score.allocate import uniform_plan
-from edgeprune.score.importance import build_graph, prunable_groups, score_groups
+from edgeprune.score.importance import score_groups
 
 # ---------------------------------------------------------------------------------------------------- apply_plan
 
@@ -354,7 +355,7 @@ def test_models_that_cache_tensors_derived_from_parameters_copy():
     ensure_torchvision_importable()  # before timm is imported: it imports torchvision
     from timm.models.levit import Attention
 
-    from edgeprune.rewrite.prune import copy_model
+    from edgeprune.graph.modules import copy_model
 
     attention = Attention(dim=16, key_dim=4, num_heads=2, resolution=3)
     attention.eval()  # (its train() returns None)

@@ -9,11 +9,12 @@ import torch
 from conftest import MBV3, R18, SHAPE, Tiny, TinyDeeper, _assert_same_state, _load, _randomise_norms, _snapshot, _tiny  # noqa: F401
 from torch import nn
 
+from edgeprune.graph.groups import build_graph, output_layers, prunable_groups
 from edgeprune.model import load_model
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.score.allocate import MAX_RATIO, kept_width, uniform_plan
-from edgeprune.score.importance import build_graph, output_layers, prunable_groups, score_groups
-from edgeprune.score.probe import find_unprunable
+from edgeprune.score.importance import score_groups
+from edgeprune.search.probe import find_unprunable
 
 # ---------------------------------------------------------------------------------------------------- score_groups
 

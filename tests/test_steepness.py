@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from conftest import R18  # noqa: F401
 from torch import nn
 
+from edgeprune.graph.plan import GroupPlan, Plan
 from edgeprune.rewrite.compensate import compensate
-from edgeprune.rewrite.plan import GroupPlan, Plan
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.score.allocate import UNIFORM_STEEPNESS, global_widths, plan_from_widths
 from edgeprune.score.costmodel import new_model
-from edgeprune.score.depth import choose_blocks, without_blocks
 from edgeprune.score.importance import score_groups
-from edgeprune.score.steepness import IMPORTANCE, choose_steepness, output_distance
 from edgeprune.score.structure import read_structure
+from edgeprune.search.depth import choose_blocks, without_blocks
+from edgeprune.search.steepness import IMPORTANCE, choose_steepness, output_distance
 from edgeprune.target import load_target
 
 TARGET = load_target("x86-openvino")
@@ -300,7 +300,7 @@ def test_torch_prunings_uniform_l1_plan_is_one_of_global_allocations_candidates(
     from edgeprune.backends import get_backend
     from edgeprune.loop import SearchContext
     from edgeprune.score.importance import score_groups
-    from edgeprune.score.steepness import CHANNEL_CHOICES, SteepnessChoice
+    from edgeprune.search.steepness import CHANNEL_CHOICES, SteepnessChoice
 
     target = load_target("x86-openvino")
     structure = read_structure(r18, example, [g.module for g in r18_scored])

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from edgeprune._torchvision_shim import ensure_torchvision_importable
 from edgeprune.cli import app
 from edgeprune.data import DataError, load_dataset
+from edgeprune.graph.heads import head_of
+from edgeprune.graph.plan import GroupPlan, Plan
 from edgeprune.model import InputSpec, load_model
-from edgeprune.rewrite.heads import head_of
-from edgeprune.rewrite.plan import GroupPlan, Plan
 from edgeprune.rewrite.prune import apply_plan
 from edgeprune.score.allocate import global_widths, plan_from_widths, uniform_plan
 from edgeprune.score.importance import score_groups, select_structures
@@ -135,7 +135,7 @@ def test_structures_select_heads_or_neurons():
 
 
 def test_text_data_is_tokenised_and_checked(tmp_path):
-    from edgeprune.text import read_text
+    from edgeprune.tokens import read_text
 
     spec = InputSpec(shape=(1, LENGTH), dtype="int64", vocab_size=VOCAB)
     synthetic = load_dataset(None, spec.shape, (), (), 8, spec=spec)

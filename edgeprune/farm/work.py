@@ -16,7 +16,7 @@ from torch import nn
 
 from edgeprune._torchvision_shim import ensure_torchvision_importable
 from edgeprune.backends import Artifact, Measurement, get_backend
-from edgeprune.rewrite.plan import Plan
+from edgeprune.graph.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.target import Target
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgeprune.graph.modules import forward_with_layer_hook
 from edgeprune.text import token_mask, trim_padding
 
 RIDGE = 1e-3
@@ -136,8 +137,6 @@ def _out_size(layer: nn.Module) -> int:
 
 def _forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Conv and linear layers in the order the forward pass runs them (module order can differ)."""
-    from edgeprune.rewrite.prune import forward_with_layer_hook
-
     names = {module: name for name, module in model.named_modules()}
     order: list[str] = []
     forward_with_layer_hook(model, example, lambda m, i, o: order.append(names[m]))

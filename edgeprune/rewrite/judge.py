@@ -46,10 +46,10 @@ class Judge:
     def distance(self, model: nn.Module) -> float:
         """Mean distance of ``model``'s outputs from the reference's: cosine distance of a classifier's logits or of
         embeddings, mean squared error otherwise. Unlike top-1 agreement it tells apart plans that agree on every one
-        of a few samples. Bounded per sample (0-2), where the KL divergence of the softmax (used until the
-        twenty-first session) is not, so that a few confidently wrong samples of 128 can outweigh the rest: of the
-        same candidates at 16 goals of four models, KL picked the plan that kept the most held-out top-1 at 6, the
-        logits' cosine at 9, and a plan that kept more at 7, less at 3 (README, "Which channels ...")."""
+        of a few samples. Bounded per sample (0-2), where the KL divergence of the softmax is not, so that a few
+        confidently wrong samples of 128 can outweigh the rest: of the same candidates at 16 goals of four models, KL
+        picked the plan that kept the most held-out top-1 at 6, the logits' cosine at 9, and a plan that kept more at
+        7, less at 3 (README, "Which channels ...")."""
         model.eval()
         embedding, total, count = is_embedding(self.reference), 0.0, 0
         for x, _, reference in self.outputs():

@@ -20,6 +20,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from edgeprune.graph.groups import build_graph, output_layers
+from edgeprune.graph.modules import copy_model
+
 
 class Decomposed(nn.Sequential):
     """basis → mix; a marker type so that plans and reports can tell a decomposed layer from an ordinary one."""
@@ -73,9 +76,6 @@ def decompose(model: nn.Module, names: list[str] | None = None) -> list[str]:
 def decomposed_copy(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` with every decomposable layer in SVD form, except the output layers (their width is
     the model's output, and a classifier head is cheap), and the names of the layers decomposed."""
-    from edgeprune.rewrite.prune import copy_model
-    from edgeprune.score.importance import build_graph, output_layers
-
     copy_ = copy_model(model)
     outputs = set(output_layers(build_graph(copy_, example)))
     names = [n for n, m in copy_.named_modules() if n and m not in outputs and decomposable(m)]

@@ -6,16 +6,18 @@ build and replays plan.json afterwards, so a build and its replay cannot drift a
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
 
 from edgeprune.errors import BadInput
+from edgeprune.graph.groups import build_graph, prunable_groups
+from edgeprune.graph.modules import copy_model, forward_with_layer_hook
+from edgeprune.graph.plan import Plan
+from edgeprune.rewrite.depth import drop_blocks
 from edgeprune.rewrite.heads import sync_head_counts
-from edgeprune.rewrite.plan import Plan
-from edgeprune.score.importance import build_graph, prunable_groups
+from edgeprune.rewrite.lowrank import decompose
 
 
 def apply_plan(
@@ -32,12 +34,8 @@ def apply_plan(
     """
     target = model if inplace else copy_model(model)
     if plan.notes.get("dropped_blocks"):  # depth pruning: the plan's groups are those of the model without them
-        from edgeprune.rewrite.depth import drop_blocks
-
         drop_blocks(target, list(plan.notes["dropped_blocks"]))
     if plan.notes.get("decomposed"):  # lowrank / double: the plan's groups are those of the SVD form
-        from edgeprune.rewrite.lowrank import decompose
-
         decompose(target, list(plan.notes["decomposed"]))
     graph = build_graph(target, example)
     modules = dict(target.named_modules())
@@ -72,29 +70,6 @@ def apply_plan(
     sync_head_counts(target)  # attention modules whose heads were cut read their head count from attributes
     sync_split_widths(target)
     return target
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model``. timm's LeViT, EfficientFormer and TinyViT cache, in eval mode, attention biases
-    gathered from a parameter (tensors with a grad history) in a dict on the module, and deepcopy refuses such
-    tensors: every group of those models failed to prune for it. Those caches are dropped first (their forward
-    fills them again); anything else deepcopy refuses still raises."""
-    try:
-        return copy.deepcopy(model)
-    except RuntimeError:
-        cleared = 0
-        for module in model.modules():
-            for value in vars(module).values():
-                if isinstance(value, dict) and any(_derived(v) for v in value.values()):
-                    value.clear()
-                    cleared += 1
-        if not cleared:
-            raise
-        return copy.deepcopy(model)
-
-
-def _derived(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.grad_fn is not None
 
 
 def _record_kept(model: nn.Module, names: dict, group) -> None:
@@ -135,18 +110,6 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
     forward_with_layer_hook(model, example, hook)
     params = sum(p.numel() for p in model.parameters())
     return int(total // example.shape[0]), int(params)
-
-
-def forward_with_layer_hook(model: nn.Module, example: torch.Tensor, hook) -> None:
-    """Run ``model`` once on ``example`` with ``hook`` on every conv and linear layer (subclasses included)."""
-    counted = (nn.modules.conv._ConvNd, nn.Linear)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def sync_split_widths(model: nn.Module) -> None:

@@ -14,9 +14,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgeprune.rewrite.heads import head_of
+from edgeprune.graph.heads import head_of
+from edgeprune.graph.modules import copy_model
+from edgeprune.rewrite.compensate import compensate
 from edgeprune.rewrite.judge import Batches, Judge
-from edgeprune.rewrite.prune import copy_model
+from edgeprune.rewrite.prune import apply_plan
 from edgeprune.text import bucket_by_length, is_embedding, trim_padding
 
 
@@ -284,9 +286,6 @@ def recover(model: nn.Module, plan, example: torch.Tensor, score_set, eval_set, 
     distillation: both need the unpruned model's outputs, not labels, and a few labelled samples per class leave the
     refit few rows to fit and distillation few inputs to agree on. ``held_out``: the build's Judge of ``eval_set``
     against ``model`` in batches of ``batch``, whose outputs it has computed already."""
-    from edgeprune.rewrite.compensate import compensate
-    from edgeprune.rewrite.prune import apply_plan
-
     pruned = apply_plan(model, plan, example)
     if held_out is None:  # else the build's, whose outputs are computed already
         held_out = Judge(model, eval_set.batches(batch))

@@ -2,7 +2,7 @@
 
 The artifact check (stage 4) compares the exported model with the *pruned* PyTorch model, so it cannot see a
 rewrite that cut the wrong channels: both sides are wrong alike. torch-pruning has done that silently (a split's
-slices swapped, so a conv was fed its neighbour's channels; score/tp_compat.py). This check can see it. In a copy
+slices swapped, so a conv was fed its neighbour's channels; graph/tp_compat.py). This check can see it. In a copy
 of the unpruned model, every layer that writes a removed channel (each conv, linear and norm that a group cuts the
 outputs of) has that channel's parameters set to zero, so the channel carries exact zeros. Where nothing mixes
 channels on the way (a LayerNorm or GroupNorm over a cut dimension does, and so does a weight-standardised conv,
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgeprune.rewrite.plan import Plan
-from edgeprune.rewrite.prune import copy_model
-from edgeprune.score.importance import build_graph
+from edgeprune.graph.groups import build_graph
+from edgeprune.graph.modules import copy_model
+from edgeprune.graph.plan import Plan
 
 TOLERANCE = 1e-4  # relative to the largest output; float rounding of a correct rewrite stays below 1e-6
 BATCH_NORM = nn.modules.batchnorm._BatchNorm

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from edgeprune.rewrite.plan import GroupPlan, Plan
+from edgeprune.graph.plan import GroupPlan, Plan
 from edgeprune.score.importance import ScoredGroup
 from edgeprune.score.structure import Structure
 
@@ -58,7 +58,7 @@ def uniform_plan(
 GLOBAL_MIN_KEEP = 0.25  # global allocation may cut a cheap-to-keep layer hard, but never below a quarter of it
 ALLOCATIONS = ("global", "uniform")
 # The limit of ever steeper pricing: every group cut to the same fraction, the uniform ratio. Global allocation tries
-# it beside its finite steepnesses (score/steepness.py): on RegNetX-200MF at 0.7 of its latency the uniform ratio
+# it beside its finite steepnesses (search/steepness.py): on RegNetX-200MF at 0.7 of its latency the uniform ratio
 # with taylor's channel choice kept 0.280 top-1 agreement on held-out digits against 0.186-0.238 for steepness 0-4,
 # and it reaches goals below GLOBAL_MIN_KEEP's floor (README, "Scorer benchmark").
 UNIFORM_STEEPNESS = math.inf
@@ -93,7 +93,7 @@ def global_widths(
     channels / its width after the cut) ** steepness. First-order scores add the losses of the channels removed as if
     each went alone; a layer cut to a quarter loses far more than that sum (measured: MobileNetV3's early expansion
     cut 64 → 16 at steepness 0 lost to uniform L1). 0 trusts the scores as they are; larger values spread the cuts
-    towards uniform. Which one suits a model is measured on its data (score/steepness.py).
+    towards uniform. Which one suits a model is measured on its data (search/steepness.py).
 
     Why it matters (measured, tools/bench_scorer.py): with magnitude scores normalised per group, every group's
     channels look alike and the greedy cuts where a channel saves the most time, the high-resolution early layers
@@ -166,7 +166,7 @@ def plan_from_widths(
 def rechoose_channels(plan: Plan, scored: list[ScoredGroup]) -> Plan:
     """``plan``'s widths, each cut group's channels chosen by ``scored``'s scores instead (groups matched by name;
     a group ``scored`` cannot score keeps the plan's choice). Global allocation's other channel choices: widths
-    from the task's importance, channels by weight magnitude or energy (score/steepness.py says when and why)."""
+    from the task's importance, channels by weight magnitude or energy (search/steepness.py says when and why)."""
     by_name = {g.module: g for g in scored}
     groups = []
     for group in plan.groups:

@@ -14,7 +14,7 @@ A group holding a norm that normalises across channels (LayerNorm, GroupNorm: Co
 by L1 magnitude instead. Removing a channel there also rescales every other channel by statistics it was part of,
 which the energy after the norm does not see: ConvNeXt-atto's streams scored by energy kept 0.831 at ratio 0.5,
 by L1 0.868 (its MLPs by energy either way). Raw energy is in no unit shared across groups, so its scores choose
-channels within a group (score/steepness.py), not widths across groups.
+channels within a group (search/steepness.py), not widths across groups.
 """
 
 from __future__ import annotations

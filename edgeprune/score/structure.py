@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeprune.rewrite.plan import Plan
-from edgeprune.rewrite.prune import forward_with_layer_hook
-from edgeprune.score.importance import build_graph, prunable_groups
+from edgeprune.graph.groups import build_graph, prunable_groups
+from edgeprune.graph.modules import forward_with_layer_hook
+from edgeprune.graph.plan import Plan
 
 KINDS = ("conv", "depthwise", "linear")
 # Bytes per activation and per weight at a target precision; dynamic-range int8 keeps float activations.

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from edgeprune.errors import BadInput
-from edgeprune.rewrite.plan import MAX_COUNT, _int, _list, _show, _text
+from edgeprune.graph.groups import build_graph, output_layers
+from edgeprune.graph.plan import MAX_COUNT, read_int, read_list, read_name, short_repr
 from edgeprune.score.costmodel import write_whole
-from edgeprune.score.importance import ScoredGroup, build_graph, output_layers
+from edgeprune.score.importance import ScoredGroup
 
 K_NEAREST = 3
 TIE_BREAK = 1e-3  # weight of the normalised magnitude score against the votes
@@ -99,7 +100,7 @@ def load_entries(bank: Path, spec: str, shape: tuple[int, ...], warn: Callable[[
                 entries.append(_checked_entry(entry, embedding_size, blocks))
         except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not an entry
             if warn is not None:
-                warn(f"bank entry {_show(path.name)} skipped: {' '.join(str(exc).split())[:200]}")
+                warn(f"bank entry {short_repr(path.name)} skipped: {' '.join(str(exc).split())[:200]}")
     return entries
 
 
@@ -112,7 +113,7 @@ def _read_entry(root: Path, path: Path) -> dict:
         raise ValueError(f"not a regular file of at most {MAX_ENTRY_BYTES >> 20} MiB")
     entry = json.loads(real.read_bytes(), parse_constant=_not_finite, parse_float=_finite)
     if not isinstance(entry, dict):
-        raise ValueError(f"not a JSON object but {_show(entry)}")
+        raise ValueError(f"not a JSON object but {short_repr(entry)}")
     if not isinstance(entry.get("model"), str) or not isinstance(entry.get("input_shape"), list):
         raise ValueError("it names no model and input shape")
     return entry
@@ -120,7 +121,7 @@ def _read_entry(root: Path, path: Path) -> dict:
 
 def _checked_entry(entry: dict, embedding_size: int | None, blocks: Collection[str] | None) -> dict:
     """``entry`` where every value vote reads has the type and range it needs; ValueError otherwise."""
-    embedding = _list(entry.get("embedding"), "embedding", MAX_COUNT)
+    embedding = read_list(entry.get("embedding"), "embedding", MAX_COUNT)
     if not embedding or any(isinstance(v, bool) or not isinstance(v, int | float) or abs(v) > 1e6 for v in embedding):
         raise ValueError("embedding is not a list of numbers")  # an L2-normalised mean: each within [-1, 1]
     if embedding_size is not None and len(embedding) != embedding_size:
@@ -129,15 +130,15 @@ def _checked_entry(entry: dict, embedding_size: int | None, blocks: Collection[s
     if not isinstance(kept, dict) or not isinstance(channels, dict) or set(kept) != set(channels):
         raise ValueError("kept and channels are not objects with the same groups")
     for module, indices in kept.items():
-        width = _int(channels[module], f"channels of {_show(module)}", 1, MAX_COUNT)
-        for index in _list(indices, f"kept of {_show(module)}", width):
-            _int(index, f"kept index of {_show(module)}", 0, width - 1)
+        width = read_int(channels[module], f"channels of {short_repr(module)}", 1, MAX_COUNT)
+        for index in read_list(indices, f"kept of {short_repr(module)}", width):
+            read_int(index, f"kept index of {short_repr(module)}", 0, width - 1)
     dropped = entry.get("dropped")
     if dropped is not None:
-        names = [_text(name, "dropped") for name in _list(dropped, "dropped", MAX_COUNT)]
+        names = [read_name(name, "dropped") for name in read_list(dropped, "dropped", MAX_COUNT)]
         unknown = [name for name in names if blocks is not None and name not in blocks]
         if unknown:
-            raise ValueError(f"it removes {_show(unknown[0])}, which is not a residual block of this model")
+            raise ValueError(f"it removes {short_repr(unknown[0])}, which is not a residual block of this model")
     if not isinstance(entry.get("info", {}), dict):
         raise ValueError("info is not an object")
     return entry
@@ -173,8 +174,8 @@ def weight(similarity: float) -> float:
 
 def vote_blocks(entries: list[dict], embedding: torch.Tensor, k: int = K_NEAREST) -> list[str] | None:
     """The residual blocks removed by at least half the similarity weight of the ``k`` nearest entries that record
-    their blocks, most removed first (then by name); None where none of them does (entries written before the
-    thirty-first session stored channels only)."""
+    their blocks, most removed first (then by name); None where none of them does (an entry without ``dropped``
+    records channels only)."""
     near = nearest(entries, embedding, k)
     weights = {i: weight(near[i]) for i in near if isinstance(entries[i].get("dropped"), list)}
     if not weights:
@@ -210,7 +211,7 @@ def vote_scores(scored: list[ScoredGroup], entries: list[dict], embedding: torch
         # channels are worth to this task, so that global allocation still weighs groups against each other: a
         # channel no neighbour kept is nearly free to cut, one every neighbour kept costs its group's mean worth.
         # Shares alone, normalised per group, priced every group alike and cut where a channel saves most time
-        # (vote lost 4 points to taylor with them: README, issue 4).
+        # (vote lost 4 points to taylor with them: README).
         scale = group.scores.abs().mean() if group.comparable else 1.0
         voted.append(replace(group, scores=shares * scale))
     used = [{"similarity": similarity, **entries[i].get("info", {})} for i, similarity in near.items()]

@@ -1,6 +1,7 @@
 """Workarounds for torch-pruning bugs that stop it from tracing real models, each narrow and named.
 
-Applied once, on import of the scorer; every one leaves torch-pruning's behaviour unchanged where it did not fail.
+Applied once, on import of graph/groups.py (which every trace goes through); every one leaves torch-pruning's
+behaviour unchanged where it did not fail.
 """
 
 from __future__ import annotations
