@@ -84,10 +84,10 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
     from edgeprune.rewrite.prune import apply_plan, count_macs_params
     from edgeprune.rewrite.recover import recalibrate_batchnorm
     from edgeprune.score.costmodel import new_model
-    from edgeprune.score.depth import choose_blocks
     from edgeprune.score.importance import score_groups
-    from edgeprune.score.steepness import candidate_name, other_channel_scores
     from edgeprune.score.structure import read_structure
+    from edgeprune.search.depth import choose_blocks
+    from edgeprune.search.steepness import candidate_name, other_channel_scores
     from edgeprune.target import load_target
 
     say = lambda message: None  # noqa: E731
@@ -185,10 +185,10 @@ def _without_blocks(ctx, count, batches: list, scoring: list, profiled: dict, go
 
     from edgeprune.loop import remove_blocks
     from edgeprune.score.costmodel import new_model
-    from edgeprune.score.depth import AUTO
     from edgeprune.score.importance import score_groups
-    from edgeprune.score.steepness import other_channel_scores
     from edgeprune.score.structure import read_structure
+    from edgeprune.search.depth import AUTO
+    from edgeprune.search.steepness import other_channel_scores
 
     score = lambda m: score_groups(m, ctx.example, ctx.method, scoring[:4])  # noqa: E731  (as the build's counts)
     shallow = copy_of(ctx, steepness=None, _macs_cache={}, unprunable={})

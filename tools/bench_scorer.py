@@ -138,9 +138,9 @@ def fidelity(spec: str, weights: str, shape: tuple[int, ...], budget_ms: float, 
     """Build to ``budget_ms`` with ``allocation`` on ``calib``; the fidelity to the unpruned model on ``heldout``."""
     from edgeprune.data import load_dataset
     from edgeprune.errors import EdgepruneError
+    from edgeprune.graph.plan import Plan
     from edgeprune.model import load_model
     from edgeprune.pipeline import BuildOptions, build
-    from edgeprune.rewrite.plan import Plan
     from edgeprune.rewrite.prune import apply_plan
     from edgeprune.target import Budget
 

@@ -45,8 +45,8 @@ def main() -> int:
     from edgeprune.score.allocate import UNIFORM_STEEPNESS, allocate
     from edgeprune.score.costmodel import new_model
     from edgeprune.score.importance import score_groups
-    from edgeprune.score.steepness import STEEPNESSES, output_distance
     from edgeprune.score.structure import read_structure
+    from edgeprune.search.steepness import STEEPNESSES, output_distance
     from edgeprune.target import load_target
 
     target = load_target("x86-openvino")

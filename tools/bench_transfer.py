@@ -111,8 +111,8 @@ def test_accuracy(out: Path, classes: int, side: int, x: torch.Tensor, y: torch.
     """The shipped model rebuilt from plan.json and its saved weights, on the test digits. With ``weights`` (the
     adapted, unpruned model's), that model pruned by the same plan with no recovery at all instead."""
     from edgeprune.adapt import accuracy, replace_head
+    from edgeprune.graph.plan import Plan
     from edgeprune.model import load_model
-    from edgeprune.rewrite.plan import Plan
     from edgeprune.rewrite.prune import apply_plan
 
     example = torch.zeros(1, 3, side, side)

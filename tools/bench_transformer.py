@@ -85,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgeprune.model import load_model
-    from edgeprune.text import read_text, tokenize
+    from edgeprune.tokens import read_text, tokenize
 
     work = Path(tempfile.mkdtemp(prefix="bench-transformer-"))
     write_task(work)

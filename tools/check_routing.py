@@ -34,7 +34,7 @@ def check(name: str, side: int, ratio: float, multiple: int) -> dict:
     from edgeprune.rewrite.verify import check_routing
     from edgeprune.score.allocate import uniform_plan
     from edgeprune.score.importance import score_groups
-    from edgeprune.score.probe import find_unprunable
+    from edgeprune.search.probe import find_unprunable
 
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
