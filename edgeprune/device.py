@@ -30,7 +30,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from edgeprune.board import BOARD, LAUNCH
-from edgeprune.errors import BadInput, EdgepruneError
+from edgeprune.errors import BadInput, DeviceError, DeviceUnreachable
+from edgeprune.farm.pool import DevicePool
 
 RUNNER = Path(__file__).parent / "backends" / "runner.py"
 # Runner flags whose value is a file the runner reads (uploaded to the device) or writes (brought back).
@@ -47,17 +48,6 @@ PYTHON = re.compile(r"/[A-Za-z0-9._+/-]{0,4095}|[A-Za-z0-9._+][A-Za-z0-9._+-]{0,
 FOLDER = re.compile(r"/(?:[A-Za-z0-9._-]+/)*edgeprune\.[A-Za-z0-9_]+")
 # ssh splits an -o value at spaces, quotes and backslashes, and expands '%' in key and known_hosts paths.
 LOCAL_FILE_BAD = re.compile(r"[\s\"'\\%\x00-\x1f\x7f]")
-
-
-class DeviceError(EdgepruneError):
-    """A benchmark or validation run failed on the device: exit code 2, with the step that failed."""
-
-    exit_code = 2
-
-
-class DeviceUnreachable(DeviceError):
-    """The device itself failed (no connection, a step past its timeout), not the model run on it: a device pool
-    sets such a device aside and gives its work to the others (farm/pool.py)."""
 
 
 def _parse_result(done: subprocess.CompletedProcess, where: str) -> dict:
@@ -328,9 +318,7 @@ def open_device(url: str | None, check: bool = True) -> Device:
     """The device a URL names: None or 'local' is this machine, ``ssh://…`` a board (reached once to check), and
     several URLs separated by commas a pool of boards that share a build's benchmarks (farm/pool.py)."""
     if url and "," in url:
-        from edgeprune.farm.pool import DevicePool
-
-        return DevicePool.open([part.strip() for part in url.split(",") if part.strip()], check)
+        return DevicePool([open_device(part.strip(), check) for part in url.split(",") if part.strip()])
     if url in (None, "", "local"):
         return LocalDevice()
     if url.startswith("ssh://"):

@@ -32,6 +32,17 @@ class BudgetNotMet(EdgepruneError):
         self.report = report
 
 
+class DeviceError(EdgepruneError):
+    """A benchmark or validation run failed on the device: exit code 2, with the step that failed."""
+
+    exit_code = 2
+
+
+class DeviceUnreachable(DeviceError):
+    """The device itself failed (no connection, a step past its timeout), not the model run on it: a device pool
+    sets such a device aside and gives its work to the others (farm/pool.py)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every ``finally`` runs: the build removes its partial output folder."""
 

@@ -27,8 +27,8 @@ from edgeprune.rounds import timed_beside_baseline
 from edgeprune.score.allocate import plan_from_widths, uniform_plan
 from edgeprune.score.costmodel import LatencyModel, new_model, profile_path
 from edgeprune.score.importance import score_groups
-from edgeprune.score.probe import find_unprunable
 from edgeprune.score.structure import read_structure
+from edgeprune.search.probe import find_unprunable
 from edgeprune.target import load_target
 
 UNIFORM_RATIOS = (0.25, 0.5, 0.75)

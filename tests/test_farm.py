@@ -17,7 +17,7 @@ import torch
 from sshd import free_port, make_server, sshd_available
 
 from edgeprune.backends import get_backend
-from edgeprune.device import DeviceError, LocalDevice
+from edgeprune.device import DeviceError, LocalDevice, open_device
 from edgeprune.errors import BadInput, BudgetNotMet
 from edgeprune.farm.executor import EXECUTORS_HELP, make_executor
 from edgeprune.farm.pool import DevicePool
@@ -151,7 +151,7 @@ def test_a_pool_shares_benchmarks_and_sets_aside_a_board_that_stops(boards, tmp_
     model = load_model(TINY, input_shape=shape).module
     (tmp_path / "artifact").mkdir()
     artifact = get_backend("openvino").export(model, torch.zeros(shape), tmp_path / "artifact", target)
-    pool = DevicePool.open([server.url() for server in boards])
+    pool = open_device(",".join(server.url() for server in boards))
     for _ in range(2):
         get_backend("openvino").benchmark(artifact, shape, target, pool)
     assert [s["runs"] for s in pool.status()] == [1, 1]

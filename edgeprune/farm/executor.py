@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from edgeprune.errors import BadInput
+from edgeprune.errors import BadInput, DeviceUnreachable
 from edgeprune.farm.pool import DevicePool
 
 EXECUTORS_HELP = "local (this process, the default), ray (a local Ray instance), ray:auto or ray://HOST:PORT"
@@ -108,8 +108,6 @@ class ActorDevice:
         try:
             return _get(self.actor.run_runner.remote(args))  # DeviceUnreachable and DeviceError, as raised there
         except ray.exceptions.RayActorError as exc:  # the actor's process died: as good as an unreachable board
-            from edgeprune.device import DeviceUnreachable
-
             raise DeviceUnreachable(f"{self.label}: its Ray actor died ({type(exc).__name__})") from None
 
 

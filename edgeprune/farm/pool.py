@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from edgeprune.device import DeviceError, DeviceUnreachable, open_device
+from edgeprune.errors import DeviceError, DeviceUnreachable
 
 
 @dataclass
@@ -35,12 +35,6 @@ class DevicePool:
         self.devices = list(devices)
         self.states = [DeviceState(d.label) for d in self.devices]
         self._free = threading.Condition()
-
-    @classmethod
-    def open(cls, urls: list[str], check: bool = True) -> DevicePool:
-        """A pool of the devices ``urls`` name; with ``check``, each is reached once and one that cannot be is bad
-        input, as for a single --device: a build should not start on a pool that is already short."""
-        return cls([open_device(url, check) for url in urls])
 
     @property
     def label(self) -> str:
