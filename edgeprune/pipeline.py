@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from edgeprune.aim import budget_latency_ms
+from edgeprune.context import SearchContext
 from edgeprune.device import LocalDevice
 from edgeprune.errors import BadInput, BudgetNotMet
 from edgeprune.estimate import EstimateDevice
 from edgeprune.farm.executor import make_executor
-from edgeprune.loop import SearchContext, learn_where_time_goes, remove_blocks
+from edgeprune.loop import learn_where_time_goes, remove_blocks
 from edgeprune.options import BATCH, SCORE_BATCHES, STEEPNESS_BATCHES, BuildOptions
 from edgeprune.outdir import new_workdir
 from edgeprune.prepare import prepare
@@ -148,10 +149,10 @@ def choose_blocks(prep: Prepared, ctx: SearchContext, baseline: Baseline, scorin
     importance = prep.method.scores_with
     with timed(say, f"choosing residual blocks to remove ({how})"):
         counts = lambda m: score_or_refuse(m, prep.example, importance, scoring[:4])  # noqa: E731 (64 samples a count)
-        depth, probe = remove_blocks(ctx, prep.drop_blocks, list(prep.score_set.batches(BATCH))[:STEEPNESS_BATCHES],
+        depth, found = remove_blocks(ctx, prep.drop_blocks, list(prep.score_set.batches(BATCH))[:STEEPNESS_BATCHES],
                                      p50, budget_ms, counts, baseline.measurement.runtime)  # fmt: skip
     say(depth.describe())
-    return depth, probe, ctx.latency_model
+    return depth, found.measured, found.whole_cost
 
 
 def set_up_steepness(prep: Prepared, ctx: SearchContext, say) -> None:

@@ -8,9 +8,9 @@ import json
 import platform
 from pathlib import Path
 
+from edgeprune.context import SearchContext
 from edgeprune.estimate import EstimateDevice
 from edgeprune.farm.pool import pool_status
-from edgeprune.loop import SearchContext
 from edgeprune.rounds import Candidate
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.stages import Baseline, Prepared, Scoring, SearchResult, Shipped

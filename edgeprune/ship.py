@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeprune.context import SearchContext
 from edgeprune.errors import BudgetNotMet
 from edgeprune.html import write_html
-from edgeprune.loop import SearchContext
 from edgeprune.options import VALIDATION_SAMPLES
 from edgeprune.outdir import publish
 from edgeprune.report import write_json

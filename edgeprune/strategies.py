@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from edgeprune.budgets import fit_counted_budget, fit_memory_budget
+from edgeprune.context import SearchContext
 from edgeprune.errors import BudgetNotMet
-from edgeprune.loop import SearchContext, search
+from edgeprune.loop import search
 from edgeprune.rounds import Candidate
 from edgeprune.stages import Baseline, Prepared, SearchResult
 
