@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from edgeprune.loop import SearchContext
+from edgeprune.context import SearchContext
 from edgeprune.rounds import Candidate, measure_plan
 from edgeprune.score.memory import artifact_memory_mb
 from edgeprune.score.structure import WEIGHT_BYTES

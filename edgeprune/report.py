@@ -7,11 +7,16 @@ import importlib.metadata
 import json
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from edgeprune.rounds import Candidate
+from edgeprune.context import SearchContext
+from edgeprune.estimate import EstimateDevice
+from edgeprune.farm.pool import pool_status
+from edgeprune.rounds import Candidate
+from edgeprune.score.memory import artifact_memory_mb
+from edgeprune.stages import Baseline, Prepared, Scoring, SearchResult, Shipped
+from edgeprune.validate import MANIFEST, REFERENCE_INPUTS, REFERENCE_OUTPUTS
 
+SCHEMA_VERSION = 1  # report.json's contract (docs/report.md): raised when a field changes meaning or goes
 VERSIONED = ("edgeprune", "torch", "torch-pruning", "timm", "onnx", "onnxruntime", "onnxsim", "openvino", "numpy")
 
 
@@ -79,3 +84,69 @@ def unreachable_message(
         f"budget of {budget_ms:.3g} ms p50 not reached: the fastest candidate (ratio {best.plan.ratio:.2f}) ran at"
         f" {best.latency:.3f} ms on {device} after {len({c.step for c in candidates})} round(s){why}; {advice}"
     )
+
+
+def build_report(prep: Prepared, ctx: SearchContext, baseline: Baseline, scoring: Scoring, found: SearchResult,
+                 shipped: Shipped, seconds: float) -> dict:  # fmt: skip
+    """report.json's contents, from the phases' results (pipeline.py); ``met_budget`` judged as the budget's kind
+    asks: a latency on the final timing, a count or the memory on the shipped artifact."""
+    options, target, budget, chosen = prep.options, prep.target, prep.budget, found.chosen
+    result, device, artifact = shipped.best(baseline.measurement.p50), prep.device, shipped.artifact
+    latency = result.comparable_p50(baseline.measurement.p50)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "target": target.name, "backend": prep.backend.name, "precision": target.precision,
+        "budget": {"kind": budget.kind, "value": budget.value,
+                   "latency_ms": None if prep.counted else baseline.budget_ms},
+        "measured_on": device.label, "device_pool": pool_status(ctx.device),
+        "executor": {"name": ctx.executor.name, "in_flight": options.in_flight},
+        "baseline": {
+            "latency_ms": baseline.measurement.latency(), "macs": baseline.macs, "params": baseline.params,
+            "size_bytes": baseline.size_bytes, "peak_memory_mb": baseline.measurement.peak_memory_mb,
+            "memory": baseline.memory,
+        },
+        "result": {
+            "latency_ms": result.latency(), "macs": chosen.macs, "params": chosen.params,
+            "size_bytes": artifact.size_bytes(), "peak_memory_mb": result.peak_memory_mb,
+            "speedup": (result.reference_p50 or baseline.measurement.p50) / result.p50, "ratio": chosen.plan.ratio,
+            "comparable_p50": latency, "final_tries_p50": [m.p50 for m in shipped.finals],
+            "macs_ratio": chosen.macs / baseline.macs, "params_ratio": chosen.params / baseline.params,
+            "memory": artifact_memory_mb(artifact.files["onnx"], target.precision),
+        },
+        "met_budget": latency <= baseline.budget_ms,
+        "iterations": [c.to_dict() for c in found.candidates],
+        "accepted_step": chosen.step,
+        "validation": shipped.validation.to_dict(),
+        "quality": shipped.recovery, "adapted": prep.adapted,
+        "method": prep.method.name, "seed": options.seed, "allocation": None if options.plan else options.allocation,
+        "cost_model": None if options.plan else found.cost_model,
+        "steepness": ctx.steepness.to_dict() if ctx.steepness else None,
+        "depth": scoring.depth.to_dict() if scoring.depth else None,
+        "unprunable": [{"module": name, "reason": reason} for name, reason in sorted(ctx.unprunable.items())],
+        "model": {"spec": options.model, "weights": options.weights, "input_shape": list(prep.example.shape),
+                  "unpickling_granted_by": prep.unpickling},
+        "data": {"calib": prep.data.source, "synthetic": prep.data.synthetic, "samples": len(prep.data)},
+        "runtime": result.runtime, "threads": result.threads,
+        "artifacts": {role: path.name for role, path in artifact.files.items()}
+        | {"plan": "plan.json", "pytorch_state_dict": "pruned_state_dict.pt", "report": "report.json",
+           "reference_inputs": REFERENCE_INPUTS, "reference_outputs": REFERENCE_OUTPUTS, "manifest": MANIFEST,
+           "html": "report.html"},
+        "versions": versions(),
+        "build_seconds": round(seconds, 1),
+    }  # fmt: skip
+    if device.label == "local" and prep.backend.name == "tflite":  # LiteRT runs on the host too, not as on the board
+        report["host_measurement"] = (
+            f"measured with LiteRT on this machine's CPU, not on a {target.name} board; pass --device ssh://… to"
+            " measure on the board"
+        )
+    if isinstance(device, EstimateDevice):
+        report["not_measured"] = (
+            f"nothing was measured on a {target.name} device: every latency here is a roofline estimate from the"
+            " profile's [estimate] figures, and the outputs were checked with ONNX Runtime (fp32), not"
+            f" {prep.backend.name}"
+        )
+    if budget.kind == "memory_mb":  # the shipped artifact's own graph, computed again
+        report["met_budget"] = report["result"]["memory"]["total_mb"] <= budget.value
+    elif prep.counted:  # met by construction (counted exactly); the latency is reported, not judged
+        report["met_budget"] = report["result"][budget.kind] <= budget.value
+    return report

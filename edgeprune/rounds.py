@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from edgeprune.backends import Artifact, Measurement
+from edgeprune.context import Say, SearchContext, lower_quiet_level
 from edgeprune.device import LocalDevice
 from edgeprune.farm.work import CandidateJob, evaluate
 from edgeprune.rewrite.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
 
-if TYPE_CHECKING:
-    from edgeprune.loop import SearchContext
-
-Say = Callable[[str], None]
 FINAL_TRIES = 3  # measurements of the final artifact, when it measures over budget while its round did not
 # Before the n-th try again of the final artifact, a pause of n times this: the machine's slow state lasts ~50 s here
 # (2026-12-04), longer than three tries back to back, and a 2x build failed its final check in it (0.475 ms against
@@ -91,12 +87,9 @@ def measure_plans(ctx: SearchContext, plans: list[Plan], baseline_p50: float, st
     """The candidates of one round, evaluated on the executor (farm/work.py): all at once where it has workers;
     with ``quality``, each one's held-out quality before recovery too (for the report's trade-off plot)."""
     names = [f"round-{step}" if len(plans) == 1 else f"round-{step}-{i + 1}" for i in range(len(plans))]
-    key = (id(ctx.model), ctx.reference, ctx.quiet_reference_ms)
-    if ctx._shared is None or ctx._shared[0] != key:  # sent to the workers once per build, not once per candidate
-        ctx._shared = (key, ctx.executor.share(ctx.share()))
     jobs = [CandidateJob(plan, name) for plan, name in zip(plans, names, strict=True)]
     candidates = []
-    for plan, done in zip(plans, ctx.executor.map(evaluate, ctx._shared[1], jobs), strict=True):
+    for plan, done in zip(plans, ctx.executor.map(evaluate, ctx.shared(), jobs), strict=True):
         held_out = ctx.evaluate(apply_plan(ctx.model, plan, ctx.example)) if ctx.evaluate and quality else None
         measurement = done.measurement
         lower_quiet_level(ctx, measurement)
@@ -120,14 +113,6 @@ def round_zero(ctx: SearchContext, plan: tuple[Plan, int, int], measured: tuple[
     held_out = ctx.evaluate(apply_plan(ctx.model, plan, ctx.example)) if ctx.evaluate else None
     latency = measurement.comparable_p50(baseline_p50)
     return Candidate(0, plan, macs, params, measurement, artifact, latency, held_out)
-
-
-def lower_quiet_level(ctx: SearchContext, measurement: Measurement) -> None:
-    """Lower the quiet level to the reference's p50 alongside this candidate where it ran quicker: contention only
-    adds time. A baseline timed in the slow state had set the level ~1.45x high, where no timing could be told slow
-    (2026-12-04: the demo failed its final check in two builds of three, its slow timings at 1.0x and 1.4x)."""
-    if ctx.quiet_reference_ms and measurement.reference_p50:
-        ctx.quiet_reference_ms = min(ctx.quiet_reference_ms, measurement.reference_p50)
 
 
 def slow_state(measurement: Measurement) -> str:

@@ -159,7 +159,7 @@ def test_a_round_in_the_band_is_timed_again_before_it_is_accepted(r18, r18_score
     assert len(ctx.latency_model.samples) == samples + 1 and confirmed.plan is plan
     # In a search, the plan shipped truly meets the budget (without the second timing: 0.4% over).
     target = _LowFirst()  # no plan timed yet: every first timing reads fast
-    ctx.executor, ctx._shared = target, None
+    ctx.executor = target  # a new executor: the shared inputs are sent to it anew
     ctx.latency_model = new_model(ctx.structure, TARGET, "simulated-low-first-search")
     chosen, candidates, _ = search(ctx, (target.measure(r18, example), None), budget, max_rounds=6)
     assert chosen is not None and chosen.latency <= GUARD * budget
