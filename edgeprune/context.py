@@ -18,14 +18,14 @@ from edgeprune.device import Device
 from edgeprune.errors import BadInput
 from edgeprune.farm.executor import LocalExecutor
 from edgeprune.farm.work import BuildShare, export_and_measure
-from edgeprune.rewrite.plan import Plan
+from edgeprune.graph.plan import Plan
 from edgeprune.rewrite.prune import apply_plan, count_macs_params
 from edgeprune.score.allocate import allocate, rechoose_channels, uniform_plan
 from edgeprune.score.costmodel import LatencyModel
 from edgeprune.score.importance import ScoredGroup
-from edgeprune.score.probe import find_unprunable
-from edgeprune.score.steepness import IMPORTANCE, SteepnessChoice, choose_steepness
 from edgeprune.score.structure import Structure
+from edgeprune.search.probe import find_unprunable
+from edgeprune.search.steepness import IMPORTANCE, SteepnessChoice, choose_steepness
 from edgeprune.target import Target
 
 Say = Callable[[str], None]
@@ -69,7 +69,7 @@ class SearchContext:
     structure: Structure | None = None  # the layers and groups as numbers: costs of a plan without pruning a copy
     latency_model: LatencyModel | None = None
     allocation: str = "global"
-    # Task batches global allocation's steepness is chosen on (score/steepness.py), at the first plan it makes; without
+    # Task batches global allocation's steepness is chosen on (search/steepness.py), at the first plan it makes; without
     # them (synthetic data), steepness 0. The choice, once settled (made between different plans), holds for every
     # later plan of the build.
     steepness_batches: list | None = None
@@ -77,7 +77,7 @@ class SearchContext:
     steepness: SteepnessChoice | None = None
     # The same groups scored for another choice of which channels a cut group keeps (the keys of
     # steepness.CHANNEL_CHOICES: "l2", "l1" magnitude, "energy"), judged beside the build's own scores on the steepness
-    # batches (score/steepness.py). Empty: none offered.
+    # batches (search/steepness.py). Empty: none offered.
     channel_scores: dict[str, list[ScoredGroup]] = field(default_factory=dict)
     compensating: bool = False  # the build refits by least squares after pruning (steepness is judged after it too)
     # The model with every block where the depth choice removed some (``model`` is then the model without them): the

@@ -26,9 +26,9 @@ from edgeprune.rewrite.prune import apply_plan
 from edgeprune.rewrite.recover import recalibrate_batchnorm
 from edgeprune.rounds import Candidate, confirm, measure_plans
 from edgeprune.score.costmodel import LatencyModel, new_model
-from edgeprune.score.depth import DepthChoice, choose_depth, without_blocks
 from edgeprune.score.importance import ScoredGroup
 from edgeprune.score.structure import read_structure
+from edgeprune.search.depth import DepthChoice, choose_depth, without_blocks
 
 __all__ = ["BAND_LOW", "GUARD", "SearchContext", "closest_within", "learn_where_time_goes", "remove_blocks", "search"]
 
@@ -219,7 +219,7 @@ def remove_blocks(ctx: SearchContext, count: int | str | list[str], batches: lis
                   runtime: str = "", order: DepthChoice | None = None,
                   ) -> tuple[DepthChoice, DepthFound]:  # fmt: skip
     """--drop-blocks: choose ``count`` residual blocks (or, ``auto``, as many as keep the task's outputs closest once
-    channels are cut to the budget: score/depth.py; a list: those blocks, as vote's bank voted) on the task's
+    channels are cut to the budget: search/depth.py; a list: those blocks, as vote's bank voted) on the task's
     ``batches``; ``ctx.model`` becomes the model without them, the search's starting point. ``score`` scores a
     model's groups as the build does, ``runtime`` keys its cost model; ``order``: every block in the order chosen,
     where known (it does not depend on the budget). Returns the choice and what it measured (DepthFound)."""

@@ -53,7 +53,7 @@ class BuildOptions:
     config: str | None = None  # the project config the settings came from, if any
     key_file: str | None = None  # manifest.json is signed with this key (HMAC-SHA256; validate --key-file checks it)
     allocation: str = "global"  # or "uniform": the same fraction of every group (for comparison)
-    steepness: float | None = None  # global allocation's; None: chosen on the task's data (score/steepness.py)
+    steepness: float | None = None  # global allocation's; None: chosen on the task's data (search/steepness.py)
     structures: str = "all"  # or "heads" / "neurons": only attention heads, or all but them (score/importance.py)
     executor: str | None = None  # where candidates run: this process (None, "local") or Ray (farm/executor.py)
     in_flight: int = 1  # candidates per round

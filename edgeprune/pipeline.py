@@ -36,10 +36,10 @@ from edgeprune.rounds import measure_plan, round_zero, timed, timed_beside_basel
 from edgeprune.score.costmodel import new_model, profile_path
 from edgeprune.score.importance import score_groups, select_structures
 from edgeprune.score.memory import artifact_memory_mb
-from edgeprune.score.probe import keep_unprunable_whole
-from edgeprune.score.steepness import SteepnessChoice, other_channel_scores
 from edgeprune.score.structure import read_structure
 from edgeprune.score.vote import vote_scores
+from edgeprune.search.probe import keep_unprunable_whole
+from edgeprune.search.steepness import SteepnessChoice, other_channel_scores
 from edgeprune.ship import check_met, export_and_check, publish_build
 from edgeprune.stages import Baseline, Prepared, Scoring, SearchResult
 from edgeprune.strategies import STRATEGIES
@@ -157,7 +157,7 @@ def choose_blocks(prep: Prepared, ctx: SearchContext, baseline: Baseline, scorin
 
 def set_up_steepness(prep: Prepared, ctx: SearchContext, say) -> None:
     """Global allocation's steepness: as given, or chosen on the task's batches at its first plan
-    (score/steepness.py)."""
+    (search/steepness.py)."""
     options = prep.options
     if options.steepness is not None:
         ctx.steepness = SteepnessChoice(options.steepness, {}, 0)
@@ -165,7 +165,7 @@ def set_up_steepness(prep: Prepared, ctx: SearchContext, say) -> None:
         ctx.steepness_batches = list(prep.score_set.batches(BATCH))[:STEEPNESS_BATCHES]
         if prep.calib is not None and not prep.calib.synthetic:  # the final refit fits on them too (recover)
             ctx.steepness_unlabelled = list(prep.calib.batches(BATCH))[:STEEPNESS_BATCHES]
-        # Channels by magnitude or energy, judged beside the scores' own choice (score/steepness.py);
+        # Channels by magnitude or energy, judged beside the scores' own choice (search/steepness.py);
         # vote's channels are the earlier tasks' choice, which is its point.
         gradients = prep.method.scores_with in ("fisher", "taylor")
         if gradients and not prep.method.votes and options.allocation == "global":

@@ -15,16 +15,17 @@ from edgeprune.data import Dataset, labels_in_label_space, load_dataset, split_h
 from edgeprune.device import open_device
 from edgeprune.errors import BadInput
 from edgeprune.estimate import measuring_device
+from edgeprune.graph.plan import Plan
 from edgeprune.methods import BUILD_METHODS, Method, method_names, resolve_method
 from edgeprune.model import load_model
 from edgeprune.options import BATCH, IMAGE_SAMPLES, TRAIN_IMAGE_SAMPLES, BuildOptions
 from edgeprune.outdir import claim_output, input_paths
 from edgeprune.rewrite.depth import residual_blocks
-from edgeprune.rewrite.plan import Plan
+from edgeprune.rewrite.plan import check_plan
 from edgeprune.score.allocate import ALLOCATIONS
-from edgeprune.score.depth import check_drop_blocks
 from edgeprune.score.importance import STRUCTURES
 from edgeprune.score.vote import load_entries, nearest, task_embedding, vote_blocks
+from edgeprune.search.depth import check_drop_blocks
 from edgeprune.stages import Prepared
 from edgeprune.target import load_target
 from edgeprune.validate import read_key
@@ -138,7 +139,7 @@ def prepare(options: BuildOptions, say) -> Prepared:
     pinned = None
     if options.plan:  # checked whole against the model before anything slow
         pinned = Plan.load_pinned(options.plan, tuple(example.shape))
-        pinned.check_against(model, example)
+        check_plan(pinned, model, example)
     bank = read_bank(options, method, model, example, data, drop_blocks, say)
     drop_blocks = drop_blocks if bank.voted_blocks is None else bank.voted_blocks
     adapted = adapt_to_task(model, example, data, options.adapt_steps, BATCH, say) if options.train else None

@@ -17,7 +17,7 @@ from edgeprune.backends import Artifact, Measurement
 from edgeprune.context import Say, SearchContext, lower_quiet_level
 from edgeprune.device import LocalDevice
 from edgeprune.farm.work import CandidateJob, evaluate
-from edgeprune.rewrite.plan import Plan
+from edgeprune.graph.plan import Plan
 from edgeprune.rewrite.prune import apply_plan
 
 FINAL_TRIES = 3  # measurements of the final artifact, when it measures over budget while its round did not

@@ -14,11 +14,11 @@ from edgeprune.backends import Artifact, Backend, Measurement
 from edgeprune.backends.base import Validation
 from edgeprune.data import Dataset
 from edgeprune.device import Device
+from edgeprune.graph.plan import Plan
 from edgeprune.methods import Method
 from edgeprune.options import BuildOptions
-from edgeprune.rewrite.plan import Plan
 from edgeprune.rounds import Candidate
-from edgeprune.score.depth import DepthChoice
+from edgeprune.search.depth import DepthChoice
 from edgeprune.target import Budget, Target
 
 

@@ -21,6 +21,7 @@ from edgeprune.graph.modules import copy_model
 from edgeprune.graph.plan import Plan
 from edgeprune.rewrite.depth import drop_blocks, residual_blocks, with_dropped
 from edgeprune.rewrite.lowrank import decomposed_copy, with_decomposition
+from edgeprune.rewrite.plan import check_plan
 from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import ScoredGroup, score_groups
 from edgeprune.score.vote import load_entries, nearest, save_entry, vote_blocks, vote_scores
@@ -55,7 +56,7 @@ def _bad_plan(path: Path, model: torch.nn.Module) -> str:
     """Load and check the plan at ``path`` as a replay would: BadInput (exit 2) with a short one-line message."""
     started = time.perf_counter()
     with pytest.raises(BadInput) as info:
-        Plan.load(path).check_against(model, EXAMPLE)
+        check_plan(Plan.load(path), model, EXAMPLE)
     message = str(info.value)
     assert info.value.exit_code == 2 and "\n" not in message and len(message) < 400, message
     assert time.perf_counter() - started < 10
@@ -67,7 +68,7 @@ def test_a_real_plan_passes_the_check_and_replays(resnet_and_plan, tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(data))
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.notes["dropped_blocks"] == ["stage1.0", "stage1.1"] and "stem.0" in plan.notes["decomposed"]
-    plan.check_against(model, EXAMPLE)  # a replay on a copy: the model itself is untouched
+    check_plan(plan, model, EXAMPLE)  # a replay on a copy: the model itself is untouched
     assert len(residual_blocks(model, EXAMPLE)) == 3
 
 

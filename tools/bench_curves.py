@@ -12,7 +12,7 @@ there when missing), after `edgeprune profile` has fitted the latency model:
   allocation with the steepness and the channel choice (fisher's, L2 or L1 magnitude's, energy's) a build to that
   latency would choose on 128 of them (chosen for each plan at its own goal); first, as a build does by default
   (--drop-blocks auto), the residual blocks whose removal keeps the outputs closest once channels meet the goal
-  (score/depth.py; `--drop-blocks 0`: channels only, the default before the twenty-sixth session); uniform:
+  (search/depth.py; `--drop-blocks 0`: channels only, the default before the twenty-sixth session); uniform:
   magnitude (L1) scores and the same fraction of every group, rounded to the same multiple (Torch-Pruning's uniform
   L1). Each at --fractions of the unpruned model's predicted latency.
 - every plan is pruned and its batch norm recalibrated on 192 training digits (what a build does without
@@ -116,7 +116,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
         ctx.structure = read_structure(model, example, [g.module for g in scored])
         ctx.latency_model = new_model(ctx.structure, target, profiled["runtime"])
         ctx.steepness_batches = batches[:8] if allocation == "global" else None
-        # A build's other channel choice, judged beside its scores' (score/steepness.py)
+        # A build's other channel choice, judged beside its scores' (search/steepness.py)
         if allocation == "global":
             ctx.channel_scores = other_channel_scores(model, example, batches[:8], say)
         full = ctx.latency_model.predict(ctx.structure.full_widths())
@@ -183,6 +183,7 @@ def _without_blocks(ctx, count, batches: list, scoring: list, profiled: dict, go
     the steepness and channels chosen at the first plan."""
     from dataclasses import replace as copy_of
 
+    from edgeprune.context import SearchMemo
     from edgeprune.loop import remove_blocks
     from edgeprune.score.costmodel import new_model
     from edgeprune.score.importance import score_groups
@@ -191,11 +192,11 @@ def _without_blocks(ctx, count, batches: list, scoring: list, profiled: dict, go
     from edgeprune.search.steepness import other_channel_scores
 
     score = lambda m: score_groups(m, ctx.example, ctx.method, scoring[:4])  # noqa: E731  (as the build's counts)
-    shallow = copy_of(ctx, steepness=None, _macs_cache={}, unprunable={})
+    shallow = copy_of(ctx, steepness=None, memo=SearchMemo(), unprunable={})
     count = AUTO if count == AUTO else int(count)
-    depth, _ = remove_blocks(shallow, count, batches[:8], profiled["baseline_p50"], goal_ms, score,
-                             profiled["runtime"], order)  # fmt: skip
-    whole = shallow.latency_model  # the whole model's profile, as remove_blocks left it: priced as a build prices
+    depth, found = remove_blocks(shallow, count, batches[:8], profiled["baseline_p50"], goal_ms, score,
+                                 profiled["runtime"], order)  # fmt: skip
+    whole = found.whole_cost  # the whole model's profile: the model without the blocks is priced as a build prices
     if depth.dropped:
         shallow.scored = score_groups(shallow.model, ctx.example, ctx.method, scoring)
         shallow.structure = read_structure(shallow.model, ctx.example, [g.module for g in shallow.scored])

@@ -283,7 +283,7 @@ def main() -> int:
         # How deep each seed's plan is, and how many rounds found it: a plan shipped faster than the budget needs
         # (a round that measured slow) costs accuracy, and explains much of the spread between seeds.
         # Timings taken again because the machine was in its slow state (backends/base.py), where there were any.
-        # And what global allocation chose (a steepness, or the uniform ratio: score/steepness.py), where it chose.
+        # And what global allocation chose (a steepness, or the uniform ratio: search/steepness.py), where it chose.
         depth = " ".join("-" if "error" in r else f"{r['speedup']:.2f}x ({r['rounds']}{_slow(r)}{_chose(r)})"
                          for r in runs)  # fmt: skip
         rows.append([str(per_class), method, str(steps), f"{statistics.mean(acc):.3f}{spread} (n={len(acc)}{failed})",

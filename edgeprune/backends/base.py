@@ -28,7 +28,7 @@ NODE_TIME_RUNS = 100  # runs whose per-node times give each node's median: a few
 # This machine has a slow state that lasts a whole benchmark process: in it the unpruned model timed alongside ran ~1.5x
 # its quiet p50 and a half-width model ~1.7x, so the ratio of the two moved from 0.52 to 0.61 (docs/measurement.md, "The
 # slow state"): timing beside a reference does not cancel it. A timing whose reference ran this much over the quiet
-# level (the quickest the build has seen the reference run: rounds.lower_quiet_level) is taken again, at most
+# level (the quickest the build has seen the reference run: context.lower_quiet_level) is taken again, at most
 # SLOW_STATE_TRIES times in all, and the try whose reference ran quickest counts. Out of that state the reference
 # alongside a half-width candidate ran 1.00-1.23x (median 1.07) its p50 alone (tools/bench_repeatability.py,
 # EfficientNet-Lite0 at 64); in it, 1.45-1.47x the quickest (2026-12-04, the demo's model at 224: 7.2-7.3 ms against

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 from edgeprune.errors import BadInput
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
+    pass
 
 PLAN_VERSION = 1
 MAX_PLAN_BYTES = 64 << 20  # a large model's plan takes a few MB: a larger file is refused unread
@@ -94,12 +93,6 @@ class Plan:
                        notes=_notes(data.get("notes", {})))  # fmt: skip
         except ValueError as exc:
             raise BadInput(f"plan is malformed: {exc}") from None
-
-    def check_against(self, model: nn.Module, example: torch.Tensor) -> None:
-        """BadInput unless this plan replays on ``model`` (rewrite/plan.check_plan, which callers should call)."""
-        from edgeprune.rewrite.plan import check_plan  # an upward import, allow-listed in tests/test_layers.py
-
-        check_plan(self, model, example)
 
     @classmethod
     def load_pinned(cls, path: str, input_shape: tuple[int, ...]) -> Plan:
