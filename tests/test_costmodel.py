@@ -22,9 +22,7 @@ from edgeprune.target import load_target
 TARGET = load_target("x86-openvino")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # each test measures and caches afresh
 
 
 @pytest.fixture

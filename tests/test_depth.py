@@ -3,17 +3,12 @@ removed by the plan, replayed from plan.json, and the search started from the mo
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import R18
+from conftest import R18, TINY_MODELS, run_build, tiny_model, write_digits
 from test_search import _SkewedTarget
 
 from edgeprune.backends import get_backend
@@ -39,16 +34,11 @@ from edgeprune.score.importance import score_groups
 from edgeprune.score.structure import read_structure
 from edgeprune.target import load_target
 
-TINY = Path(__file__).parent / "data" / "tiny_models.py"
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
 
 def _tiny_resnet() -> torch.nn.Module:
-    spec = importlib.util.spec_from_file_location("tiny_models", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    model = module.resnet().eval()
+    model = tiny_model("resnet")
     with torch.no_grad():  # trained-looking statistics, so that every block does something
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -226,7 +216,7 @@ def test_a_compensating_depth_choice_refits_against_the_whole_model_and_judges_o
     monkeypatch.setattr(loop, "compensate", compensate)
     monkeypatch.setattr(depth, "Judge", Judge)
     score = lambda m: score_groups(m, EXAMPLE, "magnitude")  # noqa: E731
-    ctx = Simulated(model, EXAMPLE, score(model), f"{TINY}:resnet", "magnitude", target, get_backend("openvino"),
+    ctx = Simulated(model, EXAMPLE, score(model), f"{TINY_MODELS}:resnet", "magnitude", target, get_backend("openvino"),
                     None, tmp_path, say=lambda _: None, compensating=True)  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(6, 3, 32, 32, generator=generator), None) for _ in range(4)]
@@ -239,25 +229,15 @@ def test_a_compensating_depth_choice_refits_against_the_whole_model_and_judges_o
     assert ctx.unpruned is (model if choice.dropped else None)
 
 
-def _digits(path: Path) -> None:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    chosen = np.concatenate([np.flatnonzero(data.target == c)[:12] for c in range(10)])
-    images = np.kron(data.images[chosen].astype(np.float32) / 16.0, np.ones((4, 4), np.float32))
-    np.savez(path, x=(np.repeat(images[:, None], 3, axis=1) - 0.5) / 0.5, y=data.target[chosen].astype(np.int64))
-
-
-def _build(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", f"{TINY}:resnet", "--out",
-               str(tmp_path / name), "--json", "--adapt-steps", "10", "--recover-steps", "3", *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=400,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
+def _build(tmp_path: Path, name: str, *args: str):
+    """A build of the tiny resnet into ``tmp_path / name``, with short adaptation and recovery."""
+    return run_build("--model", f"{TINY_MODELS}:resnet", "--out", str(tmp_path / name), "--json", "--adapt-steps", "10",
+                     "--recover-steps", "3", *args)  # fmt: skip
 
 
 def test_build_drops_blocks_then_cuts_channels_and_the_plan_replays(tmp_path):
     pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
-    _digits(tmp_path / "task.npz")
+    write_digits(tmp_path / "task.npz", per_class=12)
     done = _build(tmp_path, "a", "--train", str(tmp_path / "task.npz"), "--drop-blocks", "2", "--macs-ratio", "0.5")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
@@ -285,7 +265,7 @@ def test_build_with_auto_judges_counts_of_blocks_on_the_task_and_ships_the_close
     the report with its plan's distance, the count it shipped is the closest of those that reached the budget, and
     the plan names its blocks."""
     pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
-    _digits(tmp_path / "task.npz")
+    write_digits(tmp_path / "task.npz", per_class=12)
     done = _build(tmp_path, "a", "--train", str(tmp_path / "task.npz"), "--speedup", "1.5", "--method", "taylor")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
@@ -313,7 +293,7 @@ def test_a_vote_build_removes_the_blocks_its_bank_removed_instead_of_judging_cou
     bank removed (here one task: all of its blocks), instead of judging counts on its own few samples; the bank
     entry records the blocks, the plan and the report name them."""
     pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
-    _digits(tmp_path / "task.npz")
+    write_digits(tmp_path / "task.npz", per_class=12)
     bank = str(tmp_path / "bank")
     task = ["--train", str(tmp_path / "task.npz"), "--speedup", "1.5", "--bank", bank]
     done = _build(tmp_path, "a", *task, "--method", "taylor", "--drop-blocks", "2")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CNN
 from sshd import free_port, make_server, sshd_available
 
 from edgeprune.backends import get_backend
@@ -27,7 +27,7 @@ from edgeprune.pipeline import BuildOptions, build
 from edgeprune.target import BenchmarkSettings, Budget, load_target
 
 ray = pytest.importorskip("ray")
-TINY = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
+TINY = TINY_CNN
 QUICK = BenchmarkSettings(warmup=2, iterations=10, windows=1, min_timed_s=0.0, min_warmup_s=0.0)
 needs_sshd = pytest.mark.skipif(not sshd_available(), reason="needs /usr/sbin/sshd (apt-get install openssh-server)")
 
@@ -41,11 +41,9 @@ def ray_instance():
 
 
 def _build(tmp_path: Path, name: str, **options) -> dict:
-    os.environ["EDGEPRUNE_CACHE"] = str(tmp_path / f"cache-{name}")  # each build starts from no measurement
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # each build starts from no measurement; the session's cache after
+        patch.setenv("EDGEPRUNE_CACHE", str(tmp_path / f"cache-{name}"))
         return build(BuildOptions(model=TINY, out=tmp_path / name, **options), say=lambda _: None)
-    finally:
-        os.environ.pop("EDGEPRUNE_CACHE")
 
 
 def test_bad_executor_and_in_flight_are_one_line_errors(tmp_path):
@@ -96,13 +94,12 @@ def _fails(_, value):
     raise BadInput(f"--in-flight must be at least 1, got {value}")
 
 
-def test_a_config_builds_its_targets_at_once_on_ray(ray_instance, tmp_path, monkeypatch):
+def test_a_config_builds_its_targets_at_once_on_ray(ray_instance, tmp_path, private_cache):
     """Two targets of one config, each built in a Ray task of its own: both folders complete, reports in order."""
     (tmp_path / "edgeprune.toml").write_text(
         f'model = "{TINY}"\nrecover_steps = 0\nexecutor = "ray"\n'
         '[[targets]]\nname = "jetson-orin"\nspeedup = 1.5\n[[targets]]\nname = "jetson-orin-nano"\nspeedup = 1.5\n'
     )
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
     jobs, _ = plan_jobs({"out": str(tmp_path / "out")}, {}, tmp_path / "edgeprune.toml")
     said = []
     results = run_jobs(jobs, said.append, announce=True)

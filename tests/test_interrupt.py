@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_CNN
 
 # A conv stack built in code: the stages are the same as a big model's, only quicker to reach.
-MODEL = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
+MODEL = TINY_CNN
 BUILD = [sys.executable, "-m", "edgeprune.cli", "build", "--model", MODEL, "--input-shape", "1,3,64,64", "--out", "out"]
 
 

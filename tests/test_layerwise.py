@@ -18,9 +18,7 @@ from edgeprune.target import load_target
 TARGET = load_target("x86-openvino")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # each test measures and caches afresh
 
 
 def test_node_names_are_attributed_to_the_layer_whose_scope_they_carry():

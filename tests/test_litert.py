@@ -8,12 +8,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import without_quick_profiles
+from conftest import TINY_CNN, without_quick_profiles
 from torch import nn
 
 from edgeprune.backends import get_backend
@@ -105,7 +104,7 @@ def test_build_for_arm_tflite_meets_a_measured_speedup(tmp_path):
     # bundled EfficientNet-Lite0's conversion takes 20-30 s on this machine (the same build took 2 minutes). It has no
     # residual branches, so random weights leave nothing for LiteRT's converter to fold away (a random timm ResNet's
     # zero-initialised last BNs do), and its latency is its convolutions.
-    model = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
+    model = TINY_CNN
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--target", "arm-tflite", "--model", model,
                "--input-shape", "1,3,96,96", "--speedup", "2", "--out", str(out), "--json"]  # fmt: skip
     env = without_quick_profiles(dict(os.environ, PYTHONWARNINGS="ignore"))  # the speedup is judged
