@@ -40,6 +40,7 @@ def make_folder(root: Path) -> Path:
     return make_sample().make_image_folder(root, classes=2, per_class=8, size=64)
 
 
+@pytest.mark.slow
 def test_build_with_an_image_folder_uses_fisher_and_recovers(tmp_path):
     # The budget is one the model meets for sure: this test is about the data path, not about latency (a 64x64
     # MobileNetV3 runs in about 0.3 ms, where a 1.2x budget is within the machine's noise).
@@ -65,6 +66,7 @@ def test_build_with_an_image_folder_uses_fisher_and_recovers(tmp_path):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["met_budget"] is True
 
 
+@pytest.mark.slow
 def test_recovery_after_pruning_keeps_the_better_weights():
     """recover() on a real 50% plan with real images: it reports before/after and ships the better of the two."""
     torch.manual_seed(0)

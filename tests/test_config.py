@@ -51,6 +51,7 @@ def project(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_build_with_no_flags_builds_every_target(project):
     result = CliRunner().invoke(app, ["build", "--json"])
     assert result.exit_code == 0, result.stderr

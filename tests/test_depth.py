@@ -235,6 +235,7 @@ def _build(tmp_path: Path, name: str, *args: str):
                      "--recover-steps", "3", *args)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_build_drops_blocks_then_cuts_channels_and_the_plan_replays(tmp_path):
     pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
     write_digits(tmp_path / "task.npz", per_class=12)
@@ -260,6 +261,7 @@ def test_build_drops_blocks_then_cuts_channels_and_the_plan_replays(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_build_with_auto_judges_counts_of_blocks_on_the_task_and_ships_the_closest(tmp_path):
     """A build with task data and a speedup budget (``--drop-blocks auto`` by default): each count it tried is in
     the report with its plan's distance, the count it shipped is the closest of those that reached the budget, and
@@ -288,6 +290,7 @@ def test_build_with_auto_judges_counts_of_blocks_on_the_task_and_ships_the_close
     assert "each count's plan to" in (tmp_path / "a" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_a_vote_build_removes_the_blocks_its_bank_removed_instead_of_judging_counts(tmp_path):
     """With the count left to edgeprune, ``--method vote`` removes the blocks that the nearest earlier tasks in the
     bank removed (here one task: all of its blocks), instead of judging counts on its own few samples; the bank

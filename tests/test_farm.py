@@ -69,6 +69,7 @@ def test_bad_executor_and_in_flight_are_one_line_errors(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_candidates_on_ray_give_the_same_build_as_in_this_process(ray_instance, tmp_path):
     """Two candidates per round, on Ray workers or one after another here: the same rounds and the same plan.
     jetson-orin's latencies are the roofline estimate (no TensorRT here), so both runs see the same figures."""
@@ -83,6 +84,7 @@ def test_candidates_on_ray_give_the_same_build_as_in_this_process(ray_instance, 
     assert on_ray["device_pool"][0]["runs"] >= len(on_ray["iterations"]) + 2  # + the baseline and the final one
 
 
+@pytest.mark.slow
 def test_a_task_error_on_ray_is_the_one_line_error_it_raised(ray_instance):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not have tests/ on their path
     executor = make_executor("ray")
@@ -94,6 +96,7 @@ def _fails(_, value):
     raise BadInput(f"--in-flight must be at least 1, got {value}")
 
 
+@pytest.mark.slow
 def test_a_config_builds_its_targets_at_once_on_ray(ray_instance, tmp_path, private_cache):
     """Two targets of one config, each built in a Ray task of its own: both folders complete, reports in order."""
     (tmp_path / "edgeprune.toml").write_text(
@@ -140,6 +143,7 @@ def _stop_after_connections(server, count: int) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_a_pool_shares_benchmarks_and_sets_aside_a_board_that_stops(boards, tmp_path):
     """In this process: benchmarks go to the least used idle board; one stopped, the other answers the rest."""
@@ -163,6 +167,7 @@ def test_a_pool_shares_benchmarks_and_sets_aside_a_board_that_stops(boards, tmp_
         get_backend("openvino").benchmark(artifact, shape, target, pool)
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_a_build_on_ray_survives_a_board_stopped_mid_build(ray_instance, boards, tmp_path):
     """Ray workers, two candidates per round, a pool of two boards; the second is stopped at its second connection

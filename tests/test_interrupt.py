@@ -58,6 +58,7 @@ def test_a_killed_build_leaves_nothing(tmp_path, budget, marker, sig, code):
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "partial output left behind"
 
 
+@pytest.mark.slow
 def test_after_sigkill_the_next_build_cleans_up_and_succeeds(tmp_path):
     process = start(tmp_path, "--speedup", "1.5")
     wait_for(process, "measuring the unpruned model ...")

@@ -97,6 +97,8 @@ def test_benchmark_uses_litert_with_the_targets_threads(artifacts):
     assert measured.p50 > 0 and measured.iterations >= 10 and measured.measured_on == "local"
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_build_for_arm_tflite_meets_a_measured_speedup(tmp_path):
     """The issue's check: a .tflite LiteRT runs, outputs matching PyTorch, a measured (host) speedup of 2."""
     out = tmp_path / "out"

@@ -222,6 +222,7 @@ class _SlowSpell:
         return Measurement(p50, p50, p50, p50, 100, "local", "simulated", 1, reference_p50=reference_p50)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pause_s", [0.0, 0.4])
 def test_the_final_check_waits_out_a_slow_spell_before_it_fails_a_build(monkeypatch, pause_s):
     """A 2x build whose baseline was timed slow (0.90 ms: budget 0.45) accepted a round at 0.37 ms, then timed its

@@ -68,6 +68,7 @@ def artifacts(tmp_path_factory, target):
     return out
 
 
+@pytest.mark.timing
 def test_a_timing_in_the_slow_state_is_taken_again_and_the_quick_one_counts(artifacts, target):
     quiet = QUIET * OpenVinoBackend().benchmark(artifacts["big"], SHAPE, target).p50
     device = SlowAtTimes(slow={1})
@@ -79,6 +80,7 @@ def test_a_timing_in_the_slow_state_is_taken_again_and_the_quick_one_counts(arti
     assert measured.latency()["slow_tries_reference_p50"] == [slow_reference]
 
 
+@pytest.mark.timing
 def test_without_a_quiet_level_or_out_of_the_slow_state_one_timing_is_taken(artifacts, target):
     quiet = QUIET * OpenVinoBackend().benchmark(artifacts["big"], SHAPE, target).p50
     device = SlowAtTimes(slow={1})
@@ -147,6 +149,8 @@ class SlowLatencyCalls(LocalDevice):
         return result
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.usefixtures("private_cache")
 def test_a_profile_that_began_in_the_slow_state_takes_those_samples_again(target, monkeypatch):
     """The unpruned model alone and the first sample beside it both timed slow: nothing quicker had been seen, so no
@@ -167,6 +171,8 @@ def test_a_profile_that_began_in_the_slow_state_takes_those_samples_again(target
     assert cached[1][1] < 1.3 * result["baseline_p50"]
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.usefixtures("private_cache")
 def test_a_profile_told_the_quiet_level_takes_a_slow_sample_again_at_once(target, monkeypatch):
     """Given the quiet level known from elsewhere (tools/bench_scorer.py --reprofiles passes the one its candidates
@@ -187,6 +193,7 @@ def test_a_profile_told_the_quiet_level_takes_a_slow_sample_again_at_once(target
     assert result["retaken"][0] == "unpruned"
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("private_cache")
 def test_a_profile_sample_whose_per_node_counts_ran_in_the_slow_state_is_taken_again(target, monkeypatch):
     """The per-node counts are a run of their own: a slow spell there misattributes the time the per-layer fit learns

@@ -110,6 +110,7 @@ def test_malformed_device_urls_are_bad_input(url, words):
         open_device(url, check=False)
 
 
+@pytest.mark.slow
 def test_a_build_measured_over_ssh_reports_the_device(server, tmp_path):
     out = tmp_path / "out"
     # A small model and a counted budget (MACs): every measurement of the build still runs on the device.
@@ -124,6 +125,7 @@ def test_a_build_measured_over_ssh_reports_the_device(server, tmp_path):
     assert report["validation"]["ok"] and report["met_budget"] is True
 
 
+@pytest.mark.slow
 def test_litert_runs_on_the_device_too(server, tmp_path):
     pytest.importorskip("litert_torch", reason="the tflite extra is not installed")
     from edgeprune.backends import get_backend

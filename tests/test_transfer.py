@@ -19,6 +19,7 @@ def _build(tmp_path, name: str, *args: str) -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_adapt_compensate_into_a_bank_then_vote(tmp_path):
     write_digits(tmp_path / "task_a.npz", range(10), per_class=30)
     write_digits(tmp_path / "unlabelled.npz", range(10), per_class=4, skip=30, labelled=False)
