@@ -63,6 +63,7 @@ def test_build_with_no_flags_builds_every_target(project):
     assert all(r["met_budget"] and r["model"]["input_shape"] == [1, 3, 32, 32] for r in reports)
 
 
+@pytest.mark.slow
 def test_exit_code_says_whether_every_target_built(project):
     (project / "edgeprune.toml").write_text(PROJECT + '[[targets]]\nname = "jetson-orin-int8"\n')
     result = CliRunner().invoke(app, ["build"])

@@ -71,6 +71,7 @@ def test_the_block_that_changes_the_outputs_least_is_removed_first_and_too_many_
         choose_blocks(model, EXAMPLE, batches, 4)
 
 
+@pytest.mark.slow
 def test_named_blocks_are_removed_in_that_order_and_a_name_that_is_no_residual_block_is_bad_input():
     """vote's blocks (given_blocks, through choose_depth with a list): removed as named, each distance measured."""
     model = _tiny_resnet()
@@ -162,6 +163,7 @@ def test_a_plan_that_removes_blocks_replays_on_the_original_model(tmp_path):
         apply_plan(model, with_dropped(plan, ["stage9.0"]), EXAMPLE)
 
 
+@pytest.mark.slow
 def test_the_search_starts_from_the_model_without_the_blocks(r18, example, tmp_path):
     """The budget stays the unpruned model's; the model without the blocks is measured first (step 0) and the rounds
     start from it. Where it already fits, it is shipped as it is, with no round."""
@@ -186,6 +188,7 @@ def test_the_search_starts_from_the_model_without_the_blocks(r18, example, tmp_p
             assert chosen is start and candidates == [start]
 
 
+@pytest.mark.slow
 def test_a_compensating_depth_choice_refits_against_the_whole_model_and_judges_on_the_other_batches(
     tmp_path, monkeypatch
 ):

@@ -54,6 +54,7 @@ def _bad_plan(path: Path, model: torch.nn.Module) -> str:
     return message
 
 
+@pytest.mark.slow
 def test_a_real_plan_passes_the_check_and_replays(resnet_and_plan, tmp_path):
     model, data = resnet_and_plan
     (tmp_path / "plan.json").write_text(json.dumps(data))
@@ -107,6 +108,7 @@ def test_a_plan_cannot_bypass_a_layer_that_is_not_a_residual_block(resnet_and_pl
     assert "removes 'plain', which is not a residual block" in _bad_plan(tmp_path / "plan.json", model)
 
 
+@pytest.mark.slow
 def test_a_build_refuses_a_bypassing_plan_before_it_measures_anything(resnet_and_plan, tmp_path):
     model, _ = resnet_and_plan
     _plan(model, ["stage1.0", "plain"]).save(tmp_path / "plan.json")

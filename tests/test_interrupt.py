@@ -39,6 +39,7 @@ def wait_for(process: subprocess.Popen, marker: str, timeout: float = 240) -> li
     pytest.fail(f"the build never reached {marker!r}: {''.join(seen)[-800:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("budget", "marker", "sig", "code"),
     [
