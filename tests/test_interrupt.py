@@ -103,6 +103,7 @@ def net():
 """
 
 
+@pytest.mark.slow
 def test_a_stop_signal_whose_exception_is_swallowed_still_stops_the_build(tmp_path):
     (tmp_path / "swallow.py").write_text(SWALLOWING_MODEL)
     env = dict(os.environ, PYTHONWARNINGS="ignore", COLUMNS="200")

@@ -217,6 +217,7 @@ def test_weight_standardised_convs_with_a_gain_prune():
         assert pruned(example).shape == (1, 1000)
 
 
+@pytest.mark.slow
 def test_dual_path_networks_trace():
     """DPN's dual-path concatenation (an add and two slices): torch-pruning 1.6 cannot infer two of its input widths
     deep in the network and raised a TypeError while building the graph, so no group of dpn68 could be pruned (the

@@ -90,6 +90,7 @@ def test_output_distance_is_zero_for_the_same_model_and_grows_with_the_cut(r18, 
     assert 0 < output_distance(mild, r18, batches) < output_distance(deep, r18, batches)
 
 
+@pytest.mark.slow
 def test_the_steepness_whose_plan_stays_closest_to_the_unpruned_model_is_chosen(r18, r18_scored, example):
     """choose_steepness prunes each steepness's plan, recalibrates batch norm and compares outputs: a plan that cuts
     nothing (steepness 2 here) stays closest and is chosen; plans that are the same are measured once."""
@@ -115,6 +116,7 @@ def test_the_steepness_whose_plan_stays_closest_to_the_unpruned_model_is_chosen(
     assert choice.to_dict()["distance"]["4"] == choice.losses[4.0, IMPORTANCE]
 
 
+@pytest.mark.slow
 def test_a_plan_that_fails_to_prune_is_not_chosen(r18, r18_scored, example):
     batches = [(torch.randn(2, *example.shape[1:]), None)]
     structure = read_structure(r18, example, [g.module for g in r18_scored])
