@@ -134,6 +134,7 @@ def _halved_plan(r18, r18_scored, example) -> Plan:
     return plan_from_widths(r18_scored, widths, R18, tuple(example.shape), "m")
 
 
+@pytest.mark.slow
 def test_when_the_build_compensates_plans_are_judged_after_the_refit_on_samples_it_did_not_see(r18, r18_scored,
                                                                                           example):  # fmt: skip
     """With compensating, each plan is refitted by least squares on every other batch and judged on the rest: the
@@ -148,6 +149,7 @@ def test_when_the_build_compensates_plans_are_judged_after_the_refit_on_samples_
     assert refit.losses[0.0, IMPORTANCE] < recalibrated.losses[0.0, IMPORTANCE]
 
 
+@pytest.mark.slow
 def test_a_compensating_build_judges_its_steepness_after_a_refit_on_its_unlabelled_images_too(r18, r18_scored,
                                                                                              example):  # fmt: skip
     """The build's final refit fits on the labelled and the unlabelled images; the steepness is judged after a refit
@@ -167,6 +169,7 @@ def test_a_compensating_build_judges_its_steepness_after_a_refit_on_its_unlabell
     assert both.losses[0.0, IMPORTANCE] > 0
 
 
+@pytest.mark.slow
 def test_where_blocks_were_removed_the_refit_aims_at_the_whole_model_and_is_judged_against_it(r18, example):
     """As the build's final refit and its held-out judge do (rewrite/recover.py): the plan prunes the model without
     the removed blocks, the refit aims the layers after them at what the model with every block computes there, and
