@@ -66,6 +66,7 @@ def artifacts(model_and_data, tmp_path_factory):
     return made
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-dynamic", "int8"])
 def test_each_precision_runs_and_matches_pytorch(artifacts, model_and_data, precision):
     _, images, reference = model_and_data
@@ -121,6 +122,7 @@ def test_build_for_arm_tflite_meets_a_measured_speedup(tmp_path):
     assert "not on a arm-tflite board" in report["host_measurement"] or "arm-tflite board" in report["host_measurement"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "vit"])
 def test_transformers_with_heads_cut_run_on_litert(kind, tmp_path):
     """A BERT encoder (int64 token ids in) and a timm ViT, each with two heads cut, convert and match PyTorch."""
