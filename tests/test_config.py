@@ -72,6 +72,7 @@ def test_exit_code_says_whether_every_target_built(project):
     assert sorted(p.name for p in (project / "build").iterdir()) == ["x86-onnx", "x86-openvino"]
 
 
+@pytest.mark.slow
 def test_flags_override_the_file(project):
     result = CliRunner().invoke(app, ["build", "--target", "x86-openvino", "--input-shape", "1,3,40,40", "--json"])
     assert result.exit_code == 0, result.stderr

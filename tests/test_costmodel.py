@@ -243,6 +243,7 @@ def test_profile_measures_fits_and_caches_and_a_build_starts_from_it(tmp_path):
     assert len(json.loads(cached[0].read_text())["samples"]) > 4
 
 
+@pytest.mark.slow
 def test_profile_of_a_target_that_cannot_run_here_is_an_estimate_and_says_so():
     from typer.testing import CliRunner
 

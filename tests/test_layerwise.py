@@ -138,6 +138,7 @@ def test_per_layer_fit_prices_layers_that_one_cost_per_mac_cannot(mbv3, mbv3_sco
     assert again.layerwise is not None and again.predict(widths) == pytest.approx(model.predict(widths))
 
 
+@pytest.mark.slow
 def test_openvino_reports_node_times_that_fall_to_the_models_layers(mbv3, mbv3_scored, example, tmp_path):
     backend = get_backend("openvino")
     structure = read_structure(mbv3, example, [g.module for g in mbv3_scored])

@@ -115,6 +115,7 @@ def test_the_loop_probes_again_at_a_ratio_that_fails(tmp_path):
     assert {g.module: g.width for g in ctx.plan_at(0.5)[0].groups}["conv1"] == 48  # later plans keep it whole
 
 
+@pytest.mark.slow
 def test_an_internal_error_is_one_line_exit_3(tmp_path, monkeypatch):
     import edgeprune.pipeline as build_module
 

@@ -202,6 +202,7 @@ def test_uniform_plan_ties_keep_the_lower_index_and_ratio_is_checked():
             uniform_plan([tied], bad, 8, "m", SHAPE, "magnitude")
 
 
+@pytest.mark.slow
 def test_weight_standardised_convs_with_a_gain_prune():
     """NF-ResNet's ScaledStdConv2d carries a per-channel gain torch-pruning does not know: a pruner of our own cuts
     it with the weight, so every group prunes (all 21 of them were kept whole before)."""
