@@ -1,9 +1,16 @@
-"""Models, helpers and fixtures shared by the stage 2 and stage 3 tests (test_score.py, test_rewrite.py)."""
+"""Models, helpers and fixtures shared by the tests: the stage 2 and stage 3 models, the tiny models built in code,
+the digits task, a build in a subprocess, and the private cache and quick benchmark settings every test runs with."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,6 +29,50 @@ os.environ["CI"] = "true"
 SHAPE = (1, 3, 64, 64)
 R18 = "timm:resnet18"
 MBV3 = "timm:mobilenetv3_small_100"
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODELS = Path(__file__).parent / "data" / "tiny_models.py"
+TINY_CNN = f"{TINY_MODELS}:cnn"  # a model spec: a few seconds per build instead of a minute
+
+
+def load_script(path: Path) -> ModuleType:
+    """A Python file outside the package imported by its path (tests/data/tiny_models.py, calibration/*.py)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_model(name: str, seed: int = 0) -> nn.Module:
+    """A model of tests/data/tiny_models.py, in eval mode, its random weights fixed by ``seed``."""
+    module = load_script(TINY_MODELS)
+    torch.manual_seed(seed)
+    return getattr(module, name)().eval()
+
+
+def make_sample() -> ModuleType:
+    """calibration/make_sample.py, which writes the sample image folder."""
+    return load_script(ROOT / "calibration" / "make_sample.py")
+
+
+def write_digits(path: Path, classes: range = range(10), side: int = 32, per_class: int = 20, skip: int = 0,
+                 labelled: bool = True) -> None:  # fmt: skip
+    """An .npz task of scikit-learn's 8x8 digits, ``per_class`` of each class from the ``skip``-th, scaled up to
+    ``side`` pixels in three channels and normalised to [-1, 1] (the tiny models' mean and std of 0.5)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    chosen = np.concatenate([np.flatnonzero(data.target == c)[skip : skip + per_class] for c in classes])
+    images = data.images[chosen].astype(np.float32) / 16.0
+    x = np.repeat(np.kron(images, np.ones((side // 8, side // 8), np.float32))[:, None], 3, axis=1)
+    labels = {"y": data.target[chosen].astype(np.int64)} if labelled else {}
+    np.savez(path, x=(x - 0.5) / 0.5, **labels)
+
+
+def run_build(*args: str, timeout: int = 400, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``edgeprune build ARGS`` in a subprocess, with Python's warnings off so that stderr holds what the build says."""
+    command = [sys.executable, "-m", "edgeprune.cli", "build", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ if env is None else env, PYTHONWARNINGS="ignore"))  # fmt: skip
 
 
 class Tiny(nn.Module):
@@ -140,9 +191,16 @@ def r18_pruned(r18, r18_plan, example) -> nn.Module:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _private_cache(tmp_path_factory) -> None:
+def _session_cache(tmp_path_factory) -> None:
     """Builds cache their latency measurements; in tests, in a folder of the session, never the user's cache."""
     os.environ["EDGEPRUNE_CACHE"] = str(tmp_path_factory.mktemp("edgeprune-cache"))
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch) -> Path:
+    """An empty cache of the test's own (``tmp_path / "cache"``), for tests about what is cached or measured anew."""
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 # The benchmark settings most tests build with: one short window. The tests about what a build does (the report,

@@ -318,8 +318,14 @@ def test_frozen_batchnorm_loads_a_batchnorm_state_dict():
     from edgeprune._torchvision_shim import FrozenBatchNorm2d
 
     bn = nn.BatchNorm2d(4)
+    generator = torch.Generator().manual_seed(0)
+    for tensor in (bn.weight.data, bn.bias.data, bn.running_mean):  # not the defaults a load that did nothing keeps
+        tensor.copy_(torch.randn(4, generator=generator))
+    bn.running_var.copy_(torch.rand(4, generator=generator) + 0.1)
     frozen = FrozenBatchNorm2d(4)
-    frozen.load_state_dict(bn.state_dict())
+    frozen.load_state_dict(bn.state_dict())  # strict: num_batches_tracked is dropped, not an unexpected key
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(frozen, name), getattr(bn, name).detach()), name
 
 
 def test_torchvision_placeholders_raise_import_error_in_a_subprocess():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 from dataclasses import replace
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_sample
 
 from edgeprune import build
 from edgeprune.data import Dataset, labels_in_label_space, load_dataset
@@ -22,7 +22,6 @@ from edgeprune.score.allocate import uniform_plan
 from edgeprune.score.importance import score_groups
 from edgeprune.target import Budget
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILE = """
 import torch
 from torch import nn
@@ -38,12 +37,10 @@ def tiny():
 
 
 def make_folder(root: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "calibration" / "make_sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_image_folder(root, classes=2, per_class=8, size=64)
+    return make_sample().make_image_folder(root, classes=2, per_class=8, size=64)
 
 
+@pytest.mark.slow
 def test_build_with_an_image_folder_uses_fisher_and_recovers(tmp_path):
     # The budget is one the model meets for sure: this test is about the data path, not about latency (a 64x64
     # MobileNetV3 runs in about 0.3 ms, where a 1.2x budget is within the machine's noise).
@@ -69,6 +66,7 @@ def test_build_with_an_image_folder_uses_fisher_and_recovers(tmp_path):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["met_budget"] is True
 
 
+@pytest.mark.slow
 def test_recovery_after_pruning_keeps_the_better_weights():
     """recover() on a real 50% plan with real images: it reports before/after and ships the better of the two."""
     torch.manual_seed(0)

@@ -8,6 +8,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "ci" / "build_and_validate.sh"
 MODEL = """
 import torch
@@ -24,6 +26,7 @@ def run(folder: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT)], cwd=folder, capture_output=True, text=True, timeout=400, env=env)
 
 
+@pytest.mark.slow
 def test_builds_validates_and_archives_every_target(tmp_path):
     (tmp_path / "net.py").write_text(MODEL)
     (tmp_path / "edgeprune.toml").write_text(
@@ -38,6 +41,7 @@ def test_builds_validates_and_archives_every_target(tmp_path):
     assert (tmp_path / "build.report.json").read_text().strip().startswith("{")
 
 
+@pytest.mark.slow
 def test_a_budget_not_met_fails_the_job(tmp_path):
     (tmp_path / "net.py").write_text(MODEL)
     (tmp_path / "edgeprune.toml").write_text(

@@ -92,6 +92,7 @@ def test_malformed_profile_data_and_shape(tmp_path, monkeypatch):
     assert sorted(leftovers(tmp_path)) == ["bad.toml", "calib.npz"]
 
 
+@pytest.mark.slow
 def test_missing_backend_package_names_the_extra(tmp_path):
     """With openvino unimportable, a build for an OpenVINO target says which extra to install."""
     code = (
@@ -128,6 +129,7 @@ def test_existing_output_needs_force(tmp_path, monkeypatch):
     assert Path("out/keep.txt").read_text() == "user data"
 
 
+@pytest.mark.slow
 def test_unreachable_budget_exits_1_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("build", *SMALL, "--latency-ms", "0.0001", "--out", "out")
@@ -140,6 +142,8 @@ def test_unreachable_budget_exits_1_and_leaves_nothing(tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_build_meets_a_speedup_and_its_plan_replays(tmp_path):
     """A real build on OpenVINO: the report contract, the files, and plan.json replayed weight for weight."""
     out = tmp_path / "out"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import TinyDeeper
 from torch import nn
@@ -94,6 +95,7 @@ def test_a_conv_subclass_is_refitted_only_where_it_computes_a_plain_conv():
     assert all(torch.equal(getattr(pruned, n).weight, w) for n, w in before.items())
 
 
+@pytest.mark.slow
 def test_the_refit_also_fits_on_the_unlabelled_images_it_is_given():
     """A few labelled samples leave the refit few rows (here 4 images for a head of 8 inputs and a bias); the task's
     unlabelled --calib images need no labels and join the fit: the output error on other images drops."""

@@ -51,6 +51,7 @@ def project(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_build_with_no_flags_builds_every_target(project):
     result = CliRunner().invoke(app, ["build", "--json"])
     assert result.exit_code == 0, result.stderr
@@ -62,6 +63,7 @@ def test_build_with_no_flags_builds_every_target(project):
     assert all(r["met_budget"] and r["model"]["input_shape"] == [1, 3, 32, 32] for r in reports)
 
 
+@pytest.mark.slow
 def test_exit_code_says_whether_every_target_built(project):
     (project / "edgeprune.toml").write_text(PROJECT + '[[targets]]\nname = "jetson-orin-int8"\n')
     result = CliRunner().invoke(app, ["build"])
@@ -70,6 +72,7 @@ def test_exit_code_says_whether_every_target_built(project):
     assert sorted(p.name for p in (project / "build").iterdir()) == ["x86-onnx", "x86-openvino"]
 
 
+@pytest.mark.slow
 def test_flags_override_the_file(project):
     result = CliRunner().invoke(app, ["build", "--target", "x86-openvino", "--input-shape", "1,3,40,40", "--json"])
     assert result.exit_code == 0, result.stderr

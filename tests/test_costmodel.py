@@ -22,9 +22,7 @@ from edgeprune.target import load_target
 TARGET = load_target("x86-openvino")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # each test measures and caches afresh
 
 
 @pytest.fixture
@@ -206,6 +204,8 @@ def test_global_allocation_keeps_groups_that_are_kept_whole(r18, r18_scored, exa
     assert pruned(example).shape == r18(example).shape and torch.isfinite(pruned(example)).all()
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_profile_measures_fits_and_caches_and_a_build_starts_from_it(tmp_path):
     from typer.testing import CliRunner
 
@@ -231,10 +231,10 @@ def test_profile_measures_fits_and_caches_and_a_build_starts_from_it(tmp_path):
     assert samples[0][1] == pytest.approx(median, abs=1e-3) and samples[-1][1] < median
     built = CliRunner().invoke(app, ["build", *args, "--speedup", "1.2", "--out", str(tmp_path / "o"), "--json",
                                      "--max-rounds", "2"])  # fmt: skip
-    assert built.exit_code in (0, 1), built.stderr  # 1: the final measurement missed on a busy machine
     assert "cost model: profile (4 measurements" in built.stderr
     report = json.loads(built.stdout)
-    assert report is not None, built.stderr
+    # 1 only where the final measurement missed the budget on a busy machine: the report says so; nothing else fails
+    assert (built.exit_code, report["met_budget"]) in ((0, True), (1, False)), built.stderr
     assert report["allocation"] == "global"
     assert report["cost_model"]["started_from"].startswith("profile (4 measurements")
     assert "per-layer fit to 4 per-node profiles" in report["cost_model"]["started_from"]
@@ -243,6 +243,7 @@ def test_profile_measures_fits_and_caches_and_a_build_starts_from_it(tmp_path):
     assert len(json.loads(cached[0].read_text())["samples"]) > 4
 
 
+@pytest.mark.slow
 def test_profile_of_a_target_that_cannot_run_here_is_an_estimate_and_says_so():
     from typer.testing import CliRunner
 
@@ -264,6 +265,7 @@ def test_profile_refuses_too_few_samples():
     assert result.exit_code == 2 and "--samples must be at least 4" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_params_budget_is_counted_exactly_and_validates(tmp_path):
     from typer.testing import CliRunner
 
@@ -319,6 +321,7 @@ def test_artifact_memory_is_weights_plus_the_peak_of_live_activations(tmp_path):
     assert artifact_memory_mb(path, "int8")["weights_mb"] == pytest.approx(memory["weights_mb"] / 4)
 
 
+@pytest.mark.slow
 def test_a_memory_budget_is_met_on_the_artifacts_own_graph(tmp_path):
     from typer.testing import CliRunner
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import tracemalloc
 import zipfile
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_sample
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -20,7 +20,6 @@ from edgeprune.data import DataError, Dataset, load_dataset
 from edgeprune.dataset import MAX_ARRAY_BYTES
 from edgeprune.errors import BadInput
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 3, 8, 8)
 HALF = (0.5, 0.5, 0.5)
 UNIT = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -45,13 +44,6 @@ def _data_error(path: Path | str, *args: object, **kwargs: object) -> str:
     assert "\n" not in message and str(path) in message, message
     assert isinstance(info.value, BadInput) and info.value.exit_code == 2
     return message
-
-
-def _make_sample_module():
-    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "calibration" / "make_sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ImageFolder
@@ -112,7 +104,7 @@ def test_class_balanced_seeded_limit(tmp_path: Path) -> None:
 
 
 def test_make_sample_writes_a_loadable_image_folder(tmp_path: Path) -> None:
-    module = _make_sample_module()
+    module = make_sample()
     root = module.make_image_folder(tmp_path / "sample", classes=3, per_class=4, size=16, seed=1)
     data = load_dataset(str(root), (1, 3, 16, 16), HALF, HALF)
     assert len(data) == 12 and len(data.class_names) == 3 and data.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4

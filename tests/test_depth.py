@@ -3,17 +3,12 @@ removed by the plan, replayed from plan.json, and the search started from the mo
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import R18
+from conftest import R18, TINY_MODELS, run_build, tiny_model, write_digits
 from test_search import _SkewedTarget
 
 from edgeprune.backends import get_backend
@@ -39,16 +34,11 @@ from edgeprune.search.depth import (
 )
 from edgeprune.target import load_target
 
-TINY = Path(__file__).parent / "data" / "tiny_models.py"
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
 
 def _tiny_resnet() -> torch.nn.Module:
-    spec = importlib.util.spec_from_file_location("tiny_models", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    model = module.resnet().eval()
+    model = tiny_model("resnet")
     with torch.no_grad():  # trained-looking statistics, so that every block does something
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -81,6 +71,7 @@ def test_the_block_that_changes_the_outputs_least_is_removed_first_and_too_many_
         choose_blocks(model, EXAMPLE, batches, 4)
 
 
+@pytest.mark.slow
 def test_named_blocks_are_removed_in_that_order_and_a_name_that_is_no_residual_block_is_bad_input():
     """vote's blocks (given_blocks, through choose_depth with a list): removed as named, each distance measured."""
     model = _tiny_resnet()
@@ -172,6 +163,7 @@ def test_a_plan_that_removes_blocks_replays_on_the_original_model(tmp_path):
         apply_plan(model, with_dropped(plan, ["stage9.0"]), EXAMPLE)
 
 
+@pytest.mark.slow
 def test_the_search_starts_from_the_model_without_the_blocks(r18, example, tmp_path):
     """The budget stays the unpruned model's; the model without the blocks is measured first (step 0) and the rounds
     start from it. Where it already fits, it is shipped as it is, with no round."""
@@ -196,6 +188,7 @@ def test_the_search_starts_from_the_model_without_the_blocks(r18, example, tmp_p
             assert chosen is start and candidates == [start]
 
 
+@pytest.mark.slow
 def test_a_compensating_depth_choice_refits_against_the_whole_model_and_judges_on_the_other_batches(
     tmp_path, monkeypatch
 ):
@@ -226,7 +219,7 @@ def test_a_compensating_depth_choice_refits_against_the_whole_model_and_judges_o
     monkeypatch.setattr(loop, "compensate", compensate)
     monkeypatch.setattr(depth, "Judge", Judge)
     score = lambda m: score_groups(m, EXAMPLE, "magnitude")  # noqa: E731
-    ctx = Simulated(model, EXAMPLE, score(model), f"{TINY}:resnet", "magnitude", target, get_backend("openvino"),
+    ctx = Simulated(model, EXAMPLE, score(model), f"{TINY_MODELS}:resnet", "magnitude", target, get_backend("openvino"),
                     None, tmp_path, say=lambda _: None, compensating=True)  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(6, 3, 32, 32, generator=generator), None) for _ in range(4)]
@@ -239,25 +232,16 @@ def test_a_compensating_depth_choice_refits_against_the_whole_model_and_judges_o
     assert ctx.unpruned is (model if choice.dropped else None)
 
 
-def _digits(path: Path) -> None:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    chosen = np.concatenate([np.flatnonzero(data.target == c)[:12] for c in range(10)])
-    images = np.kron(data.images[chosen].astype(np.float32) / 16.0, np.ones((4, 4), np.float32))
-    np.savez(path, x=(np.repeat(images[:, None], 3, axis=1) - 0.5) / 0.5, y=data.target[chosen].astype(np.int64))
+def _build(tmp_path: Path, name: str, *args: str):
+    """A build of the tiny resnet into ``tmp_path / name``, with short adaptation and recovery."""
+    return run_build("--model", f"{TINY_MODELS}:resnet", "--out", str(tmp_path / name), "--json", "--adapt-steps", "10",
+                     "--recover-steps", "3", *args)  # fmt: skip
 
 
-def _build(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", f"{TINY}:resnet", "--out",
-               str(tmp_path / name), "--json", "--adapt-steps", "10", "--recover-steps", "3", *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=400,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
-
-
+@pytest.mark.slow
 def test_build_drops_blocks_then_cuts_channels_and_the_plan_replays(tmp_path):
     pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
-    _digits(tmp_path / "task.npz")
+    write_digits(tmp_path / "task.npz", per_class=12)
     done = _build(tmp_path, "a", "--train", str(tmp_path / "task.npz"), "--drop-blocks", "2", "--macs-ratio", "0.5")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
@@ -280,12 +264,13 @@ def test_build_drops_blocks_then_cuts_channels_and_the_plan_replays(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_build_with_auto_judges_counts_of_blocks_on_the_task_and_ships_the_closest(tmp_path):
     """A build with task data and a speedup budget (``--drop-blocks auto`` by default): each count it tried is in
     the report with its plan's distance, the count it shipped is the closest of those that reached the budget, and
     the plan names its blocks."""
     pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
-    _digits(tmp_path / "task.npz")
+    write_digits(tmp_path / "task.npz", per_class=12)
     done = _build(tmp_path, "a", "--train", str(tmp_path / "task.npz"), "--speedup", "1.5", "--method", "taylor")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
@@ -308,12 +293,13 @@ def test_build_with_auto_judges_counts_of_blocks_on_the_task_and_ships_the_close
     assert "each count's plan to" in (tmp_path / "a" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_a_vote_build_removes_the_blocks_its_bank_removed_instead_of_judging_counts(tmp_path):
     """With the count left to edgeprune, ``--method vote`` removes the blocks that the nearest earlier tasks in the
     bank removed (here one task: all of its blocks), instead of judging counts on its own few samples; the bank
     entry records the blocks, the plan and the report name them."""
     pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
-    _digits(tmp_path / "task.npz")
+    write_digits(tmp_path / "task.npz", per_class=12)
     bank = str(tmp_path / "bank")
     task = ["--train", str(tmp_path / "task.npz"), "--speedup", "1.5", "--bank", bank]
     done = _build(tmp_path, "a", *task, "--method", "taylor", "--drop-blocks", "2")

@@ -239,6 +239,7 @@ def test_the_next_connect_removes_what_a_killed_build_left_and_nothing_else(serv
             note.unlink(missing_ok=True)
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_folders_of_live_builds_and_other_hosts_are_kept_until_their_lease_runs_out(server, tmp_path):
     """A folder is stale when its owner ran on this host and is gone, or when its lease (the longest its build could

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import _tiny
 from torch.nn import functional as F
@@ -42,6 +43,7 @@ def _mismatch(student, teacher, x) -> float:
         return float(F.mse_loss(student(x), teacher(x)))
 
 
+@pytest.mark.slow
 def test_distillation_learns_to_agree_on_the_unlabelled_images_it_is_given():
     teacher, base = _tiny(seed=0), _tiny(seed=1)
     generator = torch.Generator().manual_seed(3)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CNN
 from sshd import free_port, make_server, sshd_available
 
 from edgeprune.backends import get_backend
@@ -27,7 +27,7 @@ from edgeprune.pipeline import BuildOptions, build
 from edgeprune.target import BenchmarkSettings, Budget, load_target
 
 ray = pytest.importorskip("ray")
-TINY = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
+TINY = TINY_CNN
 QUICK = BenchmarkSettings(warmup=2, iterations=10, windows=1, min_timed_s=0.0, min_warmup_s=0.0)
 needs_sshd = pytest.mark.skipif(not sshd_available(), reason="needs /usr/sbin/sshd (apt-get install openssh-server)")
 
@@ -41,11 +41,9 @@ def ray_instance():
 
 
 def _build(tmp_path: Path, name: str, **options) -> dict:
-    os.environ["EDGEPRUNE_CACHE"] = str(tmp_path / f"cache-{name}")  # each build starts from no measurement
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # each build starts from no measurement; the session's cache after
+        patch.setenv("EDGEPRUNE_CACHE", str(tmp_path / f"cache-{name}"))
         return build(BuildOptions(model=TINY, out=tmp_path / name, **options), say=lambda _: None)
-    finally:
-        os.environ.pop("EDGEPRUNE_CACHE")
 
 
 def test_bad_executor_and_in_flight_are_one_line_errors(tmp_path):
@@ -71,6 +69,7 @@ def test_bad_executor_and_in_flight_are_one_line_errors(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_candidates_on_ray_give_the_same_build_as_in_this_process(ray_instance, tmp_path):
     """Two candidates per round, on Ray workers or one after another here: the same rounds and the same plan.
     jetson-orin's latencies are the roofline estimate (no TensorRT here), so both runs see the same figures."""
@@ -85,6 +84,7 @@ def test_candidates_on_ray_give_the_same_build_as_in_this_process(ray_instance, 
     assert on_ray["device_pool"][0]["runs"] >= len(on_ray["iterations"]) + 2  # + the baseline and the final one
 
 
+@pytest.mark.slow
 def test_a_task_error_on_ray_is_the_one_line_error_it_raised(ray_instance):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not have tests/ on their path
     executor = make_executor("ray")
@@ -96,13 +96,13 @@ def _fails(_, value):
     raise BadInput(f"--in-flight must be at least 1, got {value}")
 
 
-def test_a_config_builds_its_targets_at_once_on_ray(ray_instance, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_a_config_builds_its_targets_at_once_on_ray(ray_instance, tmp_path, private_cache):
     """Two targets of one config, each built in a Ray task of its own: both folders complete, reports in order."""
     (tmp_path / "edgeprune.toml").write_text(
         f'model = "{TINY}"\nrecover_steps = 0\nexecutor = "ray"\n'
         '[[targets]]\nname = "jetson-orin"\nspeedup = 1.5\n[[targets]]\nname = "jetson-orin-nano"\nspeedup = 1.5\n'
     )
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
     jobs, _ = plan_jobs({"out": str(tmp_path / "out")}, {}, tmp_path / "edgeprune.toml")
     said = []
     results = run_jobs(jobs, said.append, announce=True)
@@ -143,6 +143,7 @@ def _stop_after_connections(server, count: int) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_a_pool_shares_benchmarks_and_sets_aside_a_board_that_stops(boards, tmp_path):
     """In this process: benchmarks go to the least used idle board; one stopped, the other answers the rest."""
@@ -166,6 +167,7 @@ def test_a_pool_shares_benchmarks_and_sets_aside_a_board_that_stops(boards, tmp_
         get_backend("openvino").benchmark(artifact, shape, target, pool)
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_a_build_on_ray_survives_a_board_stopped_mid_build(ray_instance, boards, tmp_path):
     """Ray workers, two candidates per round, a pool of two boards; the second is stopped at its second connection

@@ -4,7 +4,6 @@ builds running at once (never a crash, a torn file or a temporary file left behi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODELS, tiny_model
 
 from edgeprune.errors import BadInput
 from edgeprune.graph.modules import copy_model
@@ -30,14 +30,6 @@ TESTS = Path(__file__).parent
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
 
-def _tiny_resnet() -> torch.nn.Module:
-    spec = importlib.util.spec_from_file_location("tiny_models", TESTS / "data" / "tiny_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    return module.resnet().eval()
-
-
 def _plan(model: torch.nn.Module, dropped: list[str]) -> Plan:
     """The plan a ``double`` build with ``dropped`` blocks removed writes: made by the build's own functions."""
     shallower = drop_blocks(copy_model(model), dropped)
@@ -48,7 +40,7 @@ def _plan(model: torch.nn.Module, dropped: list[str]) -> Plan:
 
 @pytest.fixture(scope="module")
 def resnet_and_plan() -> tuple[torch.nn.Module, dict]:
-    model = _tiny_resnet()
+    model = tiny_model("resnet")
     return model, _plan(model, ["stage1.0", "stage1.1"]).to_dict()
 
 
@@ -63,6 +55,7 @@ def _bad_plan(path: Path, model: torch.nn.Module) -> str:
     return message
 
 
+@pytest.mark.slow
 def test_a_real_plan_passes_the_check_and_replays(resnet_and_plan, tmp_path):
     model, data = resnet_and_plan
     (tmp_path / "plan.json").write_text(json.dumps(data))
@@ -116,11 +109,12 @@ def test_a_plan_cannot_bypass_a_layer_that_is_not_a_residual_block(resnet_and_pl
     assert "removes 'plain', which is not a residual block" in _bad_plan(tmp_path / "plan.json", model)
 
 
+@pytest.mark.slow
 def test_a_build_refuses_a_bypassing_plan_before_it_measures_anything(resnet_and_plan, tmp_path):
     model, _ = resnet_and_plan
     _plan(model, ["stage1.0", "plain"]).save(tmp_path / "plan.json")
     plan, out = tmp_path / "plan.json", tmp_path / "out"
-    command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", f"{TESTS}/data/tiny_models.py:resnet",
+    command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", f"{TINY_MODELS}:resnet",
                "--input-shape", "1,3,32,32", "--plan", str(plan), "--out", str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr

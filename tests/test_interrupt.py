@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_CNN
 
 # A conv stack built in code: the stages are the same as a big model's, only quicker to reach.
-MODEL = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
+MODEL = TINY_CNN
 BUILD = [sys.executable, "-m", "edgeprune.cli", "build", "--model", MODEL, "--input-shape", "1,3,64,64", "--out", "out"]
 
 
@@ -38,6 +39,7 @@ def wait_for(process: subprocess.Popen, marker: str, timeout: float = 240) -> li
     pytest.fail(f"the build never reached {marker!r}: {''.join(seen)[-800:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("budget", "marker", "sig", "code"),
     [
@@ -57,6 +59,7 @@ def test_a_killed_build_leaves_nothing(tmp_path, budget, marker, sig, code):
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "partial output left behind"
 
 
+@pytest.mark.slow
 def test_after_sigkill_the_next_build_cleans_up_and_succeeds(tmp_path):
     process = start(tmp_path, "--speedup", "1.5")
     wait_for(process, "measuring the unpruned model ...")
@@ -100,6 +103,7 @@ def net():
 """
 
 
+@pytest.mark.slow
 def test_a_stop_signal_whose_exception_is_swallowed_still_stops_the_build(tmp_path):
     (tmp_path / "swallow.py").write_text(SWALLOWING_MODEL)
     env = dict(os.environ, PYTHONWARNINGS="ignore", COLUMNS="200")

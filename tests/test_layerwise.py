@@ -18,9 +18,7 @@ from edgeprune.target import load_target
 TARGET = load_target("x86-openvino")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # each test measures and caches afresh
 
 
 def test_node_names_are_attributed_to_the_layer_whose_scope_they_carry():
@@ -140,6 +138,7 @@ def test_per_layer_fit_prices_layers_that_one_cost_per_mac_cannot(mbv3, mbv3_sco
     assert again.layerwise is not None and again.predict(widths) == pytest.approx(model.predict(widths))
 
 
+@pytest.mark.slow
 def test_openvino_reports_node_times_that_fall_to_the_models_layers(mbv3, mbv3_scored, example, tmp_path):
     backend = get_backend("openvino")
     structure = read_structure(mbv3, example, [g.module for g in mbv3_scored])
@@ -184,6 +183,7 @@ def test_runtimes_without_node_counters_say_so(mbv3, example, tmp_path):
                                   "--node-times", "5"])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_speedup_build_on_an_empty_cache_prices_its_rounds_layer_by_layer(tmp_path):
     """No profile, no earlier build: the unpruned baseline's per-node times are taken, for a speedup budget as for
     one in ms, and the rounds are priced by the per-layer fit (a bug once skipped them for speedup budgets)."""
@@ -209,6 +209,7 @@ def test_a_speedup_build_on_an_empty_cache_prices_its_rounds_layer_by_layer(tmp_
         assert fitted in report["cost_model"]["after_build"]
 
 
+@pytest.mark.slow
 def test_a_width_the_runtime_lays_out_badly_is_priced_and_stepped_over(r18, r18_scored, example):
     """A runtime that reorders one group's stream at one width (as OpenVINO does ConvNeXt's at 32 channels): the
     nodes after its layers cost more there than at the widths on either side. The fit tabulates them by width and
@@ -260,6 +261,7 @@ def test_a_width_the_runtime_lays_out_badly_is_priced_and_stepped_over(r18, r18_
     assert widths[g] < bad and model.predict(widths) <= 0.9 * model.predict(full)
 
 
+@pytest.mark.slow
 def test_a_mispriced_round_teaches_the_cost_model_where_its_time_went(r18, r18_scored, example, tmp_path):
     """The loop takes the per-node times of a round that measured far off its prediction (loop.MISPRICED): counted
     beside the unpruned model, added to the per-layer fit with what follows each layer. A runtime that cannot give
@@ -294,6 +296,7 @@ def test_a_mispriced_round_teaches_the_cost_model_where_its_time_went(r18, r18_s
     assert sum("per-node times not taken" in message for message in said) == 1
 
 
+@pytest.mark.slow
 def test_the_model_without_blocks_is_priced_from_the_whole_models_per_node_profile(r18, mbv3, example):
     """--drop-blocks: the whole model's per-node profile (8 plans), mapped onto the model without two of its blocks,
     prices that model's plans within 2% after one measurement of it, where its own per-node times of that one

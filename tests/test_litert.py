@@ -8,12 +8,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import without_quick_profiles
+from conftest import TINY_CNN, without_quick_profiles
 from torch import nn
 
 from edgeprune.backends import get_backend
@@ -67,6 +66,7 @@ def artifacts(model_and_data, tmp_path_factory):
     return made
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-dynamic", "int8"])
 def test_each_precision_runs_and_matches_pytorch(artifacts, model_and_data, precision):
     _, images, reference = model_and_data
@@ -98,6 +98,8 @@ def test_benchmark_uses_litert_with_the_targets_threads(artifacts):
     assert measured.p50 > 0 and measured.iterations >= 10 and measured.measured_on == "local"
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_build_for_arm_tflite_meets_a_measured_speedup(tmp_path):
     """The issue's check: a .tflite LiteRT runs, outputs matching PyTorch, a measured (host) speedup of 2."""
     out = tmp_path / "out"
@@ -105,7 +107,7 @@ def test_build_for_arm_tflite_meets_a_measured_speedup(tmp_path):
     # bundled EfficientNet-Lite0's conversion takes 20-30 s on this machine (the same build took 2 minutes). It has no
     # residual branches, so random weights leave nothing for LiteRT's converter to fold away (a random timm ResNet's
     # zero-initialised last BNs do), and its latency is its convolutions.
-    model = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
+    model = TINY_CNN
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--target", "arm-tflite", "--model", model,
                "--input-shape", "1,3,96,96", "--speedup", "2", "--out", str(out), "--json"]  # fmt: skip
     env = without_quick_profiles(dict(os.environ, PYTHONWARNINGS="ignore"))  # the speedup is judged
@@ -120,6 +122,7 @@ def test_build_for_arm_tflite_meets_a_measured_speedup(tmp_path):
     assert "not on a arm-tflite board" in report["host_measurement"] or "arm-tflite board" in report["host_measurement"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "vit"])
 def test_transformers_with_heads_cut_run_on_litert(kind, tmp_path):
     """A BERT encoder (int64 token ids in) and a timm ViT, each with two heads cut, convert and match PyTorch."""

@@ -132,6 +132,7 @@ def test_a_key_file_is_never_in_the_output_folder(project):
     assert Path("keys/ci.key").read_bytes() == b"secret"
 
 
+@pytest.mark.slow
 def test_a_build_signed_with_a_key_file_validates_with_that_key_only(project):
     Path("keys").mkdir()
     Path("keys/ci.key").write_bytes(b"secret")
@@ -175,6 +176,7 @@ def test_force_replaces_only_what_a_build_wrote(project, earlier_output):
     assert snapshot(project) == before
 
 
+@pytest.mark.slow
 def test_force_replaces_an_earlier_output_with_a_new_one(project, earlier_output):
     shutil.copytree(earlier_output, project / "out")
     assert not_an_output(project / "out") is None

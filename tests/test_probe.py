@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from typer.testing import CliRunner
@@ -61,6 +62,7 @@ def test_a_clean_model_costs_one_probe(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.slow
 def test_cli_keeps_them_whole_or_fails_with_strict(tmp_path, monkeypatch):
     here = str(Path(__file__).parent)
     (tmp_path / "net.py").write_text(f"import sys\nsys.path.insert(0, {here!r})\nfrom test_probe import hardcoded\n")
@@ -113,6 +115,7 @@ def test_the_loop_probes_again_at_a_ratio_that_fails(tmp_path):
     assert {g.module: g.width for g in ctx.plan_at(0.5)[0].groups}["conv1"] == 48  # later plans keep it whole
 
 
+@pytest.mark.slow
 def test_an_internal_error_is_one_line_exit_3(tmp_path, monkeypatch):
     import edgeprune.pipeline as build_module
 
@@ -131,6 +134,7 @@ def test_an_internal_error_is_one_line_exit_3(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_groups_torch_pruning_cannot_score_are_kept_whole_with_the_reason():
     """Res2Net's split-and-concat trips torch-pruning's index mapping inside some groups' importance."""
     from edgeprune.model import load_model

@@ -23,6 +23,7 @@ from edgeprune.score.importance import score_groups
 # ---------------------------------------------------------------------------------------------------- apply_plan
 
 
+@pytest.mark.slow
 def test_apply_plan_makes_a_physically_smaller_model(r18, r18_plan, r18_pruned, example):
     _, params = count_macs_params(r18, example)
     _, pruned_params = count_macs_params(r18_pruned, example)

@@ -252,6 +252,7 @@ def test_the_flag_that_turns_unpickling_on_is_announced(folder):
     assert len(said) == 1 and "ON" in said[0] and "--trust-pickle" in said[0], result.stderr
 
 
+@pytest.mark.slow
 def test_a_warning_of_torch_while_loading_weights_keeps_the_error_to_one_line(folder):
     """Torch warns about a pickle's protocol as it reads it; the user still sees one line, in a real process."""
     _malicious(folder / "evil.pt", folder / "PWNED", raw=True)

@@ -203,6 +203,7 @@ def test_uniform_plan_ties_keep_the_lower_index_and_ratio_is_checked():
             uniform_plan([tied], bad, 8, "m", SHAPE, "magnitude")
 
 
+@pytest.mark.slow
 def test_weight_standardised_convs_with_a_gain_prune():
     """NF-ResNet's ScaledStdConv2d carries a per-channel gain torch-pruning does not know: a pruner of our own cuts
     it with the weight, so every group prunes (all 21 of them were kept whole before)."""
@@ -218,6 +219,7 @@ def test_weight_standardised_convs_with_a_gain_prune():
         assert pruned(example).shape == (1, 1000)
 
 
+@pytest.mark.slow
 def test_dual_path_networks_trace():
     """DPN's dual-path concatenation (an add and two slices): torch-pruning 1.6 cannot infer two of its input widths
     deep in the network and raised a TypeError while building the graph, so no group of dpn68 could be pruned (the

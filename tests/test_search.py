@@ -24,9 +24,7 @@ from edgeprune.target import load_target
 TARGET = load_target("x86-openvino")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # each test measures and caches afresh
 
 
 class _SkewedTarget(LocalExecutor):
@@ -76,6 +74,7 @@ class _BusyOnce(_SkewedTarget):
         return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("busy", [False, True])
 def test_the_deepest_cut_is_measured_twice_before_a_budget_is_called_unreachable(r18, r18_scored, example,
                                                                                 tmp_path, busy):  # fmt: skip
@@ -99,6 +98,7 @@ def test_the_deepest_cut_is_measured_twice_before_a_budget_is_called_unreachable
         assert unreachable and chosen is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_flight", [2, 4])
 def test_candidates_in_flight_spread_over_the_band_and_take_fewer_rounds(r18, r18_scored, example, tmp_path, in_flight):
     """With several candidates per round their goals spread around the band, so the search needs fewer rounds on
@@ -137,6 +137,7 @@ class _LowFirst(_SkewedTarget):
         return out
 
 
+@pytest.mark.slow
 def test_a_round_in_the_band_is_timed_again_before_it_is_accepted(r18, r18_scored, example, tmp_path):
     """A plan whose one timing put it in the band while it truly ran over the budget shipped nothing: its final
     artifact, timed three times, measured over. The accepted round is now timed twice, and both must be under the
@@ -224,6 +225,7 @@ class _SlowSpell:
         return Measurement(p50, p50, p50, p50, 100, "local", "simulated", 1, reference_p50=reference_p50)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pause_s", [0.0, 0.4])
 def test_the_final_check_waits_out_a_slow_spell_before_it_fails_a_build(monkeypatch, pause_s):
     """A 2x build whose baseline was timed slow (0.90 ms: budget 0.45) accepted a round at 0.37 ms, then timed its

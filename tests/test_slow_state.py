@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CNN
 from torch import nn
 
 from edgeprune.backends.base import SLOW_STATE, SLOW_STATE_TRIES
@@ -67,6 +68,7 @@ def artifacts(tmp_path_factory, target):
     return out
 
 
+@pytest.mark.timing
 def test_a_timing_in_the_slow_state_is_taken_again_and_the_quick_one_counts(artifacts, target):
     quiet = QUIET * OpenVinoBackend().benchmark(artifacts["big"], SHAPE, target).p50
     device = SlowAtTimes(slow={1})
@@ -78,6 +80,7 @@ def test_a_timing_in_the_slow_state_is_taken_again_and_the_quick_one_counts(arti
     assert measured.latency()["slow_tries_reference_p50"] == [slow_reference]
 
 
+@pytest.mark.timing
 def test_without_a_quiet_level_or_out_of_the_slow_state_one_timing_is_taken(artifacts, target):
     quiet = QUIET * OpenVinoBackend().benchmark(artifacts["big"], SHAPE, target).p50
     device = SlowAtTimes(slow={1})
@@ -146,17 +149,18 @@ class SlowLatencyCalls(LocalDevice):
         return result
 
 
-def test_a_profile_that_began_in_the_slow_state_takes_those_samples_again(target, tmp_path, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.timing
+@pytest.mark.usefixtures("private_cache")
+def test_a_profile_that_began_in_the_slow_state_takes_those_samples_again(target, monkeypatch):
     """The unpruned model alone and the first sample beside it both timed slow: nothing quicker had been seen, so no
     retake then. Once later samples show the quiet level, both are taken again, and the fit uses the retakes."""
     from edgeprune import profile
 
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
     device = SlowLatencyCalls(slow={1, 2})
     monkeypatch.setattr(profile, "load_target", lambda name: target)
     monkeypatch.setattr(profile, "open_device", lambda url: device)
-    tiny = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
-    result = profile.run_profile("x86-openvino", tiny, samples=4, say=lambda message: None)
+    result = profile.run_profile("x86-openvino", TINY_CNN, samples=4, say=lambda message: None)
     # This machine's own noise on so small a model can add a retake; the two slow samples are always among them.
     assert result["retaken"][:2] == ["unpruned", "uniform 25%"] and len(device.timings) >= 6
     quickest = min(t.get("reference_latency_ms", t["latency_ms"])["p50"] for t in device.timings)
@@ -167,20 +171,21 @@ def test_a_profile_that_began_in_the_slow_state_takes_those_samples_again(target
     assert cached[1][1] < 1.3 * result["baseline_p50"]
 
 
-def test_a_profile_told_the_quiet_level_takes_a_slow_sample_again_at_once(target, tmp_path, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.timing
+@pytest.mark.usefixtures("private_cache")
+def test_a_profile_told_the_quiet_level_takes_a_slow_sample_again_at_once(target, monkeypatch):
     """Given the quiet level known from elsewhere (tools/bench_scorer.py --reprofiles passes the one its candidates
     showed), the first sample beside the unpruned model is judged slow when it is timed, and taken again then; only
     the unpruned model, timed alone before any reference, waits for the end."""
     from edgeprune import profile
 
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(profile, "load_target", lambda name: target)
-    tiny = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
     monkeypatch.setattr(profile, "open_device", lambda url: LocalDevice())
-    quiet = profile.run_profile("x86-openvino", tiny, samples=4, say=lambda message: None)["quiet_ms"]
+    quiet = profile.run_profile("x86-openvino", TINY_CNN, samples=4, say=lambda message: None)["quiet_ms"]
     device = SlowLatencyCalls(slow={1, 2})
     monkeypatch.setattr(profile, "open_device", lambda url: device)
-    result = profile.run_profile("x86-openvino", tiny, samples=4, say=lambda message: None, quiet_ms=QUIET * quiet)
+    result = profile.run_profile("x86-openvino", TINY_CNN, samples=4, say=lambda message: None, quiet_ms=QUIET * quiet)
     # The first sample's second try came right after its first (without the level: the next sample's timing).
     assert device.models[2] == device.models[1] != device.models[0]
     assert device.timings[2]["reference_latency_ms"]["p50"] < device.timings[1]["reference_latency_ms"]["p50"] / 2
@@ -188,17 +193,17 @@ def test_a_profile_told_the_quiet_level_takes_a_slow_sample_again_at_once(target
     assert result["retaken"][0] == "unpruned"
 
 
-def test_a_profile_sample_whose_per_node_counts_ran_in_the_slow_state_is_taken_again(target, tmp_path, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.usefixtures("private_cache")
+def test_a_profile_sample_whose_per_node_counts_ran_in_the_slow_state_is_taken_again(target, monkeypatch):
     """The per-node counts are a run of their own: a slow spell there misattributes the time the per-layer fit learns
     from, however quiet the sample's timing was."""
     from edgeprune import profile
 
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
     device = SlowLatencyCalls(slow=set(), slow_counts=frozenset({3}))
     monkeypatch.setattr(profile, "load_target", lambda name: target)
     monkeypatch.setattr(profile, "open_device", lambda url: device)
-    tiny = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
-    result = profile.run_profile("x86-openvino", tiny, samples=4, say=lambda message: None)
+    result = profile.run_profile("x86-openvino", TINY_CNN, samples=4, say=lambda message: None)
     assert "uniform 50%" in result["retaken"]
     assert any(model.endswith("sample-3-again/model.xml") for model in device.counts)  # counted again too
 

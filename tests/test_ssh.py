@@ -9,10 +9,10 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CNN
 from sshd import make_server, sshd_available
 
 from edgeprune.backends.openvino import OpenVinoBackend
@@ -110,10 +110,11 @@ def test_malformed_device_urls_are_bad_input(url, words):
         open_device(url, check=False)
 
 
+@pytest.mark.slow
 def test_a_build_measured_over_ssh_reports_the_device(server, tmp_path):
     out = tmp_path / "out"
     # A small model and a counted budget (MACs): every measurement of the build still runs on the device.
-    model = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"
+    model = TINY_CNN
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", model, "--macs-ratio", "0.6",
                "--device", server.url(), "--out", str(out), "--json"]  # fmt: skip
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -124,6 +125,7 @@ def test_a_build_measured_over_ssh_reports_the_device(server, tmp_path):
     assert report["validation"]["ok"] and report["met_budget"] is True
 
 
+@pytest.mark.slow
 def test_litert_runs_on_the_device_too(server, tmp_path):
     pytest.importorskip("litert_torch", reason="the tflite extra is not installed")
     from edgeprune.backends import get_backend

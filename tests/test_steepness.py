@@ -90,6 +90,7 @@ def test_output_distance_is_zero_for_the_same_model_and_grows_with_the_cut(r18, 
     assert 0 < output_distance(mild, r18, batches) < output_distance(deep, r18, batches)
 
 
+@pytest.mark.slow
 def test_the_steepness_whose_plan_stays_closest_to_the_unpruned_model_is_chosen(r18, r18_scored, example):
     """choose_steepness prunes each steepness's plan, recalibrates batch norm and compares outputs: a plan that cuts
     nothing (steepness 2 here) stays closest and is chosen; plans that are the same are measured once."""
@@ -115,6 +116,7 @@ def test_the_steepness_whose_plan_stays_closest_to_the_unpruned_model_is_chosen(
     assert choice.to_dict()["distance"]["4"] == choice.losses[4.0, IMPORTANCE]
 
 
+@pytest.mark.slow
 def test_a_plan_that_fails_to_prune_is_not_chosen(r18, r18_scored, example):
     batches = [(torch.randn(2, *example.shape[1:]), None)]
     structure = read_structure(r18, example, [g.module for g in r18_scored])
@@ -132,6 +134,7 @@ def _halved_plan(r18, r18_scored, example) -> Plan:
     return plan_from_widths(r18_scored, widths, R18, tuple(example.shape), "m")
 
 
+@pytest.mark.slow
 def test_when_the_build_compensates_plans_are_judged_after_the_refit_on_samples_it_did_not_see(r18, r18_scored,
                                                                                           example):  # fmt: skip
     """With compensating, each plan is refitted by least squares on every other batch and judged on the rest: the
@@ -146,6 +149,7 @@ def test_when_the_build_compensates_plans_are_judged_after_the_refit_on_samples_
     assert refit.losses[0.0, IMPORTANCE] < recalibrated.losses[0.0, IMPORTANCE]
 
 
+@pytest.mark.slow
 def test_a_compensating_build_judges_its_steepness_after_a_refit_on_its_unlabelled_images_too(r18, r18_scored,
                                                                                              example):  # fmt: skip
     """The build's final refit fits on the labelled and the unlabelled images; the steepness is judged after a refit
@@ -165,6 +169,7 @@ def test_a_compensating_build_judges_its_steepness_after_a_refit_on_its_unlabell
     assert both.losses[0.0, IMPORTANCE] > 0
 
 
+@pytest.mark.slow
 def test_where_blocks_were_removed_the_refit_aims_at_the_whole_model_and_is_judged_against_it(r18, example):
     """As the build's final refit and its held-out judge do (rewrite/recover.py): the plan prunes the model without
     the removed blocks, the refit aims the layers after them at what the model with every block computes there, and

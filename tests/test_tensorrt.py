@@ -113,6 +113,7 @@ def test_int8_export_writes_the_boards_files(tmp_path):
         get_backend("tensorrt").export(Small().eval(), torch.zeros(1, 3, 32, 32), tmp_path / "x", target)
 
 
+@pytest.mark.slow
 def test_without_a_device_the_build_ships_board_files_and_says_nothing_was_measured(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "edgeprune.cli", "build", "--target", "jetson-orin-nano", "--model",

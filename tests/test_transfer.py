@@ -4,42 +4,26 @@ least-squares compensation into a mask bank, then a second, similar task pruned 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import TINY_CNN, run_build, write_digits
 
 sklearn = pytest.importorskip("sklearn", reason="scikit-learn ships the digits")
 
 
-def _digits(path, classes: range, side: int = 32, per_class: int = 20, skip: int = 0, labelled: bool = True) -> None:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    chosen = np.concatenate([np.flatnonzero(data.target == c)[skip : skip + per_class] for c in classes])
-    images = data.images[chosen].astype(np.float32) / 16.0
-    x = np.repeat(np.kron(images, np.ones((side // 8, side // 8), np.float32))[:, None], 3, axis=1)
-    labels = {"y": data.target[chosen].astype(np.int64)} if labelled else {}
-    np.savez(path, x=(x - 0.5) / 0.5, **labels)
-
-
 def _build(tmp_path, name: str, *args: str) -> dict:
-    model = f"{Path(__file__).parent / 'data' / 'tiny_models.py'}:cnn"  # 100 classes: the task's 10 need a head
-    command = [sys.executable, "-m", "edgeprune.cli", "build", "--model", model, "--macs-ratio", "0.7", "--out",
-               str(tmp_path / name), "--json", "--adapt-steps", "20", "--recover-steps", "5", *args]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=400,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
+    # the tiny cnn has 100 classes: the task's 10 need a head
+    done = run_build("--model", TINY_CNN, "--macs-ratio", "0.7", "--out", str(tmp_path / name), "--json",
+                     "--adapt-steps", "20", "--recover-steps", "5", *args)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_adapt_compensate_into_a_bank_then_vote(tmp_path):
-    _digits(tmp_path / "task_a.npz", range(10), per_class=30)
-    _digits(tmp_path / "unlabelled.npz", range(10), per_class=4, skip=30, labelled=False)
-    _digits(tmp_path / "task_b.npz", range(10), per_class=8)
+    write_digits(tmp_path / "task_a.npz", range(10), per_class=30)
+    write_digits(tmp_path / "unlabelled.npz", range(10), per_class=4, skip=30, labelled=False)
+    write_digits(tmp_path / "task_b.npz", range(10), per_class=8)
     bank = tmp_path / "bank"
     first = _build(tmp_path, "a", "--train", str(tmp_path / "task_a.npz"), "--calib", str(tmp_path / "unlabelled.npz"),
                    "--method", "compensate", "--bank", str(bank))  # fmt: skip

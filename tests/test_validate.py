@@ -97,6 +97,7 @@ def test_not_an_output_folder_is_bad_input(tmp_path):
     assert result.exit_code == 2 and "is not an edgeprune output folder" in result.stderr
 
 
+@pytest.mark.slow
 def test_two_builds_of_a_pinned_plan_give_identical_artifacts(built, tmp_path):
     """Reproducible artifacts: the same plan, inputs, versions and seed give byte-identical files."""
     import torch
