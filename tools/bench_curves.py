@@ -12,7 +12,7 @@ there when missing), after `edgeprune profile` has fitted the latency model:
   allocation with the steepness and the channel choice (fisher's, L2 or L1 magnitude's, energy's) a build to that
   latency would choose on 128 of them (chosen for each plan at its own goal); first, as a build does by default
   (--drop-blocks auto), the residual blocks whose removal keeps the outputs closest once channels meet the goal
-  (search/depth.py; `--drop-blocks 0`: channels only, the default before the twenty-sixth session); uniform:
+  (search/depth.py; `--drop-blocks 0`: channels only); uniform:
   magnitude (L1) scores and the same fraction of every group, rounded to the same multiple (Torch-Pruning's uniform
   L1). Each at --fractions of the unpruned model's predicted latency.
 - every plan is pruned and its batch norm recalibrated on 192 training digits (what a build does without
@@ -136,7 +136,7 @@ def model_curves(name: str, side: int, args, tmp: Path) -> tuple[list[list[str]]
             # chooses it at its first round. One steepness for the whole curve, chosen at the middle goal, carried
             # a choice made where it meant nothing to the other goals: at a goal deeper than the allocator's floor
             # every steepness gives the same plan, the tie goes to 0, and ConvNeXt-atto's 0.5 plan at steepness 0
-            # kept 0.776 top-1 agreement against uniform L1's 0.871 (0.25-0.5 run of this session).
+            # kept 0.776 top-1 agreement against uniform L1's 0.871 (fractions 0.25-0.5).
             work.steepness = None
             plan, macs, _ = work.plan_for(fraction * full)
             pruned = apply_plan(work.model, plan, example)

@@ -186,8 +186,7 @@ def _depth_note(depth: dict) -> str:
 
 def _rounds(report: dict) -> str:
     """The search's measured rounds (as bench_transfer counts them), and where residual blocks were removed, "+ 0":
-    the model without them measured at full width before the search (round 0), and the depth choice's own exports.
-    Until the twenty-seventh session this column counted round 0 as a round."""
+    the model without them measured at full width before the search (round 0), and the depth choice's own exports."""
     steps = {i["step"] for i in report["iterations"]}
     depth = report.get("depth") or {}
     probes = len(depth.get("auto_measured") or ())
