@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from edgeprune.data import DataError, Dataset, load_dataset
-from edgeprune.dataset import MAX_ARRAY_BYTES
 from edgeprune.errors import BadInput
 
 SHAPE = (1, 3, 8, 8)
@@ -36,7 +34,7 @@ def _npz(path: Path, **arrays: np.ndarray) -> Path:
     return path
 
 
-def _data_error(path: Path | str, *args: object, **kwargs: object) -> str:
+def data_error(path: Path | str, *args: object, **kwargs: object) -> str:
     # Every bad-data case must be a DataError (exit code 2) with a one-line message that names the file.
     with pytest.raises(DataError) as info:
         load_dataset(str(path), *args, **kwargs)
@@ -173,124 +171,69 @@ def test_batches_in_order() -> None:
 
 
 def test_missing_path_and_unsupported_format(tmp_path: Path) -> None:
-    assert "ImageFolder" in _data_error(tmp_path / "nope.npz", SHAPE, HALF, HALF)
+    assert "ImageFolder" in data_error(tmp_path / "nope.npz", SHAPE, HALF, HALF)
     csv = tmp_path / "data.csv"
     csv.write_text("1,2,3\n")
-    assert ".npz" in _data_error(csv, SHAPE, HALF, HALF)
+    assert ".npz" in data_error(csv, SHAPE, HALF, HALF)
 
 
 def test_corrupt_and_non_zip_npz(tmp_path: Path) -> None:
     text = tmp_path / "text.npz"
     text.write_text("hello\nworld\n")
-    _data_error(text, SHAPE, HALF, HALF)
+    data_error(text, SHAPE, HALF, HALF)
     good = _npz(tmp_path / "good.npz", x=np.zeros((4, 3, 8, 8), np.float32)).read_bytes()
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(good[: len(good) // 2])
-    _data_error(truncated, SHAPE, HALF, HALF)
+    data_error(truncated, SHAPE, HALF, HALF)
     npy = tmp_path / "single.npz"
     with npy.open("wb") as f:
         np.save(f, np.zeros((4, 3, 8, 8), np.float32))
-    assert ".npy" in _data_error(npy, SHAPE, HALF, HALF)
+    assert ".npy" in data_error(npy, SHAPE, HALF, HALF)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("x.npy", b"\x93NUMPY garbage")
     broken = tmp_path / "broken_member.npz"
     broken.write_bytes(buf.getvalue())
-    _data_error(broken, SHAPE, HALF, HALF)
+    data_error(broken, SHAPE, HALF, HALF)
 
 
 def test_pickled_object_arrays_are_refused(tmp_path: Path) -> None:
     path = _npz(tmp_path / "pickled.npz", x=np.array([{"a": 1}, None], dtype=object))
-    assert "pickle" in _data_error(path, SHAPE, HALF, HALF)
-
-
-def _npz_member(path: Path, shape: tuple[int, ...], dtype: str, body: bytes | int, level: int = 1) -> Path:
-    """An .npz whose x.npy declares ``shape`` and ``dtype`` in its header and holds ``body`` after it (bytes, or that
-    many zero bytes written in chunks), deflated: the archive a careless or hostile writer can make."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False, "shape": shape})
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as archive:
-        with archive.open("x.npy", "w") as member:
-            member.write(header.getvalue())
-            if isinstance(body, bytes):
-                member.write(body)
-            else:
-                chunk = bytes(1 << 24)
-                for start in range(0, body, len(chunk)):
-                    member.write(chunk[: body - start])
-    return path
-
-
-def _peak_bytes_of_failed_load(path: Path, shape: tuple[int, ...] = SHAPE) -> tuple[int, str]:
-    tracemalloc.start()
-    try:
-        message = _data_error(path, shape, HALF, HALF)
-        return tracemalloc.get_traced_memory()[1], message
-    finally:
-        tracemalloc.stop()
-
-
-def test_an_npz_declaring_more_than_the_limit_is_refused_from_its_header(tmp_path: Path) -> None:
-    """A 1 kB archive whose header declares 15 GB: refused by the limit, which the message states, with nothing
-    allocated for it."""
-    path = _npz_member(tmp_path / "huge.npz", (100_000, 3, 224, 224), "|u1", bytes(1024))
-    assert path.stat().st_size < 4096
-    peak, message = _peak_bytes_of_failed_load(path, (1, 3, 224, 224))
-    assert f"limit of {MAX_ARRAY_BYTES / 2**30:g} GiB" in message and "save fewer samples" in message, message
-    assert peak < 32 << 20
-
-
-def test_a_compressed_npz_of_the_wrong_shape_is_refused_before_it_is_decompressed(tmp_path: Path) -> None:
-    """256 MiB of zeros in a 1 MB archive, shaped for another model: the header says so, and the data is never
-    inflated (decompressing it first took the whole 256 MiB)."""
-    path = _npz_member(tmp_path / "bomb.npz", (21_845, 3, 64, 64), "|u1", 21_845 * 3 * 64 * 64)
-    assert path.stat().st_size < 2 << 20
-    peak, message = _peak_bytes_of_failed_load(path)
-    assert "shape (21845, 3, 64, 64) but the model takes (3, 8, 8)" in message
-    assert peak < 32 << 20
-
-
-def test_an_npz_member_longer_or_shorter_than_its_header_declares_is_refused(tmp_path: Path) -> None:
-    """The archive's own size of the member must be the header's shape times the item size: a file with trailing
-    data, or one whose data stops short, is corrupt or crafted."""
-    longer = _npz_member(tmp_path / "longer.npz", (4, 3, 8, 8), "<f4", bytes(3072 + (1 << 20)))
-    assert "declares 3072 bytes of data but its archive member holds" in _data_error(longer, SHAPE, HALF, HALF)
-    shorter = _npz_member(tmp_path / "shorter.npz", (3000, 3, 8, 8), "<f4", bytes(64))
-    assert "holds 64; the file is corrupt" in _data_error(shorter, SHAPE, HALF, HALF)
+    assert "pickle" in data_error(path, SHAPE, HALF, HALF)
 
 
 def test_missing_x(tmp_path: Path) -> None:
-    assert "'x'" in _data_error(_npz(tmp_path / "nox.npz", inputs=np.zeros(3)), SHAPE, HALF, HALF)
+    assert "'x'" in data_error(_npz(tmp_path / "nox.npz", inputs=np.zeros(3)), SHAPE, HALF, HALF)
 
 
 def test_unreadable_image(tmp_path: Path) -> None:
     _image(tmp_path / "a" / "fine.png")
     bad = tmp_path / "a" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    message = _data_error(tmp_path, SHAPE, HALF, HALF)
+    message = data_error(tmp_path, SHAPE, HALF, HALF)
     assert str(bad) in message
 
 
 def test_empty_folders(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    _data_error(empty, SHAPE, HALF, HALF)
+    data_error(empty, SHAPE, HALF, HALF)
     loose = tmp_path / "loose"
     _image(loose / "img.png")
-    assert "class folder" in _data_error(loose, SHAPE, HALF, HALF)
+    assert "class folder" in data_error(loose, SHAPE, HALF, HALF)
     no_images = tmp_path / "no_images"
     _image(no_images / "cat" / "img.png")
     (no_images / "dog").mkdir()
     (no_images / "dog" / "readme.txt").write_text("x")
-    assert "'dog'" in _data_error(no_images, SHAPE, HALF, HALF)
+    assert "'dog'" in data_error(no_images, SHAPE, HALF, HALF)
 
 
 def test_image_folder_needs_an_image_input_shape(tmp_path: Path) -> None:
     _image(tmp_path / "a" / "img.png")
-    _data_error(tmp_path, (1, 5, 8, 8), (0.0,), (1.0,))
-    _data_error(tmp_path, (1, 16), (0.0,), (1.0,))
-    _data_error(tmp_path, SHAPE, (0.5, 0.5), HALF)
-    _data_error(tmp_path, SHAPE, HALF, (0.5, 0.0, 0.5))
+    data_error(tmp_path, (1, 5, 8, 8), (0.0,), (1.0,))
+    data_error(tmp_path, (1, 16), (0.0,), (1.0,))
+    data_error(tmp_path, SHAPE, (0.5, 0.5), HALF)
+    data_error(tmp_path, SHAPE, HALF, (0.5, 0.0, 0.5))
 
 
 @pytest.mark.parametrize(
@@ -310,12 +253,12 @@ def test_image_folder_needs_an_image_input_shape(tmp_path: Path) -> None:
     ],
 )
 def test_bad_x(tmp_path: Path, x: np.ndarray, word: str) -> None:
-    assert word in _data_error(_npz(tmp_path / "calib.npz", x=x), SHAPE, HALF, HALF)
+    assert word in data_error(_npz(tmp_path / "calib.npz", x=x), SHAPE, HALF, HALF)
 
 
 def test_shape_mismatch_message(tmp_path: Path) -> None:
     path = _npz(tmp_path / "calib.npz", x=np.zeros((10, 3, 32, 32), np.float32))
-    assert _data_error(path, (1, 3, 224, 224), HALF, HALF) == (
+    assert data_error(path, (1, 3, 224, 224), HALF, HALF) == (
         f"{path}: 'x' has shape (10, 3, 32, 32) but the model takes (3, 224, 224); "
         "resize the data or pass --input-shape 1,3,32,32"
     )
@@ -333,7 +276,7 @@ def test_shape_mismatch_message(tmp_path: Path) -> None:
 )
 def test_bad_y(tmp_path: Path, y: np.ndarray, word: str) -> None:
     path = _npz(tmp_path / "task.npz", x=np.zeros((4, 3, 8, 8), np.float32), y=y)
-    assert word in _data_error(path, SHAPE, HALF, HALF)
+    assert word in data_error(path, SHAPE, HALF, HALF)
 
 
 def test_bad_limit_and_input_shape(tmp_path: Path) -> None:
@@ -346,7 +289,7 @@ def test_bad_limit_and_input_shape(tmp_path: Path) -> None:
 # property: nothing but a Dataset or a DataError
 
 
-def _load_or_data_error(path: Path) -> None:
+def _load_ordata_error(path: Path) -> None:
     try:
         data = load_dataset(str(path), SHAPE, HALF, HALF, limit=3)
     except DataError as exc:
@@ -394,7 +337,7 @@ _MUTATED = st.builds(
 def test_arbitrary_bytes_never_escape(tmp_path: Path, payload: bytes) -> None:
     path = tmp_path / "fuzz.npz"
     path.write_bytes(payload)
-    _load_or_data_error(path)
+    _load_ordata_error(path)
 
 
 @_SETTINGS
@@ -405,7 +348,7 @@ def test_arbitrary_bytes_never_escape(tmp_path: Path, payload: bytes) -> None:
 def test_arbitrary_arrays_never_escape(tmp_path: Path, x: np.ndarray, y: np.ndarray | None) -> None:
     path = tmp_path / "fuzz.npz"
     np.savez(path, x=x) if y is None else np.savez(path, x=x, y=y)
-    _load_or_data_error(path)
+    _load_ordata_error(path)
 
 
 def test_the_held_out_split_is_stratified_and_every_batch_mixes_the_classes():
