@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.errors import BadInput
-from edgeprune.target import Budget, TargetError, show_value
+from edgeprune.target import Budget, TargetError, parse_toml, show_value
 
 
 @dataclass(frozen=True)
@@ -169,15 +169,10 @@ def load_config(path: Path) -> ProjectConfig:
 def _read(path: Path) -> dict:
     """The config's table: the whole file, or pyproject.toml's [tool.edgeprune]."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"{path}: cannot be read: {' '.join(str(exc).split())}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"{path} is not valid TOML: {' '.join(str(exc).split())}") from None
-    except ValueError as exc:  # tomllib lets int()'s digit limit through as a bare ValueError
-        raise BadInput(f"{path} is not a usable TOML file: {' '.join(str(exc).split())[:200]}") from None
-    except RecursionError:
-        raise BadInput(f"{path} is not a usable TOML file: arrays or tables are nested too deeply") from None
+    data = parse_toml(text, str(path))
     if path.name == "pyproject.toml":
         tool = data.get("tool", {})
         data = tool.get("edgeprune", {}) if isinstance(tool, dict) else None

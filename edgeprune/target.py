@@ -317,6 +317,18 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+def parse_toml(text: str, shown: str) -> dict:
+    """The TOML document ``text`` (the file ``shown``); anything tomllib refuses is one line of TargetError."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetError(f"{shown} is not valid TOML: {' '.join(str(exc).split())}") from None
+    except ValueError as exc:  # tomllib lets int()'s digit limit through as a bare ValueError
+        raise TargetError(f"{shown} is not a usable TOML file: {' '.join(str(exc).split())[:200]}") from None
+    except RecursionError:
+        raise TargetError(f"{shown} is not a usable TOML file: arrays or tables are nested too deeply") from None
+
+
 def _load_file(path: Path, shown: str) -> Target:
     try:
         text = path.read_bytes().decode("utf-8")
@@ -327,14 +339,7 @@ def _load_file(path: Path, shown: str) -> Target:
         raise TargetError(f"{shown} is not UTF-8 text; save the profile as UTF-8 TOML") from None
     except (OSError, ValueError) as exc:  # a directory, no permission, a NUL in the path, ...
         raise TargetError(f"{shown}: cannot read the file ({exc.__class__.__name__}: {exc})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise TargetError(f"{shown} is not valid TOML: {exc}") from None
-    except ValueError as exc:  # tomllib lets int()'s digit limit through as a bare ValueError
-        raise TargetError(f"{shown} is not a usable TOML file: {exc}") from None
-    except RecursionError:
-        raise TargetError(f"{shown} is not a usable TOML file: arrays or tables are nested too deeply") from None
+    data = parse_toml(text, shown)
     try:
         target = Target.from_dict(data, path=str(path))
     except TargetError as exc:
