@@ -119,7 +119,7 @@ class TinyDeeper(Tiny):
         return self.head(x.mean((2, 3)))
 
 
-def _randomise_norms(model: nn.Module) -> nn.Module:
+def randomise_norms(model: nn.Module) -> nn.Module:
     """Random BN affine parameters and statistics, as a trained model has them, and eval mode.
 
     timm initialises the last BN of every residual block with weight 0, which makes every gradient inside the block,
@@ -134,21 +134,21 @@ def _randomise_norms(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _tiny(seed: int = 0) -> Tiny:
+def tiny(seed: int = 0) -> Tiny:
     torch.manual_seed(seed)
-    return _randomise_norms(Tiny())
+    return randomise_norms(Tiny())
 
 
-def _load(spec: str, seed: int = 0) -> nn.Module:
+def load_seeded(spec: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)  # timm builds with random weights: a seed makes two loads of one spec the same model
-    return _randomise_norms(load_model(spec, input_shape=SHAPE).module)
+    return randomise_norms(load_model(spec, input_shape=SHAPE).module)
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].shape == b[key].shape, key
@@ -157,12 +157,12 @@ def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 @pytest.fixture(scope="module")
 def r18() -> nn.Module:
-    return _load(R18)
+    return load_seeded(R18)
 
 
 @pytest.fixture(scope="module")
 def mbv3() -> nn.Module:
-    return _load(MBV3)
+    return load_seeded(MBV3)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import R18, TINY_MODELS, run_build, tiny_model, write_digits
-from test_search import _SkewedTarget
+from test_search import SkewedTarget
 
 from edgeprune.backends import get_backend
 from edgeprune.errors import BadInput
@@ -168,7 +168,7 @@ def test_the_search_starts_from_the_model_without_the_blocks(r18, example, tmp_p
     """The budget stays the unpruned model's; the model without the blocks is measured first (step 0) and the rounds
     start from it. Where it already fits, it is shipped as it is, with no round."""
     target = load_target("x86-openvino")
-    skewed = _SkewedTarget()  # latency falls with the square of the MACs kept, 12 ms unpruned
+    skewed = SkewedTarget()  # latency falls with the square of the MACs kept, 12 ms unpruned
     baseline = skewed.measure(r18, example)
     shallower = without_blocks(r18, choose_blocks(r18, example, [(torch.randn(4, 3, 64, 64), None)], 2))
     scored = score_groups(shallower, example, "magnitude")
@@ -198,7 +198,7 @@ def test_a_compensating_depth_choice_refits_against_the_whole_model_and_judges_o
     import edgeprune.loop as loop
     import edgeprune.search.depth as depth
 
-    model, target, skewed = _tiny_resnet(), load_target("x86-openvino"), _SkewedTarget()
+    model, target, skewed = _tiny_resnet(), load_target("x86-openvino"), SkewedTarget()
     baseline = skewed.measure(model, EXAMPLE).p50  # the unpruned model's MACs: the simulated latency's full width
     refitted_against, judged_on = [], []
     real_compensate, real_judge = loop.compensate, depth.Judge

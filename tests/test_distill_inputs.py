@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import _tiny
+from conftest import tiny
 from torch.nn import functional as F
 
 from edgeprune.data import Dataset
@@ -45,7 +45,7 @@ def _mismatch(student, teacher, x) -> float:
 
 @pytest.mark.slow
 def test_distillation_learns_to_agree_on_the_unlabelled_images_it_is_given():
-    teacher, base = _tiny(seed=0), _tiny(seed=1)
+    teacher, base = tiny(seed=0), tiny(seed=1)
     generator = torch.Generator().manual_seed(3)
     task = [(torch.randn(4, 3, 16, 16, generator=generator), None)]
     # Images unlike the task batch (another brightness and contrast), where the two students can differ.
@@ -63,7 +63,7 @@ def _data(n: int, seed: int) -> Dataset:
 
 
 def test_recovery_runs_every_step_when_the_held_out_split_is_too_small_to_judge():
-    model, example = _tiny(seed=0), torch.zeros(1, 3, 16, 16)
+    model, example = tiny(seed=0), torch.zeros(1, 3, 16, 16)
     score_set = _data(32, 1)
     plan = uniform_plan(score_groups(model, example, "magnitude", []), 0.5, 4, "tiny", (1, 3, 16, 16), "magnitude")
     _, small = recover(model, plan, example, score_set, _data(24, 2), steps=30, compensating=False)

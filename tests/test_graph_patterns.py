@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import _randomise_norms
+from conftest import randomise_norms
 from torch import nn
 
 from edgeprune.graph.plan import GroupPlan, Plan
@@ -31,7 +31,7 @@ def test_mixnet_mixed_kernels_prune_and_run():
                           nn.Conv2d(32, 8, 1), nn.Flatten(), nn.LazyLinear(10)).eval()  # fmt: skip
     x = torch.randn(1, 3, 8, 8)
     model(x)  # materialises the lazy layer
-    _randomise_norms(model)
+    randomise_norms(model)
     plan = uniform_plan(score_groups(model, x, "magnitude"), 0.5, 4, "m", tuple(x.shape), "magnitude")
     pruned = apply_plan(model, plan, x)
     mixed = pruned[3]
@@ -52,7 +52,7 @@ def test_ghostnet_tied_channels_are_cut_in_pairs():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           GhostBottleneck(16, 32, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(16, 10)).eval()  # fmt: skip
-    _randomise_norms(model)
+    randomise_norms(model)
     x = torch.randn(1, 3, 8, 8)
     scored = score_groups(model, x, "magnitude")
     residual = next(g for g in scored if g.module == "0")  # the stem's group holds the ghost module's output

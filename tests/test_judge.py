@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import _tiny
+from conftest import tiny
 
 from edgeprune.rewrite.judge import Judge, quality
 
 
 def test_quality_accuracy_with_labels_fidelity_without():
-    model, other = _tiny(seed=0), _tiny(seed=2)
+    model, other = tiny(seed=0), tiny(seed=2)
     x = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         predicted, reference = model(x).argmax(1), other(x).argmax(1)
@@ -31,7 +31,7 @@ def test_quality_accuracy_with_labels_fidelity_without():
 def test_a_judge_runs_the_reference_once_for_every_model_it_scores():
     """A build judges each candidate, the recovery's before and after and every early-stopping check against the
     same unpruned model: its outputs are computed once, and the scores are those quality() gives."""
-    reference, models = _tiny(seed=0), [_tiny(seed=s) for s in (2, 3, 4)]
+    reference, models = tiny(seed=0), [tiny(seed=s) for s in (2, 3, 4)]
     runs = []
     reference.register_forward_hook(lambda module, args, out: runs.append(len(args[0])))
     x = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(6))

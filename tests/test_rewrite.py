@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import MBV3, R18, SHAPE, Tiny, TinyDeeper, _assert_same_state, _load, _randomise_norms, _snapshot, _tiny  # noqa: F401
+from conftest import MBV3, R18, SHAPE, Tiny, TinyDeeper, assert_same_state, load_seeded, randomise_norms, snapshot, tiny  # noqa: F401
 from torch import nn
 
 from edgeprune.errors import BadInput
@@ -84,7 +84,7 @@ def test_pruning_dead_channels_keeps_the_function(reverse):
     Checks that the kept indices land on the same channels in every coupled layer (residual add, depthwise conv,
     the next layer's inputs, the classifier), whichever order the groups are applied in.
     """
-    model = _tiny()
+    model = tiny()
     kept_res = [0, 2, 3, 5, 8, 9, 12, 15]
     kept_dw = [1, 2, 4, 7, 10, 11, 13, 16, 17, 20, 21, 25, 26, 28, 30, 31]
     with torch.no_grad():
@@ -109,18 +109,18 @@ def test_pruning_dead_channels_keeps_the_function(reverse):
 
 
 def test_apply_plan_copies_and_inplace_does_not(example):
-    model = _tiny()
-    before = _snapshot(model)
+    model = tiny()
+    before = snapshot(model)
     x = torch.randn(1, 3, 16, 16)
     scored = score_groups(model, x, "magnitude")
     plan = uniform_plan(scored, 0.5, 8, "tiny", (1, 3, 16, 16), "magnitude")
     pruned = apply_plan(model, plan, x)
     assert pruned is not model
-    _assert_same_state(before, model.state_dict())
+    assert_same_state(before, model.state_dict())
     assert model.pw.out_channels == 32 and pruned.pw.out_channels == 16
     same = apply_plan(model, plan, x, inplace=True)
     assert same is model and model.pw.out_channels == 16
-    _assert_same_state(pruned.state_dict(), model.state_dict())
+    assert_same_state(pruned.state_dict(), model.state_dict())
 
 
 def test_plan_replays_from_json_weight_for_weight(r18_plan, r18_pruned, example, tmp_path):
@@ -129,9 +129,9 @@ def test_plan_replays_from_json_weight_for_weight(r18_plan, r18_pruned, example,
     assert replayed_plan == r18_plan
     r18_plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == r18_plan
-    fresh = _load(R18)  # a fresh load of the original, as a replay would do
+    fresh = load_seeded(R18)  # a fresh load of the original, as a replay would do
     replayed = apply_plan(fresh, replayed_plan, example)
-    _assert_same_state(_snapshot(r18_pruned), _snapshot(replayed))
+    assert_same_state(snapshot(r18_pruned), snapshot(replayed))
     with torch.no_grad():
         assert torch.equal(replayed(example), r18_pruned(example))
 
@@ -144,24 +144,24 @@ def test_plan_for_another_model_is_bad_input(r18_plan, mbv3, example):
     # A plan that names only some of the model's groups is refused too: it would prune the model in part.
     partial = Plan("tiny", (1, 3, 16, 16), "magnitude", 0.5, (GroupPlan("stem", 8, tuple(range(4))),))
     with pytest.raises(BadInput, match="not in the plan"):
-        apply_plan(_tiny(), partial, torch.zeros(1, 3, 16, 16))
+        apply_plan(tiny(), partial, torch.zeros(1, 3, 16, 16))
     # Every group named, but one with another width: the plan was made for another model.
     x = torch.zeros(1, 3, 16, 16)
-    full = uniform_plan(score_groups(_tiny(), x, "magnitude"), 0.5, 8, "tiny", (1, 3, 16, 16), "magnitude")
+    full = uniform_plan(score_groups(tiny(), x, "magnitude"), 0.5, 8, "tiny", (1, 3, 16, 16), "magnitude")
     first = full.groups[0]
     wider = GroupPlan(first.module, first.channels * 4, first.kept)
     altered = Plan(full.model, full.input_shape, full.method, full.ratio, (wider, *full.groups[1:]))
     with pytest.raises(BadInput) as info:
-        apply_plan(_tiny(), altered, x)
+        apply_plan(tiny(), altered, x)
     message = str(info.value)
     assert "\n" not in message and f"{first.channels * 4} channels" in message and f"'{first.module}'" in message
 
 
 def test_plan_for_a_deeper_model_with_the_same_names_is_bad_input():
     x = torch.zeros(1, 3, 16, 16)
-    plan = uniform_plan(score_groups(_tiny(), x, "magnitude"), 0.5, 8, "tiny", (1, 3, 16, 16), "magnitude")
+    plan = uniform_plan(score_groups(tiny(), x, "magnitude"), 0.5, 8, "tiny", (1, 3, 16, 16), "magnitude")
     torch.manual_seed(0)
-    deeper = _randomise_norms(TinyDeeper())
+    deeper = randomise_norms(TinyDeeper())
     assert len(score_groups(deeper, x, "magnitude")) == 3 > len(plan.groups) == 2  # dw2's group is not in the plan
     with pytest.raises(BadInput):
         apply_plan(deeper, plan, x)
@@ -291,9 +291,9 @@ def test_recalibrate_batchnorm_sets_the_datas_statistics():
 
 
 def test_distill_reduces_the_loss():
-    teacher = _tiny(seed=0)
-    student = _tiny(seed=1)
-    teacher_state = _snapshot(teacher)
+    teacher = tiny(seed=0)
+    student = tiny(seed=1)
+    teacher_state = snapshot(teacher)
     generator = torch.Generator().manual_seed(5)
     batches = [(torch.randn(4, 3, 8, 8, generator=generator), None) for _ in range(2)]
     runs = []
@@ -305,7 +305,7 @@ def test_distill_reduces_the_loss():
     assert losses[0] > 0
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
     assert not student.training and not teacher.training
-    _assert_same_state(teacher_state, teacher.state_dict())
+    assert_same_state(teacher_state, teacher.state_dict())
     assert distill(student, teacher, batches, steps=0) == []
     assert distill(student, teacher, [], steps=5) == []
 
@@ -313,25 +313,25 @@ def test_distill_reduces_the_loss():
 def test_distill_that_never_beats_its_start_gives_back_the_start():
     # A student that already matches its teacher (as a least-squares refit can leave it) and steps large enough to
     # undo it: held-out fidelity never beats the start, so the starting weights must come back, not the last ones.
-    teacher = _tiny(seed=0)
+    teacher = tiny(seed=0)
     student = copy.deepcopy(teacher)
     generator = torch.Generator().manual_seed(7)
     batches = [(torch.randn(4, 3, 8, 8, generator=generator), torch.randint(0, 4, (4,), generator=generator))]
     held_out = [(torch.randn(8, 3, 8, 8, generator=generator), None)]
     losses = distill(student, teacher, batches, steps=20, lr=1.0, held_out=held_out, patience=2)
     assert 0 < len(losses) < 20  # it stopped early
-    _assert_same_state(teacher.state_dict(), student.state_dict())
+    assert_same_state(teacher.state_dict(), student.state_dict())
 
 
 def test_iterate_average_is_the_mean_of_the_start_and_every_step():
-    teacher, student = _tiny(seed=0), _tiny(seed=1)
+    teacher, student = tiny(seed=0), tiny(seed=1)
     generator = torch.Generator().manual_seed(9)
     batches = [(torch.randn(4, 3, 8, 8, generator=generator), None) for _ in range(2)]
-    seen = [_snapshot(student)]
+    seen = [snapshot(student)]
 
     class Recording(IterateAverage):
         def add(self, model):
-            seen.append(_snapshot(model))
+            seen.append(snapshot(model))
             super().add(model)
 
     average = Recording(student)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import MBV3, R18, SHAPE, Tiny, TinyDeeper, _assert_same_state, _load, _randomise_norms, _snapshot, _tiny  # noqa: F401
+from conftest import MBV3, R18, SHAPE, Tiny, TinyDeeper, assert_same_state, load_seeded, randomise_norms, snapshot, tiny  # noqa: F401
 from torch import nn
 
 from edgeprune.graph.groups import build_graph, output_layers, prunable_groups
@@ -33,7 +33,7 @@ def test_magnitude_scores_one_group_per_prunable_group(spec, r18, mbv3, r18_scor
         assert (s.scores >= 0).all() and s.scores.sum() > 0
         root = modules[s.module]
         assert s.channels == (root.out_channels if isinstance(root, nn.Conv2d) else root.out_features)
-    assert [s.module for s in score_groups(_tiny(), torch.zeros(1, 3, 16, 16), "magnitude")] == ["pwl", "dw"]
+    assert [s.module for s in score_groups(tiny(), torch.zeros(1, 3, 16, 16), "magnitude")] == ["pwl", "dw"]
 
 
 def test_output_layer_is_never_a_group(r18, mbv3, r18_scored, mbv3_scored, example):
@@ -51,7 +51,7 @@ def test_output_layer_is_never_a_group(r18, mbv3, r18_scored, mbv3_scored, examp
 
 
 def test_taylor_with_and_without_labels(r18, example):
-    before = _snapshot(r18)
+    before = snapshot(r18)
     x = torch.randn(2, *SHAPE[1:], generator=torch.Generator().manual_seed(2))
     with_labels = score_groups(r18, example, "taylor", [(x, torch.tensor([3, 7]))])
     without = score_groups(r18, example, "taylor", [(x, None)])
@@ -65,11 +65,11 @@ def test_taylor_with_and_without_labels(r18, example):
     assert any(not torch.allclose(a.scores, b.scores) for a, b in zip(with_labels, without, strict=True))
     assert any(not torch.allclose(a.scores, m.scores) for a, m in zip(with_labels, magnitude, strict=True))
     assert all(p.grad is None for p in r18.parameters())  # gradients cleared
-    _assert_same_state(before, r18.state_dict())
+    assert_same_state(before, r18.state_dict())
 
 
 def test_score_groups_rejects_bad_method_and_taylor_without_data():
-    model, x = _tiny(), torch.randn(1, 3, 16, 16)
+    model, x = tiny(), torch.randn(1, 3, 16, 16)
     with pytest.raises(ValueError, match="unknown importance method"):
         score_groups(model, x, "random")
     with pytest.raises(ValueError, match="at least one batch"):
@@ -77,7 +77,7 @@ def test_score_groups_rejects_bad_method_and_taylor_without_data():
 
 
 def test_magnitude_ranks_a_heavy_channel_first():
-    model, x = _tiny(), torch.randn(1, 3, 16, 16)
+    model, x = tiny(), torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         model.pw.weight[5] *= 1000.0  # channel 5 of the pointwise/depthwise group
         model.stem.weight[11] *= 1000.0  # channel 11 of the residual group
@@ -89,12 +89,12 @@ def test_magnitude_ranks_a_heavy_channel_first():
 
 def test_fisher_scores_what_reaches_the_output_reproducibly_and_in_loss_units():
     """fisher: per sample, (the group's w·∂L/∂w)², with labels drawn from the model's own softmax (seeded)."""
-    model, x = _tiny().eval(), torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    model, x = tiny().eval(), torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         model.pwl.weight[:, 7] = 0.0  # dw-group channel 7 reaches nothing: removing it costs nothing
         model.pwl.weight[:, 5] *= 10.0  # channel 5 carries ten times the signal to the output
         model.bn1.bias.fill_(3.0), model.bn2.bias.fill_(3.0)  # no ReLU of the block is dead
-    before = _snapshot(model)
+    before = snapshot(model)
     first = {s.module: s for s in score_groups(model, x[:1], "fisher", [(x[:4], None), (x[4:], None)])}
     again = {s.module: s for s in score_groups(model, x[:1], "fisher", [(x[:4], None), (x[4:], None)])}
     taylor = {s.module: s for s in score_groups(model, x[:1], "taylor", [(x, None)])}
@@ -106,7 +106,7 @@ def test_fisher_scores_what_reaches_the_output_reproducibly_and_in_loss_units():
     assert all(s.comparable for s in first.values())  # loss estimates, compared across groups as they are
     assert not torch.allclose(first["pwl"].scores, taylor["pwl"].scores)
     assert all(p.grad is None for p in model.parameters())
-    _assert_same_state(before, model.state_dict())
+    assert_same_state(before, model.state_dict())
     with pytest.raises(ValueError, match="at least one batch"):
         score_groups(model, x[:1], "fisher", [])
 

@@ -27,7 +27,7 @@ TARGET = load_target("x86-openvino")
 pytestmark = pytest.mark.usefixtures("private_cache")  # each test measures and caches afresh
 
 
-class _SkewedTarget(LocalExecutor):
+class SkewedTarget(LocalExecutor):
     """An executor whose unit of work times a target that the cost model's shape gets wrong: its latency falls with
     the square of the MACs kept (12 ms at full width, 3 ms at half the MACs). Deterministic, so that the test is
     about the search and not about this machine's noise; nothing is exported."""
@@ -48,7 +48,7 @@ def test_rounds_between_two_measured_plans_aim_between_them(r18, r18_scored, exa
     the two by interpolation. Before, each round was corrected by the last one's error alone: on this target the
     rounds swung between 2.8 ms and the unpruned 12 ms and the build shipped 3.0 ms for a budget of 8 (4x for 1.5x);
     convnext_femto at 1.5x shipped 8% of its MACs (4.3x) that way in the sweep."""
-    skewed = _SkewedTarget()
+    skewed = SkewedTarget()
     ctx = SearchContext(r18, example, r18_scored, R18, "magnitude", TARGET, get_backend("openvino"), None, tmp_path,
                         say=lambda _: None, executor=skewed)  # fmt: skip
     ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
@@ -62,7 +62,7 @@ def test_rounds_between_two_measured_plans_aim_between_them(r18, r18_scored, exa
     assert all(c.latency < budget for c in candidates), rounds  # ... and no round went back over the budget
 
 
-class _BusyOnce(_SkewedTarget):
+class _BusyOnce(SkewedTarget):
     """The skewed target, but its first measurement lands in a busy spell: three times its true latency."""
 
     def map(self, function, shared, items, num_cpus=1) -> list:
@@ -80,7 +80,7 @@ def test_the_deepest_cut_is_measured_twice_before_a_budget_is_called_unreachable
                                                                                 tmp_path, busy):  # fmt: skip
     """A build gave up after one round when the deepest plan it makes measured over budget: once in a busy spell
     it can measure 80% slow. That plan is measured again; only a second miss makes the budget unreachable."""
-    skewed = _BusyOnce() if busy else _SkewedTarget()
+    skewed = _BusyOnce() if busy else SkewedTarget()
     ctx = SearchContext(r18, example, r18_scored, R18, "magnitude", TARGET, get_backend("openvino"), None, tmp_path,
                         say=lambda _: None, executor=skewed)  # fmt: skip
     ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
@@ -105,7 +105,7 @@ def test_candidates_in_flight_spread_over_the_band_and_take_fewer_rounds(r18, r1
     the target the cost model gets wrong (above: one candidate at a time takes 2), and ships one of them."""
     rounds = {}
     for k in (1, in_flight):
-        skewed = _SkewedTarget()
+        skewed = SkewedTarget()
         ctx = SearchContext(r18, example, r18_scored, R18, "magnitude", TARGET, get_backend("openvino"), None,
                             tmp_path, say=lambda _: None, executor=skewed, in_flight=k)  # fmt: skip
         ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
@@ -119,7 +119,7 @@ def test_candidates_in_flight_spread_over_the_band_and_take_fewer_rounds(r18, r1
     assert rounds[in_flight] < rounds[1], rounds
 
 
-class _LowFirst(_SkewedTarget):
+class _LowFirst(SkewedTarget):
     """The skewed target, but every plan's first timing reads 8% fast (the unpruned model timed beside it caught a
     busy spell, so the ratio flatters the plan); timed again, it reads true."""
 
@@ -147,7 +147,7 @@ def test_a_round_in_the_band_is_timed_again_before_it_is_accepted(r18, r18_score
                         say=lambda _: None, executor=target)  # fmt: skip
     ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
     ctx.latency_model = new_model(ctx.structure, TARGET, "simulated-low-first")
-    truth = _SkewedTarget()
+    truth = SkewedTarget()
     truth.measure(r18, example), target.measure(r18, example)  # both scale by the unpruned model's MACs
     budget = 12.0 / 3
     # One plan, timed once (8% fast), then confirmed: the larger of both timings, and the cost model has both.
@@ -167,7 +167,7 @@ def test_a_round_in_the_band_is_timed_again_before_it_is_accepted(r18, r18_score
     assert truth.measure(apply_plan(r18, chosen.plan, example), example).p50 <= budget
 
 
-class _SlowStateAt(_SkewedTarget):
+class _SlowStateAt(SkewedTarget):
     """The skewed target timed beside the unpruned model (12 ms quiet), with the timings numbered in ``slow`` (1 = the
     first) left in the machine's slow state after their retakes: the unpruned model alongside ran 1.45x its quiet
     p50 and the plan 1.7x, as measured here (backends/base.py), so the ratio reads the plan 17% slow."""
@@ -198,7 +198,7 @@ def test_a_timing_left_in_the_slow_state_does_not_outweigh_a_quiet_one(r18, r18_
                         say=lambda _: None, executor=target, quiet_reference_ms=quiet)  # fmt: skip
     ctx.structure = read_structure(r18, example, [g.module for g in r18_scored])
     ctx.latency_model = new_model(ctx.structure, TARGET, "simulated-slow-state")
-    truth = _SkewedTarget()
+    truth = SkewedTarget()
     truth.measure(r18, example), target.measure(r18, example)
     budget = 12.0 / 3
     plan, _, _ = ctx.plan_for(0.9 * budget)
