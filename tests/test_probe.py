@@ -127,7 +127,9 @@ def test_an_internal_error_is_one_line_exit_3(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["build", "--model", "timm:mobilenetv3_small_100", "--input-shape", "1,3,64,64"])
     # score_groups failing is reported as a model torch-pruning cannot follow (bad input), not a traceback
     assert result.exit_code == 2 and "ZeroDivisionError: a bug" in result.stderr and "Traceback" not in result.stderr
-    monkeypatch.setattr(build_module, "load_dataset", broken)
+    import edgeprune.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "load_dataset", broken)
     result = CliRunner().invoke(app, ["build", "--model", "timm:mobilenetv3_small_100", "--input-shape", "1,3,64,64"])
     assert result.exit_code == 3 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("edgeprune: internal error: ZeroDivisionError: a bug")
