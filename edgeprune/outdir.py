@@ -61,7 +61,10 @@ def claim_output(out: Path, force: bool, inputs: Iterable[str | os.PathLike]) ->
 
 
 def _refuse_protected(out: Path, path: Path, inputs: Iterable[str | os.PathLike]) -> None:
-    home = Path.home().resolve()
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no HOME and no passwd entry: there is no home folder to protect
+        home = Path(path.anchor)
     cwd = Path.cwd().resolve()
     if path == Path(path.anchor) or path == home or path in home.parents:
         raise BadInput(f"--out '{out}' is {path}, which holds far more than a build; choose a folder of its own")
