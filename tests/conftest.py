@@ -13,6 +13,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from sshd import make_server
 from torch import nn
 from torch.nn import functional as F
 
@@ -237,3 +238,12 @@ def pytest_collection_modifyitems(items: list) -> None:
     later os.fork() in the test process (multiprocessing in libraries the earlier tests use) unsafe."""
     uses_litert = [item for item in items if "litert" in item.nodeid]
     items[:] = [item for item in items if item not in uses_litert] + uses_litert
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real sshd on 127.0.0.1 (tests/sshd.py) for the tests of one module, stopped after them."""
+    server = make_server(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    server.stop()

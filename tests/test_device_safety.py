@@ -20,21 +20,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from sshd import make_server, sshd_available
+from sshd import sshd_available
 
 from edgeprune.device import DeviceError, SshDevice, open_device, parse_ssh_url
 from edgeprune.errors import BadInput
 
 needs_sshd = pytest.mark.skipif(not sshd_available(), reason="needs /usr/sbin/sshd (apt-get install openssh-server)")
 FOREVER = ["--shape", "1,4", "--iterations", "1000000000"]  # the runner's timed loop, far past any test's timeout
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = make_server(tmp_path_factory.mktemp("sshd"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def _relu_model(folder: Path, name: str) -> Path:

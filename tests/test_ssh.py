@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import TINY_CNN
-from sshd import make_server, sshd_available
+from sshd import sshd_available
 
 from edgeprune.backends.openvino import OpenVinoBackend
 from edgeprune.device import DeviceError, LocalDevice, SshDevice, open_device, parse_ssh_url
@@ -23,14 +23,6 @@ from edgeprune.target import BenchmarkSettings, load_target
 
 pytestmark = pytest.mark.skipif(not sshd_available(), reason="needs /usr/sbin/sshd (apt-get install openssh-server)")
 SHAPE = (1, 3, 64, 64)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = make_server(tmp_path_factory.mktemp("sshd"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
